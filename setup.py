@@ -1,0 +1,23 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="sslight-dali",
+    version="0.1.0",
+    description="Self-supervised pre-training of small vision backbones (SSLight recipe) with GPU view sampling in NVIDIA DALI",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["sslight_dali", "sslight_dali.*"]),
+    python_requires=">=3.10",
+    # Ranges for users; `requirements.txt` pins the set verified together (what `make` and Docker install).
+    install_requires=[
+        "torch>=2.4",
+        "torchvision>=0.19",
+        "nvidia-dali-cuda130>=2.0",
+        "timm>=1.0",
+        "pyyaml>=6.0",
+        "numpy>=1.24",
+        "pillow>=10.0",
+    ],
+    extras_require={"test": ["pytest>=8.0"], "plots": ["matplotlib>=3.7"], "tensorboard": ["tensorboard>=2.14"]},
+    entry_points={"console_scripts": ["sslight=sslight_dali.cli:main"]},
+)

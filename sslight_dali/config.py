@@ -1,0 +1,490 @@
+"""Typed configuration: defaults, YAML files, recipes and `key.sub=value` overrides.
+
+A training config (configs/<method>/<backbone>_<variant>.yaml) is merged over the defaults below.
+It names a view-sampling recipe (pipelines/*.yaml) in `data.recipe`; the recipe's contents are
+merged into the `recipe` section, so a resolved config is self-contained and is what a run saves.
+Command-line overrides are applied last and may reach into the recipe (`recipe.local.size=96`).
+
+Every default lives in the dataclasses below. Validation is driven by the type annotations and by
+`field(metadata=...)` ranges/choices, so a wrong key or value names itself.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+class ConfigError(ValueError):
+    """A config file, key or value is wrong; the message names it."""
+
+
+def _range(lo=None, hi=None, **extra):
+    return {"range": (lo, hi), **extra}
+
+
+def _f(default, lo=None, hi=None, help=""):
+    return field(default=default, metadata={**_range(lo, hi), "help": help})
+
+
+def _list(default, help=""):
+    return field(default_factory=lambda: list(default), metadata={"help": help})
+
+
+# --------------------------------------------------------------------------------------------
+# View-sampling recipe (the paper's contribution, as data)
+# --------------------------------------------------------------------------------------------
+@dataclass
+class ViewGroup:
+    """`count` crops of one resolution; blur/solarize probabilities per view or one for all."""
+    count: int = _f(2, 0, 64)
+    size: int = _f(224, 8, 1024, "output side in pixels")
+    scale: list[float] = _list([0.3, 1.0], "RandomResizedCrop area fraction range [min, max]")
+    blur_p: list[float] = _list([0.5], "Gaussian-blur probability: one per view, or one for all")
+    solarize_p: list[float] = _list([0.0], "solarize probability: one per view, or one for all")
+
+    def per_view(self, values: list[float], name: str) -> list[float]:
+        if len(values) == 1:
+            return values * self.count
+        if len(values) != self.count:
+            raise ConfigError(f"{name} has {len(values)} entries but count is {self.count}: "
+                              "give one per view or a single value")
+        return list(values)
+
+
+@dataclass
+class Augment:
+    """Photometric settings shared by every view (reference §1.3)."""
+    ratio: list[float] = _list([3 / 4, 4 / 3], "RandomResizedCrop aspect-ratio range")
+    interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+    flip_p: float = _f(0.5, 0.0, 1.0)
+    jitter_p: float = _f(0.8, 0.0, 1.0)
+    brightness: float = _f(0.4, 0.0, 10.0)
+    contrast: float = _f(0.4, 0.0, 10.0)
+    saturation: float = _f(0.2, 0.0, 10.0)
+    hue: float = _f(0.1, 0.0, 0.5, "torchvision hue factor; DALI gets U(-360h, 360h) degrees")
+    grayscale_p: float = _f(0.2, 0.0, 1.0)
+    blur_sigma: list[float] = _list([0.1, 2.0], "sigma ~ U(min, max), PIL GaussianBlur radius")
+    solarize_threshold: int = _f(128, 0, 256)
+    mean: list[float] = _list(IMAGENET_MEAN)
+    std: list[float] = _list(IMAGENET_STD)
+
+
+@dataclass
+class Recipe:
+    name: str = "unnamed"
+    global_: ViewGroup = field(default_factory=lambda: ViewGroup(2, 224, [0.3, 1.0], [1.0, 0.1], [0.0, 0.2]))
+    local: ViewGroup = field(default_factory=lambda: ViewGroup(6, 128, [0.05, 0.3], [0.5], [0.0]))
+    augment: Augment = field(default_factory=Augment)
+    loss_weights: list[float] = _list([0.4, 0.6], "LAMBDAS: weight of mean(global-global) and "
+                                      "mean(global-local) pair losses")
+
+    def views(self) -> list["ViewSpec"]:
+        """Every view in output order: [global 1, global 2, local 1..N]."""
+        out = []
+        for kind, group in (("global", self.global_), ("local", self.local)):
+            blur = group.per_view(group.blur_p, f"recipe.{_yaml_key(kind)}.blur_p")
+            sol = group.per_view(group.solarize_p, f"recipe.{_yaml_key(kind)}.solarize_p")
+            for i in range(group.count):
+                out.append(ViewSpec(kind=kind, index=i, size=group.size, scale=tuple(group.scale),
+                                    blur_p=blur[i], solarize_p=sol[i]))
+        return out
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """One output view; the photometric settings shared by all views are in `Recipe.augment`."""
+    kind: Literal["global", "local"]
+    index: int
+    size: int
+    scale: tuple
+    blur_p: float
+    solarize_p: float
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}{self.index + 1}"
+
+
+# --------------------------------------------------------------------------------------------
+# Training config
+# --------------------------------------------------------------------------------------------
+@dataclass
+class ModelCfg:
+    backbone: Literal["mobilenetv2_100", "resnet18", "resnet34", "vit_tiny_patch16_224"] = "resnet18"
+    drop_path_rate: float = _f(0.0, 0.0, 1.0, "student only (the reference uses 0.1 for ViT)")
+    sync_bn: bool = True
+
+
+@dataclass
+class DinoCfg:
+    out_dim: int = _f(4096, 1)
+    hidden_dim: int = _f(2048, 1)
+    bottleneck_dim: int = _f(256, 1)
+    num_layers: int = _f(3, 1, 8)
+    use_bn_in_head: bool = True
+    norm_last_layer: bool = True
+    student_temp: float = _f(0.1, 1e-4, 10.0)
+    warmup_teacher_temp: float = _f(0.04, 1e-4, 10.0)
+    teacher_temp: float = _f(0.07, 1e-4, 10.0)
+    warmup_teacher_temp_epochs: int = _f(50, 0)
+    center_momentum: float = _f(0.9, 0.0, 1.0)
+    freeze_last_layer_epochs: int = _f(1, 0)
+    momentum_teacher: float = _f(0.996, 0.0, 1.0, "EMA start, cosine to momentum_teacher_end per iteration")
+    momentum_teacher_end: float = _f(1.0, 0.0, 1.0)
+
+
+@dataclass
+class SwavCfg:
+    out_dim: int = _f(128, 1)
+    hidden_dim: int = _f(4096, 1)
+    num_layers: int = _f(2, 1, 8)
+    use_bn_in_head: bool = True
+    num_prototypes: int = _f(3000, 1)
+    temperature: float = _f(0.1, 1e-4, 10.0)
+    epsilon: float = _f(0.05, 1e-6, 10.0)
+    sinkhorn_iterations: int = _f(3, 1, 100)
+    queue_length: int = _f(3840, 0, help="rounded down to a multiple of the global batch, as in the reference")
+    epoch_queue_starts: int = _f(15, 0)
+    freeze_prototypes_epochs: int = _f(1, 0)
+    crops_for_assign: list[int] = _list([0, 1])
+
+
+@dataclass
+class MocoCfg:
+    out_dim: int = _f(128, 1)
+    hidden_dim: int = _f(2048, 1)
+    num_layers: int = _f(2, 1, 8)
+    use_bn_in_head: bool = False
+    temperature: float = _f(0.2, 1e-4, 10.0)
+    queue_length: int = _f(65536, 1)
+    momentum: float = _f(0.999, 0.0, 1.0, "fixed key-encoder momentum (not scheduled)")
+
+
+@dataclass
+class OptimCfg:
+    name: Literal["lars", "adamw"] = "lars"
+    base_lr: float = _f(0.48, 0.0, 100.0, "for a global batch of 256; peak = base_lr * global_batch / 256")
+    min_lr: float = _f(0.0048, 0.0, 100.0, "absolute, not scaled")
+    warmup_epochs: float = _f(10, 0.0)
+    start_warmup_lr: float = _f(0.0, 0.0, 100.0, "absolute, not scaled")
+    weight_decay: float = _f(1e-6, 0.0, 10.0)
+    weight_decay_end: float = _f(1e-6, 0.0, 10.0)
+    momentum: float = _f(0.9, 0.0, 1.0, "LARS momentum")
+    lars_eta: float = _f(0.001, 0.0, 1.0)
+    betas: list[float] = _list([0.9, 0.999], "AdamW betas")
+    eps: float = _f(1e-8, 0.0, 1.0, "AdamW eps")
+    clip_grad: float = _f(0.0, 0.0, help="per-parameter grad-norm clip (DINO style); 0 = off")
+
+
+@dataclass
+class TrainCfg:
+    epochs: int = _f(200, 1)
+    batch_size: int = _f(128, 1, help="per GPU/process; the reference runs 8 x 128 = 1024")
+    reference_world_size: int = _f(0, 0, help="if > 0, scale LR as if the global batch were "
+                                   "batch_size * this (reproduce 8-GPU schedules on fewer GPUs)")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = field(
+        default="auto", metadata={"help": "auto = bf16 on GPU, fp32 on CPU (the reference trains fp32)"})
+    channels_last: bool = True
+    compile: bool = False
+    joint_linear_probe: bool = True
+    num_classes: int = _f(0, 0, help="0 = number of classes found in the dataset")
+    log_every: int = _f(20, 1)
+    checkpoint_every: int = _f(0, 0, help="steps between checkpoints; 0 = epoch ends only")
+    keep_every_epochs: int = _f(20, 0, help="also keep an epoch-tagged copy this often; 0 = never")
+    max_steps: int = _f(0, 0, help="stop after this many steps in total (0 = run all epochs)")
+    knn_every: int = _f(1, 0, help="epochs between kNN evaluations; 0 = never")
+    output_dir: str = "runs/default"
+    resume: str = field(default="", metadata={"help": "'' = fresh, 'auto' = latest in output_dir, or a path"})
+    seed: int = _f(0, 0)
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+
+
+@dataclass
+class DataCfg:
+    root: str = field(default="", metadata={"help": "dataset root holding train/ and val/; '' = embedded synthetic data"})
+    format: Literal["imagefolder", "filelist", "webdataset"] = "imagefolder"
+    train_split: str = "train"
+    val_split: str = "val"
+    recipe: str = "pipelines/dino_cnn_sslight.yaml"
+    backend: Literal["dali", "torchvision"] = "dali"
+    device: Literal["auto", "gpu", "cpu"] = "auto"
+    num_threads: int = _f(4, 1, 256, help="DALI CPU threads / torchvision workers per process")
+    prefetch: int = _f(2, 1, 16, help="DALI prefetch queue depth")
+    hw_decoder_load: float = _f(0.65, 0.0, 1.0, "share of JPEGs sent to the hardware decoder (A100/H100)")
+    skip_bad_files: bool = field(default=False, metadata={"help": "exclude undecodable files up front (counted and logged) instead of failing"})
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+@dataclass
+class EvalCfg:
+    knn_k: int = _f(20, 1)
+    knn_t: float = _f(0.07, 1e-4, 10.0)
+    batch_size: int = _f(128, 1)
+    resize: int = _f(256, 8)
+    crop: int = _f(224, 8)
+
+
+@dataclass
+class Config:
+    method: Literal["dino", "swav", "moco"] = "dino"
+    model: ModelCfg = field(default_factory=ModelCfg)
+    dino: DinoCfg = field(default_factory=DinoCfg)
+    swav: SwavCfg = field(default_factory=SwavCfg)
+    moco: MocoCfg = field(default_factory=MocoCfg)
+    optim: OptimCfg = field(default_factory=OptimCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    eval: EvalCfg = field(default_factory=EvalCfg)
+    recipe: Recipe = field(default_factory=Recipe)
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+
+# --------------------------------------------------------------------------------------------
+# dict <-> dataclass with validation
+# --------------------------------------------------------------------------------------------
+def _yaml_key(name: str) -> str:
+    # `global` is a Python keyword, so the field is `global_`; YAML and overrides say `global`.
+    return name.rstrip("_")
+
+
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    return {_yaml_key(f.name): f for f in dataclasses.fields(cls)}
+
+
+def to_dict(obj) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {_yaml_key(f.name): to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def _suggest(key: str, choices) -> str:
+    close = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _all_keys(cls, prefix="") -> list[str]:
+    keys = []
+    for name, f in _fields(cls).items():
+        t = _resolved_type(cls, f)
+        if dataclasses.is_dataclass(t):
+            keys += _all_keys(t, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+_HINTS: dict = {}
+
+
+def _resolved_type(cls, f):
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls][f.name]
+
+
+def _check_value(path: str, value, tp, meta):
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{path}: {value!r} is not allowed; choose one of {list(allowed)}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return [_check_value(f"{path}[{i}]", v, item_tp, meta) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            else:
+                raise ConfigError(f"{path}: expected an integer, got {value!r}")
+    elif tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads `1e-6` (no dot) as a string; accept it as the number it plainly is.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        value = float(value)
+    elif tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+    lo, hi = meta.get("range", (None, None))
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ConfigError(f"{path}: {value!r} is out of range; allowed [{lo}, {hi if hi is not None else 'inf'}]")
+    return value
+
+
+def from_dict(cls, data: dict, path: str = ""):
+    """Build dataclass `cls` from a (partial) dict; unknown keys and bad values raise ConfigError."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    fields = _fields(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise ConfigError(f"unknown key '{path}{key}'{_suggest(key, fields)}")
+        f = fields[key]
+        tp = _resolved_type(cls, f)
+        if dataclasses.is_dataclass(tp):
+            # A partial section overrides the field's own default instance, not the class defaults.
+            default = to_dict(f.default_factory()) if f.default_factory is not dataclasses.MISSING else {}
+            merged = _deep_merge(default, value) if isinstance(value, dict) else value
+            kwargs[f.name] = from_dict(tp, merged, f"{path}{key}.")
+        else:
+            kwargs[f.name] = _check_value(f"{path}{key}", value, tp, f.metadata)
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+def read_yaml(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def resolve_path(p: str, relative_to: Path | None = None) -> Path:
+    """Paths in configs are relative to the config file's directory, the CWD or the repo root."""
+    cand = Path(p).expanduser()
+    if cand.is_absolute():
+        return cand
+    for base in (relative_to, Path.cwd(), REPO_ROOT):
+        if base is not None and (base / cand).exists():
+            return base / cand
+    return cand
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    out = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        out.append((key.strip(), value))
+    return out
+
+
+def _set_dotted(data: dict, key: str, value) -> None:
+    parts = key.split(".")
+    valid = set(_all_keys(Config))
+    if key not in valid:
+        raise ConfigError(f"unknown key '{key}'{_suggest(key, valid)}")
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults <- config YAML <- its recipe YAML <- command-line overrides."""
+    data: dict = {}
+    cfg_dir = None
+    if path is not None:
+        data = read_yaml(path)
+        cfg_dir = Path(path).resolve().parent
+    parsed = parse_overrides(list(overrides))
+    for key, value in parsed:
+        if key == "data.recipe":
+            data.setdefault("data", {})["recipe"] = value
+    recipe_ref = data.get("data", {}).get("recipe", DataCfg.recipe)
+    if "recipe" not in data and recipe_ref:
+        recipe_path = resolve_path(recipe_ref, cfg_dir)
+        try:
+            data["recipe"] = read_yaml(recipe_path)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: data.recipe: {e}") from None
+    for key, value in parsed:
+        _set_dotted(data, key, value)
+    try:
+        cfg = from_dict(Config, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+    validate(cfg)
+    return cfg
+
+
+def load_recipe(path: str | os.PathLike) -> Recipe:
+    try:
+        recipe = from_dict(Recipe, read_yaml(path), "recipe.")
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    recipe.views()  # checks per-view list lengths
+    return recipe
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that the types alone cannot express."""
+    r = cfg.recipe
+    r.views()
+    for name, pair in (("recipe.global.scale", r.global_.scale), ("recipe.local.scale", r.local.scale),
+                       ("recipe.augment.ratio", r.augment.ratio), ("recipe.augment.blur_sigma", r.augment.blur_sigma)):
+        if len(pair) != 2 or not (0 < pair[0] <= pair[1]):
+            raise ConfigError(f"{name}: expected [min, max] with 0 < min <= max, got {pair}")
+    if r.global_.count < 1:
+        raise ConfigError("recipe.global.count: at least one global view is needed")
+    if cfg.method in ("dino", "swav") and r.global_.count != 2:
+        raise ConfigError(f"recipe.global.count: {cfg.method} uses exactly 2 global views")
+    if len(r.loss_weights) != 2:
+        raise ConfigError("recipe.loss_weights: expected [global-global weight, global-local weight]")
+    if len(r.augment.mean) != 3 or len(r.augment.std) != 3:
+        raise ConfigError("recipe.augment.mean/std: expected 3 values each")
+    if cfg.optim.name == "adamw" and len(cfg.optim.betas) != 2:
+        raise ConfigError("optim.betas: expected two values")
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None)
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(dump_config(cfg))
+    os.replace(tmp, path)
