@@ -17,7 +17,9 @@ setup(
         "pyyaml>=6.0",
         "numpy>=1.24",
         "pillow>=10.0",
+        "tensorboard>=2.14",
+        "matplotlib>=3.7",
     ],
-    extras_require={"test": ["pytest>=8.0"], "plots": ["matplotlib>=3.7"], "tensorboard": ["tensorboard>=2.14"]},
+    extras_require={"test": ["pytest>=8.0"]},
     entry_points={"console_scripts": ["sslight=sslight_dali.cli:main"]},
 )

@@ -200,7 +200,8 @@ class TrainCfg:
     compile: bool = False
     joint_linear_probe: bool = True
     num_classes: int = _f(0, 0, help="0 = number of classes found in the dataset")
-    log_every: int = _f(20, 1)
+    log_every: int = _f(20, 1, help="steps between log lines; the only host syncs of the loop")
+    tensorboard: bool = True
     checkpoint_every: int = _f(0, 0, help="steps between checkpoints; 0 = epoch ends only")
     keep_every_epochs: int = _f(20, 0, help="also keep an epoch-tagged copy this often; 0 = never")
     max_steps: int = _f(0, 0, help="stop after this many steps in total (0 = run all epochs)")
@@ -234,6 +235,8 @@ class EvalCfg:
     batch_size: int = _f(128, 1)
     resize: int = _f(256, 8)
     crop: int = _f(224, 8)
+    knn_mode: Literal["val_loo", "train_val"] = field(default="val_loo", metadata={
+        "help": "val_loo = the reference's monitor (leave-one-out on val); train_val = train bank, val queries"})
 
 
 @dataclass
@@ -411,11 +414,23 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
+def expand_key(key: str) -> str:
+    """Full dotted key; a bare leaf name (`resume`, `epochs`) is accepted when it is unambiguous."""
+    valid = _all_keys(Config)
+    if key in valid:
+        return key
+    if "." not in key:
+        matches = [k for k in valid if k.endswith("." + key)]
+        if len(matches) == 1:
+            return matches[0]
+        if matches:
+            raise ConfigError(f"key '{key}' is ambiguous: use one of {matches}")
+    raise ConfigError(f"unknown key '{key}'{_suggest(key, valid)}")
+
+
 def _set_dotted(data: dict, key: str, value) -> None:
+    key = expand_key(key)
     parts = key.split(".")
-    valid = set(_all_keys(Config))
-    if key not in valid:
-        raise ConfigError(f"unknown key '{key}'{_suggest(key, valid)}")
     node = data
     for p in parts[:-1]:
         node = node.setdefault(p, {})
@@ -431,7 +446,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
         cfg_dir = Path(path).resolve().parent
     parsed = parse_overrides(list(overrides))
     for key, value in parsed:
-        if key == "data.recipe":
+        if expand_key(key) == "data.recipe":
             data.setdefault("data", {})["recipe"] = value
     recipe_ref = data.get("data", {}).get("recipe", DataCfg.recipe)
     if "recipe" not in data and recipe_ref:
@@ -479,8 +494,24 @@ def validate(cfg: Config) -> None:
         raise ConfigError("optim.betas: expected two values")
 
 
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+def _represent_list(dumper, data):
+    # Short lists of scalars (scales, betas, per-view probabilities) read best inline.
+    flow = all(not isinstance(v, (dict, list)) for v in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+_Dumper.add_representer(list, _represent_list)
+METHODS = ("dino", "swav", "moco")
+
+
 def dump_config(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None)
+    """YAML of the resolved config; the sections of the methods not in use are left out."""
+    d = {k: v for k, v in cfg.to_dict().items() if k not in METHODS or k == cfg.method}
+    return yaml.dump(d, Dumper=_Dumper, sort_keys=False, default_flow_style=False)
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:

@@ -1,0 +1,93 @@
+"""`sslight` command line. Each subcommand's module is imported only when it runs."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+from .config import ConfigError, dump_config, load_config
+
+OVERRIDES_HELP = "overrides as key.sub=value (e.g. train.batch_size=64 data.root=/data/in1k); a bare leaf name works when unambiguous (resume=auto)"
+
+
+def _config_show(args) -> int:
+    print(dump_config(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+def _data_synth(args) -> int:
+    from .synth import synth_dataset
+    summary = synth_dataset(args.out, classes=args.classes, per_class=args.per_class, val_per_class=args.val_per_class,
+                            seed=args.seed, min_side=args.min_side, max_side=args.max_side, quality=args.quality)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _train(args) -> int:
+    from .train import train
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _delegate(module: str):
+    def run(args) -> int:
+        return importlib.import_module(f"sslight_dali.{module}").main(args) or 0
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sslight", description="SSLight self-supervised pre-training with DALI view sampling")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    cfg = sub.add_parser("config", help="inspect configs").add_subparsers(dest="config_command", required=True)
+    show = cfg.add_parser("show", help="print the resolved config (defaults <- file <- recipe <- overrides)")
+    show.add_argument("config")
+    show.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    show.set_defaults(func=_config_show)
+
+    data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
+    synth = data.add_parser("synth", help="write the embedded synthetic ImageFolder dataset (train/ and val/)")
+    synth.add_argument("--out", required=True)
+    synth.add_argument("--classes", type=int, default=10)
+    synth.add_argument("--per-class", type=int, default=60, help="train images per class")
+    synth.add_argument("--val-per-class", type=int, default=20)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--min-side", type=int, default=96)
+    synth.add_argument("--max-side", type=int, default=320)
+    synth.add_argument("--quality", type=int, default=90, help="JPEG quality")
+    synth.set_defaults(func=_data_synth)
+
+    train = sub.add_parser("train", help="pre-train (one process, or under torchrun for several)")
+    train.add_argument("config")
+    train.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    train.set_defaults(func=_train)
+
+    for name, module, help_ in (("views", "viewer", "contact sheet of the views a recipe makes from one image"),
+                                ("demo", "demo", "synthetic data -> short DINO-SSLight run -> kNN vs random init"),
+                                ("bench", "bench", "throughput benchmarks (pipeline, model, train, compare)")):
+        try:
+            mod = importlib.import_module(f"sslight_dali.{module}")
+        except ModuleNotFoundError as e:
+            if e.name != f"sslight_dali.{module}":
+                raise
+            continue  # not built yet: never advertise a subcommand that does not work
+        sp = sub.add_parser(name, help=help_)
+        mod.add_arguments(sp)
+        sp.set_defaults(func=_delegate(module))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"sslight: config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

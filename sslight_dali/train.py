@@ -1,0 +1,335 @@
+"""The training loop shared by DINO, SwAV and MoCo-v2: one step, one epoch, checkpoints, kNN.
+
+Launch with `sslight train CONFIG [overrides]` (one process) or `torchrun ... -m sslight_dali.cli train`.
+The method module (sslight_dali.methods) owns head, loss and update; this file owns the mechanics:
+device and precision, DDP, schedules (plain arrays indexed by the global step), logging without
+per-step host syncs, atomic checkpoints and exact resume.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from . import checkpoint as ckpt
+from .config import Config, dump_config, save_config, to_dict
+from .knn import extract_features, knn_classify
+from .logger import RunLogger, StepTimer, setup_logging
+
+log = logging.getLogger("sslight")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+# ------------------------------------------------------------------------------------------------
+# Process and device set-up
+# ------------------------------------------------------------------------------------------------
+def init_distributed(cfg: Config) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; NCCL on GPU, gloo on CPU."""
+    use_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is visible")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return rank, world, device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_precision(cfg: Config, device: torch.device) -> str:
+    p = cfg.train.precision
+    if p == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return p
+
+
+def is_convnet(cfg: Config) -> bool:
+    return not cfg.model.backbone.startswith("vit")
+
+
+def global_batch_for_lr(cfg: Config, world: int) -> int:
+    return cfg.train.batch_size * (cfg.train.reference_world_size or world)
+
+
+# ------------------------------------------------------------------------------------------------
+# Trainer
+# ------------------------------------------------------------------------------------------------
+class Trainer:
+    """Owns model, optimizer, schedules and the loop. `loader` follows sslight_dali.data's interface:
+    `steps_per_epoch`, `num_classes`, `epoch(e)` yielding (views, labels, indices), `state_dict()`."""
+
+    def __init__(self, cfg: Config, loader, rank: int = 0, world: int = 1, device: torch.device | None = None,
+                 output_dir: Path | None = None):
+        from .methods import build_method
+        from .optim import build_optimizer, build_schedules
+
+        self.cfg, self.loader, self.rank, self.world = cfg, loader, rank, world
+        self.device = device or torch.device("cpu")
+        self.output_dir = Path(output_dir or cfg.train.output_dir)
+        self.precision = resolve_precision(cfg, self.device)
+        self.channels_last = cfg.train.channels_last and is_convnet(cfg)
+        self.num_classes = cfg.train.num_classes or loader.num_classes
+
+        self.method = build_method(cfg, self.num_classes).to(self.device)
+        if world > 1 and cfg.model.sync_bn and is_convnet(cfg):
+            # BN statistics over the global batch, as the reference (one BN pass per crop-size group).
+            self.method = nn.SyncBatchNorm.convert_sync_batchnorm(self.method)
+        if self.channels_last:
+            self.method = self.method.to(memory_format=torch.channels_last)
+        self.model = self.method
+        if world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = nn.parallel.DistributedDataParallel(self.method, device_ids=ids)
+        if cfg.train.compile:
+            self.model = torch.compile(self.model)
+
+        self.optimizer = build_optimizer(cfg, self.method)
+        self.schedules = build_schedules(cfg, loader.steps_per_epoch, global_batch_for_lr(cfg, world))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.step = 0          # global step: index into the schedules
+        self.epoch = 0
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        self.logger = RunLogger(self.output_dir, enabled=rank == 0, tensorboard=cfg.train.tensorboard)
+
+    # -- one optimisation step --------------------------------------------------------------------
+    def autocast(self):
+        if self.precision in ("bf16", "fp16"):
+            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+            return torch.autocast(self.device.type, dtype=dtype)
+        return nullcontext()
+
+    def train_step(self, views: list[torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        s = min(self.step, len(self.schedules["lr"]) - 1)
+        for g in self.optimizer.param_groups:
+            g["lr"] = float(self.schedules["lr"][s])
+            g["weight_decay"] = float(self.schedules["wd"][s]) * g.get("wd_factor", 1.0)
+        with self.autocast():
+            loss, metrics = self.model(views, labels, self.epoch)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.cfg.optim.clip_grad > 0:
+            self.scaler.unscale_(self.optimizer)
+            clip_per_parameter(self.method, self.cfg.optim.clip_grad)
+        self.method.after_backward(self.epoch)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.method.after_step(s, float(self.schedules["momentum"][s]))
+        self.nonfinite |= ~torch.isfinite(loss.detach())
+        self.step += 1
+        return loss.detach(), metrics
+
+    def check_finite(self) -> None:
+        if bool(self.nonfinite):  # host sync: only on log steps and before checkpoints
+            raise NonFiniteLossError(
+                f"non-finite loss at or before step {self.step} (epoch {self.epoch}); stopping without writing a "
+                "checkpoint. Lower optim.base_lr, try train.precision=fp32, or check the data.")
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        cfg, spe = self.cfg, self.loader.steps_per_epoch
+        total_steps = cfg.train.epochs * spe
+        if cfg.train.max_steps:
+            total_steps = min(total_steps, cfg.train.max_steps)
+        timer, last = StepTimer(), {}
+        run_start, start_step = time.perf_counter(), self.step
+        try:
+            while self.step < total_steps:
+                self.method.on_epoch_start(self.epoch)
+                epoch_end = (self.epoch + 1) * spe
+                for views, labels, _ in _timed(self.loader.epoch(self.epoch), timer, self.world):
+                    views = [v.to(self.device, non_blocking=True) for v in views]
+                    labels = labels.to(self.device, non_blocking=True)
+                    loss, metrics = self.train_step(views, labels)
+                    if self.step % cfg.train.log_every == 0 or self.step == total_steps:
+                        last = self._log(loss, metrics, timer, total_steps, run_start, start_step)
+                    if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
+                        self.save()
+                    if self.step >= total_steps:
+                        break
+                if self.step < epoch_end and self.step < total_steps:
+                    raise RuntimeError(f"the loader ended epoch {self.epoch} after {self.step - self.epoch * spe} "
+                                       f"batches; expected {spe}")
+                if self.step < epoch_end:  # stopped by train.max_steps inside the epoch
+                    self.save()
+                    break
+                self.epoch += 1
+                self.save(tag_epoch=True)
+                if cfg.train.knn_every and self.epoch % cfg.train.knn_every == 0:
+                    last.update(self.evaluate())
+        finally:
+            self.logger.close()
+        return last
+
+    def _log(self, loss, metrics, timer: StepTimer, total_steps: int, run_start: float, start_step: int) -> dict:
+        self.check_finite()
+        elapsed, wait_frac, ips = timer.read()
+        s = self.step - 1
+        rec = {"kind": "train", "step": self.step, "epoch": self.epoch, "loss": float(loss),
+               **{k: float(v) for k, v in metrics.items()},
+               "lr": float(self.schedules["lr"][s]), "wd": float(self.schedules["wd"][s]),
+               "momentum": float(self.schedules["momentum"][s]),
+               "images_per_sec": ips, "data_wait": wait_frac, "time": time.time()}
+        done = self.step - start_step
+        eta = (time.perf_counter() - run_start) / max(done, 1) * (total_steps - self.step)
+        self.logger.write(rec, self.step)
+        self.logger.progress(self.epoch, self.cfg.train.epochs, self.step - self.epoch * self.loader.steps_per_epoch,
+                             self.loader.steps_per_epoch, rec, eta)
+        timer.reset()
+        return rec
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "model": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "config": to_dict(self.cfg),
+            "rng": ckpt.rng_state(),
+            "loader": self.loader.state_dict(),
+        }
+
+    def save(self, tag_epoch: bool = False) -> None:
+        self.check_finite()  # never write a NaN checkpoint
+        state = self.state_dict()  # every rank: the loader state is per rank
+        if self.world > 1:
+            gathered = [None] * self.world
+            dist.all_gather_object(gathered, state["loader"])
+            state["loader"] = {"per_rank": gathered}
+        if self.rank != 0:
+            return
+        ckpt.save_atomic(state, self.output_dir / ckpt.LATEST)
+        keep = self.cfg.train.keep_every_epochs
+        if tag_epoch and keep and self.epoch % keep == 0:
+            ckpt.save_atomic(state, self.output_dir / f"checkpoint_epoch{self.epoch:04d}.pt")
+
+    def load_state_dict(self, state: dict) -> None:
+        self.method.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        loader_state = state["loader"]
+        if "per_rank" in loader_state:
+            if len(loader_state["per_rank"]) != self.world:
+                raise RuntimeError(f"checkpoint was written by {len(loader_state['per_rank'])} processes, this run has "
+                                   f"{self.world}: mid-epoch data state cannot be re-sharded (resume from an epoch end)")
+            loader_state = loader_state["per_rank"][self.rank]
+        self.loader.load_state_dict(loader_state)
+        ckpt.set_rng_state(state["rng"])
+
+    # -- evaluation -------------------------------------------------------------------------------
+    def evaluate(self) -> dict:
+        """kNN top-1/top-5 of the student backbone (cfg.eval.knn_mode), logged and returned."""
+        from .data import build_eval_loader
+        cfg = self.cfg
+        backbone = self.method.backbone
+        val = build_eval_loader(cfg, split=cfg.data.val_split, rank=self.rank, world_size=self.world,
+                                channels_last=self.channels_last)
+        vf, vl = extract_features(backbone, val, self.device)
+        if cfg.eval.knn_mode == "train_val":
+            train = build_eval_loader(cfg, split=cfg.data.train_split, rank=self.rank, world_size=self.world,
+                                      channels_last=self.channels_last)
+            tf, tl = extract_features(backbone, train, self.device)
+            res = knn_classify(tf, tl, vf, vl, cfg.eval.knn_k, cfg.eval.knn_t)
+        else:
+            res = knn_classify(vf, vl, vf, vl, cfg.eval.knn_k, cfg.eval.knn_t, leave_one_out=True)
+        rec = {"kind": "eval", "step": self.step, "epoch": self.epoch, "knn_top1": res["top1"], "knn_top5": res["top5"]}
+        self.logger.write(rec, self.step)
+        log.info(f"epoch {self.epoch}: kNN ({cfg.eval.knn_mode}, k={res['k']}) top-1 {res['top1']:.2f}% "
+                 f"top-5 {res['top5']:.2f}% on {res['n']} images")
+        return {"knn_top1": res["top1"], "knn_top5": res["top5"]}
+
+
+def _timed(batches, timer: StepTimer, world: int):
+    """Yield from `batches`, adding the time spent waiting for each one to the data-wait meter."""
+    it = iter(batches)
+    while True:
+        t0 = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        timer.waited(time.perf_counter() - t0, batch[1].shape[0] * world)
+        yield batch
+
+
+def clip_per_parameter(module: nn.Module, max_norm: float) -> None:
+    """DINO-style clipping: each parameter's gradient norm is clipped separately (no host sync)."""
+    for p in module.parameters():
+        if p.grad is not None:
+            norm = p.grad.detach().norm()
+            p.grad.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+
+
+# ------------------------------------------------------------------------------------------------
+# Entry point
+# ------------------------------------------------------------------------------------------------
+def prepare_data_root(cfg: Config, rank: int) -> None:
+    """An empty data.root means the embedded synthetic dataset (made once, under data/synth)."""
+    if cfg.data.root:
+        return
+    from .synth import synth_dataset
+    root = Path("data/synth")
+    if rank == 0 and not (root / "synth.json").is_file():
+        log.info(f"data.root is empty: writing the embedded synthetic dataset to {root}")
+        synth_dataset(root)
+    if dist.is_initialized():
+        dist.barrier()
+    cfg.data.root = str(root)
+
+
+def train(cfg: Config) -> dict:
+    from .data import build_train_loader
+    rank, world, device = init_distributed(cfg)
+    output_dir = Path(cfg.train.output_dir)
+    setup_logging(output_dir, rank)
+    prepare_data_root(cfg, rank)
+    seed_everything(cfg.train.seed + rank)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    precision = resolve_precision(cfg, device)
+    loader = build_train_loader(cfg, rank=rank, world_size=world,
+                                channels_last=cfg.train.channels_last and is_convnet(cfg),
+                                dtype=torch.bfloat16 if cfg.data.dtype == "bfloat16" else torch.float32)
+    trainer = Trainer(cfg, loader, rank, world, device, output_dir)
+    resume_from = ckpt.find_resume(output_dir, cfg.train.resume)
+    if resume_from is not None:
+        trainer.load_state_dict(ckpt.load(resume_from))
+        log.info(f"resumed from {resume_from} at step {trainer.step} (epoch {trainer.epoch})")
+    if rank == 0:
+        save_config(cfg, output_dir / "config.yaml")
+        log.info(f"{cfg.method} / {cfg.model.backbone} / recipe {cfg.recipe.name} on {world} x {device} "
+                 f"({precision}{', channels-last' if trainer.channels_last else ''}); "
+                 f"{loader.num_samples} images, {loader.steps_per_epoch} steps/epoch, "
+                 f"global batch {cfg.train.batch_size * world}, data: {cfg.data.backend} on {loader.device}")
+        log.debug(dump_config(cfg))
+    try:
+        result = trainer.fit()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    result.update({"output_dir": str(output_dir), "steps": trainer.step, "epochs": trainer.epoch})
+    return result
