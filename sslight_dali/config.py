@@ -218,7 +218,7 @@ class DataCfg:
     format: Literal["imagefolder", "filelist", "webdataset"] = "imagefolder"
     train_split: str = "train"
     val_split: str = "val"
-    recipe: str = "pipelines/dino_cnn_sslight.yaml"
+    recipe: str = "pipelines/cnn_sslight.yaml"
     backend: Literal["dali", "torchvision"] = "dali"
     device: Literal["auto", "gpu", "cpu"] = "auto"
     num_threads: int = _f(4, 1, 256, help="DALI CPU threads / torchvision workers per process")
@@ -454,7 +454,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
         try:
             data["recipe"] = read_yaml(recipe_path)
         except ConfigError as e:
-            raise ConfigError(f"{path}: data.recipe: {e}") from None
+            raise ConfigError(f"{path or 'defaults'}: data.recipe: {e}") from None
     for key, value in parsed:
         _set_dotted(data, key, value)
     try:

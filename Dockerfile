@@ -1,0 +1,34 @@
+# Training image for sslight-dali.
+#
+# The NGC PyTorch image already ships torch, torchvision, NVIDIA DALI (the CUDA 13 build) and NVIDIA
+# apex, built together for its CUDA/cuDNN. They are NOT reinstalled here. Everything else in
+# requirements.txt (the same pinned file `make` installs) is installed at its pin.
+#
+# Build and run (the "video" capability exposes the hardware JPEG decoder of A100/H100 to DALI):
+#   docker build -t sslight-dali .
+#   docker run --rm --gpus 'all,"capabilities=compute,utility,video"' --ipc=host \
+#       -v /data/imagenet:/data -v "$PWD/runs:/workspace/runs" \
+#       sslight-dali train configs/dino/resnet18_sslight.yaml data.root=/data
+FROM nvcr.io/nvidia/pytorch:25.10-py3
+
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONUNBUFFERED=1
+
+WORKDIR /workspace
+
+# Dependencies first (a cached layer). The grep drops exactly the lines the base image provides
+# (torch, torchvision, nvidia-dali-cuda*); every other pinned line of requirements.txt is installed.
+# Never `pip install apex`: the PyPI package of that name is unrelated to NVIDIA apex.
+COPY requirements.txt ./
+RUN grep -vE '^(torch|torchvision|nvidia-dali-cuda[0-9]+)==' requirements.txt > /tmp/requirements-image.txt \
+ && pip install -r /tmp/requirements-image.txt \
+ && rm /tmp/requirements-image.txt
+
+# This package (configs/ and pipelines/ come with it, so `sslight train configs/...` works here),
+# without touching the dependencies installed above.
+COPY . .
+RUN pip install --no-deps .
+
+ENTRYPOINT ["sslight"]
+CMD ["--help"]
