@@ -1,0 +1,98 @@
+"""Loader factories: pick the backend (DALI or torchvision) and device from the config."""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from ..config import Config, Recipe, ViewGroup
+from .loader import DaliEvalLoader, DaliTrainLoader, load_split, resolve_device, torch_dtype
+from .torch_views import EvalDataset, MultiViewDataset, TorchLoader
+
+
+def linear_probe_recipe(recipe: Recipe, crop: int) -> Recipe:
+    """Supervised linear-probe training views: RandomResizedCrop(crop, 0.08-1, bicubic) + flip only."""
+    probe = copy.deepcopy(recipe)
+    probe.name = "linear_probe"
+    probe.global_ = ViewGroup(count=1, size=crop, scale=[0.08, 1.0], blur_p=[0.0], solarize_p=[0.0])
+    probe.local = ViewGroup(count=0, size=crop, scale=[0.08, 1.0], blur_p=[0.0], solarize_p=[0.0])
+    probe.augment.jitter_p = 0.0
+    probe.augment.grayscale_p = 0.0
+    return probe
+
+
+def _common(cfg: Config, rank: int, world_size: int, channels_last: bool, dtype) -> dict:
+    return dict(rank=rank, world_size=world_size, channels_last=channels_last,
+                dtype=torch_dtype(dtype if dtype is not None else cfg.data.dtype))
+
+
+def build_train_loader(cfg: Config, rank: int = 0, world_size: int = 1, channels_last: bool = True,
+                       dtype: torch.dtype | str | None = None, debug: bool = False, recipe: Recipe | None = None,
+                       batch_size: int | None = None, drop_last: bool = True):
+    """Multi-view pre-training loader for cfg.data.train_split; `for views, labels, indices in loader.epoch(e)`.
+
+    dtype None = cfg.data.dtype. debug=True (DALI only) also yields per-view op records.
+    """
+    recipe = recipe or cfg.recipe
+    batch_size = batch_size or cfg.train.batch_size
+    samples = load_split(cfg, cfg.data.train_split)
+    device = resolve_device(cfg.data.device)
+    common = _common(cfg, rank, world_size, channels_last, dtype)
+    if cfg.data.backend == "torchvision":
+        return TorchLoader(MultiViewDataset(samples, recipe), batch_size, num_workers=cfg.data.num_threads,
+                           seed=cfg.train.seed, device=device, shuffle=True, drop_last=drop_last,
+                           classes=samples.classes, **common)
+    return DaliTrainLoader(samples, recipe, debug=debug, hw_decoder_load=cfg.data.hw_decoder_load, drop_last=drop_last,
+                           batch_size=batch_size, device=device, num_threads=cfg.data.num_threads,
+                           prefetch=cfg.data.prefetch, seed=cfg.train.seed, **common)
+
+
+class _FirstView:
+    """Adapts a one-view training loader to the eval interface: yields (images, labels, indices)."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+    def epoch(self, epoch: int):
+        for views, labels, index in self.loader.epoch(epoch):
+            yield views[0], labels, index
+
+    def __iter__(self):
+        return self.epoch(self.loader._next_epoch)
+
+    def __len__(self):
+        return len(self.loader)
+
+
+def build_eval_loader(cfg: Config, split: str = "val", rank: int = 0, world_size: int = 1,
+                      channels_last: bool = True, train_augment: bool = False, batch_size: int | None = None,
+                      dtype: torch.dtype | str | None = None):
+    """Evaluation loader over `split` ('val' = cfg.data.val_split, 'train' = cfg.data.train_split, or a name).
+
+    Default: resize the shorter side to cfg.eval.resize (bicubic), centre crop cfg.eval.crop, normalize;
+    no shuffle, no drop-last: every sample of this rank's shard exactly once. With world_size > 1 the
+    shards are disjoint and cover the split; their lengths differ by at most one and nothing is padded,
+    so gather per-rank results with their `indices` (sizes may differ by one).
+    train_augment=True: linear-probe training views (RRC 0.08-1 + flip, reshuffled every epoch, no drop-last).
+    """
+    split_name = {"val": cfg.data.val_split, "train": cfg.data.train_split}.get(split, split)
+    batch_size = batch_size or cfg.eval.batch_size
+    if train_augment:
+        probe_cfg = copy.deepcopy(cfg)
+        probe_cfg.data.train_split = split_name
+        return _FirstView(build_train_loader(probe_cfg, rank, world_size, channels_last, dtype,
+                                             recipe=linear_probe_recipe(cfg.recipe, cfg.eval.crop),
+                                             batch_size=batch_size, drop_last=False))
+    samples = load_split(cfg, split_name)
+    device = resolve_device(cfg.data.device)
+    aug, common = cfg.recipe.augment, _common(cfg, rank, world_size, channels_last, dtype)
+    if cfg.data.backend == "torchvision":
+        return TorchLoader(EvalDataset(samples, cfg.eval.resize, cfg.eval.crop, aug.mean, aug.std), batch_size,
+                           num_workers=cfg.data.num_threads, seed=cfg.train.seed, device=device, shuffle=False,
+                           drop_last=False, classes=samples.classes, **common)
+    return DaliEvalLoader(samples, cfg.eval.resize, cfg.eval.crop, aug.mean, aug.std,
+                          hw_decoder_load=cfg.data.hw_decoder_load, batch_size=batch_size, device=device,
+                          num_threads=cfg.data.num_threads, prefetch=cfg.data.prefetch, seed=cfg.train.seed, **common)

@@ -1,0 +1,210 @@
+"""DALI loaders for PyTorch: multi-view training batches and evaluation batches.
+
+Epochs: the file reader reshuffles the whole dataset after every epoch with a seed shared by all
+ranks, and each rank reads its own contiguous shard of that permutation, so every sample is seen once
+per epoch across ranks. The list handed to the reader is pre-shuffled with the same seed because the
+reader's own shuffle only starts after epoch 0. Shards are padded to equal length (`pad_last_batch`)
+and the last partial batch is dropped, so every rank runs exactly `steps_per_epoch` steps.
+
+Resume: the pipeline is built with DALI checkpointing; `state_dict()` stores the checkpoint of the
+iterator (which accounts for batches already prefetched) plus the epoch and step, and
+`load_state_dict()` rebuilds the pipeline from it, so the next batch is bit-identical.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import torch
+from nvidia.dali.plugin.base_iterator import LastBatchPolicy
+from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+from ..config import Config, Recipe
+from .dali_views import READER, ReaderSpec, eval_pipeline, train_pipeline
+from .sources import DataError, Samples, list_samples
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str) -> str:
+    """'gpu' | 'cpu' | 'auto' (GPU when CUDA is available)."""
+    if device == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    if device == "gpu" and not torch.cuda.is_available():
+        raise RuntimeError("data.device=gpu but CUDA is not available; use data.device=cpu or auto")
+    return device
+
+
+def torch_dtype(name_or_dtype) -> torch.dtype:
+    if isinstance(name_or_dtype, torch.dtype):
+        return name_or_dtype
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name_or_dtype]
+
+
+def mix_seed(seed: int, rank: int) -> int:
+    """Per-rank augmentation seed: different views on every rank, reproducible for a given seed."""
+    return (seed * 1_000_003 + rank * 7919 + 1) % (2 ** 31 - 1)
+
+
+def load_split(cfg: Config, split: str) -> Samples:
+    if not cfg.data.root:
+        raise DataError("data.root is empty: set it to a dataset root (e.g. made by `sslight synth`)")
+    return list_samples(cfg.data.root, split, cfg.data.format, cfg.data.skip_bad_files)
+
+
+def _dali_files(samples: Samples) -> list[str]:
+    if samples.blobs is not None:
+        raise DataError("the DALI backend reads files; for webdataset use data.backend=torchvision "
+                        "(or unpack the shards)")
+    return samples.files
+
+
+class _DaliLoader:
+    """Shared iterator plumbing: build, iterate one epoch, checkpoint."""
+
+    def __init__(self, samples: Samples, batch_size: int, device: str, rank: int, world_size: int,
+                 channels_last: bool, dtype: torch.dtype, num_threads: int, prefetch: int, seed: int,
+                 shuffle: bool, drop_last: bool):
+        self.samples, self.batch_size, self.device = samples, batch_size, device
+        self.rank, self.world_size, self.channels_last, self.dtype = rank, world_size, channels_last, dtype
+        self.num_threads, self.prefetch, self.seed = num_threads, prefetch, seed
+        self.shuffle, self.drop_last = shuffle, drop_last
+        self.classes = samples.classes
+        self.num_classes = len(samples.classes)
+        self.num_samples = len(samples)
+        shard = -(-self.num_samples // world_size)  # padded shard length, the same on every rank
+        if drop_last and shard < batch_size:
+            raise DataError(f"{self.num_samples} samples over {world_size} rank(s) give {shard} per rank, "
+                            f"fewer than one batch of {batch_size}")
+        self.steps_per_epoch = shard // batch_size if drop_last else -(-self._own_shard_len() // batch_size)
+        self._torch_device = torch.device("cuda", torch.cuda.current_device()) if device == "gpu" else torch.device("cpu")
+        self._labels = torch.tensor(samples.labels, dtype=torch.int64, device=self._torch_device)
+        self._next_epoch, self._step = 0, 0
+        self._it = self._build(checkpoint=None)
+
+    # -- subclasses define the graph ---------------------------------------------------------
+    def _pipeline(self, reader: ReaderSpec, **pipe_kwargs):
+        raise NotImplementedError
+
+    def _output_map(self) -> list[str]:
+        raise NotImplementedError
+
+    # -- plumbing ------------------------------------------------------------------------------
+    def _own_shard_len(self) -> int:
+        n, w, r = self.num_samples, self.world_size, self.rank
+        return (r + 1) * n // w - r * n // w  # DALI's shard boundaries
+
+    def _reader(self) -> ReaderSpec:
+        order = np.arange(self.num_samples)
+        if self.shuffle:
+            order = np.random.default_rng(self.seed).permutation(self.num_samples)
+        return ReaderSpec(files=[self.samples.files[i] for i in order], indices=order.tolist(),
+                          shard_id=self.rank, num_shards=self.world_size, shuffle=self.shuffle, seed=self.seed)
+
+    def _build(self, checkpoint: str | None):
+        pipe = self._pipeline(
+            self._reader(), batch_size=self.batch_size, num_threads=self.num_threads,
+            device_id=self._torch_device.index if self.device == "gpu" else None,
+            seed=mix_seed(self.seed, self.rank), prefetch_queue_depth=self.prefetch,
+            checkpoint=checkpoint)
+        policy = LastBatchPolicy.DROP if self.drop_last else LastBatchPolicy.PARTIAL
+        return DALIGenericIterator(pipe, self._output_map(), reader_name=READER, last_batch_policy=policy,
+                                   auto_reset=False, prepare_first_batch=False)
+
+    def _batches(self, epoch: int):
+        if epoch != self._next_epoch:
+            log.warning("loader asked for epoch %d but its reader is at epoch %d; the sample order is that "
+                        "of reader epoch %d (restore a state_dict for exact resume)", epoch, self._next_epoch,
+                        self._next_epoch)
+        steps = 0
+        for out in self._it:
+            steps += 1
+            self._step += 1
+            yield out[0]
+        self._it.reset()
+        expected = self.steps_per_epoch - (self._step - steps)
+        if steps != expected:
+            raise RuntimeError(f"DALI epoch ran {steps} steps, expected {expected}")
+        self._next_epoch, self._step = epoch + 1, 0
+
+    def _images(self, t: torch.Tensor) -> torch.Tensor:
+        # DALI writes HWC when channels_last is wanted: the permute is a zero-copy view whose strides
+        # are exactly torch.channels_last. Otherwise DALI already wrote contiguous NCHW.
+        if self.channels_last:
+            t = t.permute(0, 3, 1, 2)
+        return t if t.dtype == self.dtype else t.to(self.dtype)
+
+    def _index_and_labels(self, idx: torch.Tensor):
+        idx = idx.reshape(-1).to(torch.int64)
+        return self._labels[idx.to(self._labels.device)], idx.to(self._labels.device)
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def state_dict(self) -> dict:
+        """Exact position: the DALI checkpoint (reader + RNG states, prefetch accounted for) and counters."""
+        return {"dali": self._it.checkpoints()[0], "epoch": self._next_epoch, "step": self._step,
+                "num_samples": self.num_samples, "world_size": self.world_size, "rank": self.rank}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("num_samples", "world_size", "rank"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"loader state was saved with {key}={state[key]}, this loader has {getattr(self, key)}")
+        self._it = self._build(checkpoint=state["dali"])
+        self._next_epoch, self._step = state["epoch"], state["step"]
+
+
+class DaliTrainLoader(_DaliLoader):
+    """Multi-view batches: `for views, labels, indices in loader.epoch(e)`."""
+
+    def __init__(self, samples: Samples, recipe: Recipe, debug: bool = False, hw_decoder_load: float = 0.65,
+                 drop_last: bool = True, **kw):
+        self.recipe, self.debug, self.hw_decoder_load = recipe, debug, hw_decoder_load
+        self.view_names = [v.name for v in recipe.views()]
+        super().__init__(samples, shuffle=True, drop_last=drop_last, **kw)
+
+    def _pipeline(self, reader, **kw):
+        return train_pipeline(reader, self.recipe, self.device, self.channels_last, self.hw_decoder_load,
+                              debug=self.debug, **kw)
+
+    def _output_map(self):
+        views = [f"view_{i}" for i in range(len(self.view_names))]
+        return views + ["index"] + ([f"record_{i}" for i in range(len(views))] if self.debug else [])
+
+    def epoch(self, epoch: int):
+        """Yield (views, labels, indices) for one epoch: exactly steps_per_epoch batches.
+
+        With debug=True each item also carries a list of per-view records [B, len(FLAG_FIELDS)].
+        """
+        n = len(self.view_names)
+        for out in self._batches(epoch):
+            views = [self._images(out[f"view_{i}"]) for i in range(n)]
+            labels, index = self._index_and_labels(out["index"])
+            if self.debug:
+                yield views, labels, index, [out[f"record_{i}"] for i in range(n)]
+            else:
+                yield views, labels, index
+
+
+class DaliEvalLoader(_DaliLoader):
+    """Resize + centre crop, every sample of this rank's shard once: `for images, labels, indices in loader`."""
+
+    def __init__(self, samples: Samples, resize: int, crop: int, mean, std, hw_decoder_load: float = 0.65, **kw):
+        self.resize, self.crop, self.mean, self.std, self.hw_decoder_load = resize, crop, mean, std, hw_decoder_load
+        super().__init__(samples, shuffle=False, drop_last=False, **kw)
+
+    def _pipeline(self, reader, **kw):
+        return eval_pipeline(reader, self.resize, self.crop, self.mean, self.std, self.device, self.channels_last,
+                             self.hw_decoder_load, **kw)
+
+    def _output_map(self):
+        return ["images", "index"]
+
+    def epoch(self, epoch: int = 0):
+        for out in self._batches(epoch):
+            labels, index = self._index_and_labels(out["index"])
+            yield self._images(out["images"]), labels, index
+
+    def __iter__(self):
+        return self.epoch(self._next_epoch)

@@ -1,0 +1,158 @@
+"""Sample lists for a split: ImageFolder, file list or WebDataset tar shards.
+
+Every backend reads the same `Samples` (encoded bytes come from files or tar members), so the
+DALI and torchvision loaders see identical data in identical dataset order. Bad files are found
+here, up front, with a cheap PIL check: DALI would otherwise fail mid-epoch with a message that
+does not always name the file.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+log = logging.getLogger(__name__)
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class DataError(RuntimeError):
+    """A split, a file or a sample is missing or unreadable; the message names it."""
+
+
+@dataclass
+class Samples:
+    """One split: `files[i]` (a path, or `shard.tar:key.jpg` for WebDataset) has label `labels[i]`."""
+    files: list[str]
+    labels: list[int]
+    classes: list[str]
+    root: str = ""
+    # WebDataset only: encoded bytes per sample (tar members are not addressable by DALI's file reader).
+    blobs: list[bytes] | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def read_bytes(self, i: int) -> bytes:
+        return self.blobs[i] if self.blobs is not None else Path(self.files[i]).read_bytes()
+
+
+def list_samples(root: str | Path, split: str, fmt: str = "imagefolder", skip_bad_files: bool = False,
+                 check: bool = True) -> Samples:
+    """List (and by default verify) the samples of `split` under `root` in format `fmt`."""
+    root = Path(root)
+    readers = {"imagefolder": _imagefolder, "filelist": _filelist, "webdataset": _webdataset}
+    if fmt not in readers:
+        raise DataError(f"unknown data format {fmt!r}; choose one of {sorted(readers)}")
+    samples = readers[fmt](root, split)
+    if not len(samples):
+        raise DataError(f"no images found for split '{split}' under {root} (format {fmt})")
+    return verify_samples(samples, skip_bad_files) if check else samples
+
+
+def _imagefolder(root: Path, split: str) -> Samples:
+    d = root / split
+    if not d.is_dir():
+        raise DataError(f"split directory not found: {d}")
+    # Same order as torchvision ImageFolder: classes sorted by name, files sorted by path.
+    classes = sorted(e.name for e in d.iterdir() if e.is_dir())
+    files, labels = [], []
+    for c, name in enumerate(classes):
+        for p in sorted((d / name).rglob("*")):
+            if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS:
+                files.append(str(p))
+                labels.append(c)
+    return Samples(files, labels, classes, str(d))
+
+
+def _filelist(root: Path, split: str) -> Samples:
+    path = root / f"{split}.txt"
+    if not path.is_file():
+        raise DataError(f"file list not found: {path}")
+    files, labels = [], []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        parts = line.rsplit(maxsplit=1)
+        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+            raise DataError(f"{path}:{n}: expected 'path label', got {line!r}")
+        p = Path(parts[0])
+        files.append(str(p if p.is_absolute() else root / p))
+        labels.append(int(parts[1]))
+    missing = [f for f in files if not Path(f).is_file()]
+    if missing:
+        raise DataError(f"{path}: {len(missing)} listed files do not exist, e.g. {missing[:3]}")
+    n_cls = max(labels) + 1 if labels else 0
+    return Samples(files, labels, [str(i) for i in range(n_cls)], str(root))
+
+
+def _webdataset(root: Path, split: str) -> Samples:
+    shards = sorted((root / split).glob("*.tar")) if (root / split).is_dir() else []
+    shards = shards or sorted(root.glob(f"{split}-*.tar"))
+    if not shards:
+        raise DataError(f"no WebDataset shards found: {root / split}/*.tar or {root}/{split}-*.tar")
+    files, labels, blobs = [], [], []
+    for shard in shards:
+        images, cls = {}, {}
+        with tarfile.open(shard) as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                key, _, ext = m.name.partition(".")
+                data = tar.extractfile(m).read()
+                if "." + ext.lower() in IMG_EXTENSIONS:
+                    images[key] = (m.name, data)
+                elif ext.lower() == "cls":
+                    cls[key] = int(data.decode().strip())
+        for key in sorted(images):
+            if key not in cls:
+                raise DataError(f"{shard}: sample '{key}' has an image but no .cls label")
+            files.append(f"{shard}:{images[key][0]}")
+            labels.append(cls[key])
+            blobs.append(images[key][1])
+    n_cls = max(labels) + 1 if labels else 0
+    return Samples(files, labels, [str(i) for i in range(n_cls)], str(root), blobs)
+
+
+def check_image(data: bytes) -> str | None:
+    """Why these encoded bytes are not a usable image, or None if they are."""
+    if not data:
+        return "empty (0 bytes)"
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.verify()  # structure and CRCs, no pixel decode
+        if data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[-1024:]:
+            # verify() accepts a JPEG cut short; DALI's decoder fails on it mid-epoch ("Premature end
+            # of JPEG data") and the pipeline is then unusable. Trailing junk after EOI is tolerated.
+            return "truncated JPEG (no end-of-image marker)"
+        with Image.open(io.BytesIO(data)) as im:
+            if im.width < 1 or im.height < 1:
+                return "zero-sized image"
+    except Exception as e:  # PIL raises many types for junk input
+        return f"not a decodable image ({type(e).__name__}: {e})"
+    return None
+
+
+def verify_samples(samples: Samples, skip_bad_files: bool = False) -> Samples:
+    """Raise DataError naming the first bad file, or drop bad files (counted and logged)."""
+    bad = []
+    for i, f in enumerate(samples.files):
+        why = check_image(samples.read_bytes(i))
+        if why is None:
+            continue
+        if not skip_bad_files:
+            raise DataError(f"bad image file {f}: {why} (set data.skip_bad_files=true to skip such files)")
+        bad.append((i, f, why))
+    if not bad:
+        return samples
+    drop = {i for i, _, _ in bad}
+    log.warning("skipping %d bad image file(s) under %s, e.g. %s", len(bad), samples.root,
+                "; ".join(f"{f}: {why}" for _, f, why in bad[:3]))
+    keep = [i for i in range(len(samples)) if i not in drop]
+    if not keep:
+        raise DataError(f"every image under {samples.root} is unreadable")
+    return Samples([samples.files[i] for i in keep], [samples.labels[i] for i in keep], samples.classes,
+                   samples.root, [samples.blobs[i] for i in keep] if samples.blobs is not None else None)

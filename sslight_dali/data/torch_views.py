@@ -1,0 +1,188 @@
+"""The reference backend: the same recipe with PIL/torchvision transforms in DataLoader workers.
+
+This is what the SSLight reference runs (sslight-reference.md §1.3, §6) and the yardstick for the
+parity tests and the benchmarks. All randomness comes from torch's RNG (blur and solarize included),
+which DataLoader seeds per worker from the loader's generator, so a fixed seed gives fixed views.
+
+Resume is at epoch + step granularity: the sampler is re-seeded for the epoch and skips the batches
+already consumed, so the sample order is exact; the random views of the remaining batches differ from
+an uninterrupted run (worker RNG streams restart).
+"""
+from __future__ import annotations
+
+import io
+from typing import Iterator
+
+import torch
+import torchvision.transforms as T
+import torchvision.transforms.functional as F
+from PIL import Image, ImageFilter, ImageOps
+
+from ..config import Augment, Recipe, ViewSpec
+from .sources import Samples
+
+BICUBIC = T.InterpolationMode.BICUBIC
+
+
+def _rand() -> float:
+    return torch.rand(()).item()
+
+
+def _uniform(lo: float, hi: float) -> float:
+    return lo + (hi - lo) * _rand()
+
+
+class ViewTransform:
+    """One view of the recipe on a PIL image. `record`, if given, receives the parameters drawn."""
+
+    def __init__(self, view: ViewSpec, aug: Augment):
+        self.view, self.aug = view, aug
+        self.jitter = T.ColorJitter(aug.brightness, aug.contrast, aug.saturation, aug.hue)
+        self.interp = BICUBIC if aug.interpolation == "bicubic" else T.InterpolationMode.BILINEAR
+
+    def __call__(self, img: Image.Image, record: dict | None = None) -> torch.Tensor:
+        aug, view, rec = self.aug, self.view, {}
+        i, j, h, w = T.RandomResizedCrop.get_params(img, list(view.scale), list(aug.ratio))
+        rec.update(crop_y=i, crop_x=j, crop_h=h, crop_w=w, image_h=img.height, image_w=img.width)
+        img = F.resized_crop(img, i, j, h, w, [view.size, view.size], self.interp)
+        rec["flip"] = _rand() < aug.flip_p
+        if rec["flip"]:
+            img = F.hflip(img)
+        rec["jitter"] = _rand() < aug.jitter_p
+        if rec["jitter"]:
+            img = self._color_jitter(img, rec)
+        rec["gray"] = _rand() < aug.grayscale_p
+        if rec["gray"]:
+            img = F.rgb_to_grayscale(img, num_output_channels=3)
+        rec["blur_sigma"] = 0.0
+        if _rand() < view.blur_p:
+            rec["blur_sigma"] = _uniform(*aug.blur_sigma)
+            img = img.filter(ImageFilter.GaussianBlur(radius=rec["blur_sigma"]))
+        rec["solarize"] = _rand() < view.solarize_p
+        if rec["solarize"]:
+            img = ImageOps.solarize(img, threshold=aug.solarize_threshold)
+        if record is not None:
+            record.update(rec)
+        return F.normalize(F.to_tensor(img), aug.mean, aug.std)
+
+    def _color_jitter(self, img, rec):
+        # torchvision ColorJitter: the four ops in a random order, each with its own factor.
+        j = self.jitter
+        order, b, c, s, h = T.ColorJitter.get_params(j.brightness, j.contrast, j.saturation, j.hue)
+        rec.update(brightness=b, contrast=c, saturation=s, hue_deg=None if h is None else 360.0 * h)
+        ops = {0: (F.adjust_brightness, b), 1: (F.adjust_contrast, c), 2: (F.adjust_saturation, s), 3: (F.adjust_hue, h)}
+        for k in order.tolist():
+            fn, factor = ops[k]
+            if factor is not None:
+                img = fn(img, factor)
+        return img
+
+
+def load_rgb(samples: Samples, i: int) -> Image.Image:
+    with Image.open(io.BytesIO(samples.read_bytes(i))) as im:
+        return im.convert("RGB")  # grayscale, palette, CMYK and RGBA all become RGB
+
+
+class MultiViewDataset(torch.utils.data.Dataset):
+    def __init__(self, samples: Samples, recipe: Recipe):
+        self.samples = samples
+        self.views = [ViewTransform(v, recipe.augment) for v in recipe.views()]
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        img = load_rgb(self.samples, i)
+        return [t(img) for t in self.views], self.samples.labels[i], i
+
+
+class EvalDataset(torch.utils.data.Dataset):
+    def __init__(self, samples: Samples, resize: int, crop: int, mean, std):
+        self.samples = samples
+        self.transform = T.Compose([T.Resize(resize, interpolation=BICUBIC), T.CenterCrop(crop), T.ToTensor(),
+                                    T.Normalize(mean, std)])
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        return self.transform(load_rgb(self.samples, i)), self.samples.labels[i], i
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """DistributedSampler semantics (pad by wrapping, rank::world) plus a start offset for resume."""
+
+    def __init__(self, n: int, rank: int, world_size: int, seed: int, shuffle: bool, pad: bool):
+        self.n, self.rank, self.world, self.seed, self.shuffle, self.pad = n, rank, world_size, seed, shuffle, pad
+        self.epoch, self.start = 0, 0
+
+    def indices(self) -> list[int]:
+        order = list(range(self.n))
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        if self.pad:
+            total = -(-self.n // self.world) * self.world
+            order += order[: total - self.n]
+        return order[self.rank::self.world]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices()[self.start:])
+
+    def __len__(self):
+        return len(self.indices()) - self.start
+
+
+class TorchLoader:
+    """Same interface as the DALI loaders, on a torch DataLoader."""
+
+    def __init__(self, dataset, batch_size: int, rank: int, world_size: int, channels_last: bool,
+                 dtype: torch.dtype, num_workers: int, seed: int, device: str, shuffle: bool, drop_last: bool,
+                 classes: list[str]):
+        self.dataset, self.batch_size, self.rank, self.world_size = dataset, batch_size, rank, world_size
+        self.channels_last, self.dtype, self.num_workers, self.seed = channels_last, dtype, num_workers, seed
+        self.device, self.drop_last = device, drop_last
+        self.classes, self.num_classes, self.num_samples = classes, len(classes), len(dataset)
+        # Eval (no drop-last) shards without padding, so each sample is seen exactly once.
+        self.sampler = ShardSampler(len(dataset), rank, world_size, seed, shuffle, pad=drop_last)
+        n = len(self.sampler.indices())
+        self.steps_per_epoch = n // batch_size if drop_last else -(-n // batch_size)
+        self._torch_device = torch.device("cuda", torch.cuda.current_device()) if device == "gpu" else torch.device("cpu")
+        self._next_epoch, self._step = 0, 0
+
+    def _to(self, t: torch.Tensor) -> torch.Tensor:
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        return t.to(self._torch_device, non_blocking=True).to(dtype=self.dtype, memory_format=fmt)
+
+    def _batches(self, epoch: int):
+        if epoch != self._next_epoch:
+            self._step = 0
+        self.sampler.epoch, self.sampler.start = epoch, self._step * self.batch_size
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rank * 7919 + epoch * 104729 + self._step)
+        dl = torch.utils.data.DataLoader(self.dataset, self.batch_size, sampler=self.sampler,
+                                         num_workers=self.num_workers, drop_last=self.drop_last, generator=g,
+                                         pin_memory=self._torch_device.type == "cuda")
+        for batch in dl:
+            self._step += 1
+            yield batch
+        self._next_epoch, self._step = epoch + 1, 0
+
+    def epoch(self, epoch: int):
+        for x, labels, index in self._batches(epoch):
+            x = [self._to(v) for v in x] if isinstance(x, list) else self._to(x)
+            yield x, labels.to(self._torch_device), index.to(self._torch_device)
+
+    def __iter__(self):
+        return self.epoch(self._next_epoch)
+
+    def __len__(self):
+        return self.steps_per_epoch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self._next_epoch, "step": self._step, "num_samples": self.num_samples}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["num_samples"] != self.num_samples:
+            raise ValueError(f"loader state was saved with {state['num_samples']} samples, this loader has "
+                             f"{self.num_samples}")
+        self._next_epoch, self._step = state["epoch"], state["step"]

@@ -1,0 +1,25 @@
+"""Shared fixtures: a tiny synthetic ImageFolder and configs pointing at it."""
+import pytest
+
+from sslight_dali.config import load_config
+from sslight_dali.synth import synth_dataset
+
+CONFIG = "configs/dino/resnet18_sslight.yaml"
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory):
+    """4 classes x 8 train (+ 3 val) JPEGs, sides 64-160 px."""
+    root = tmp_path_factory.mktemp("synth")
+    synth_dataset(root, classes=4, per_class=8, val_per_class=3, seed=0, min_side=64, max_side=160)
+    return root
+
+
+@pytest.fixture
+def make_cfg(synth_root):
+    """make_cfg(*overrides, root=None): the DINO-SSLight config on the tiny dataset, small views, CPU."""
+    def make(*overrides, root=None):
+        base = [f"data.root={root or synth_root}", "data.device=cpu", "data.num_threads=2", "train.batch_size=8",
+                "recipe.global.size=32", "recipe.local.size=16", "eval.resize=40", "eval.crop=32", "eval.batch_size=8"]
+        return load_config(CONFIG, base + list(overrides))
+    return make

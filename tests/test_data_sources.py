@@ -1,0 +1,131 @@
+"""Sources: formats, bad files, unusual images."""
+import io
+import logging
+import shutil
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sslight_dali.data import DataError, build_eval_loader, build_train_loader, list_samples
+from sslight_dali.data.sources import check_image
+
+
+@pytest.fixture
+def root(tmp_path, synth_root):
+    shutil.copytree(synth_root, tmp_path / "ds")
+    return tmp_path / "ds"
+
+
+def _first_jpeg(root):
+    return sorted((root / "train").rglob("*.jpg"))[0]
+
+
+BAD = {
+    "zero_bytes": lambda good: b"",
+    "truncated": lambda good: good[: len(good) // 2],
+    "text": lambda good: b"this is not an image\n" * 10,
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD))
+def test_bad_file_error_names_it(root, make_cfg, kind):
+    bad = root / "train" / "01_square" / f"bad_{kind}.jpg"
+    bad.write_bytes(BAD[kind](_first_jpeg(root).read_bytes()))
+    with pytest.raises(DataError, match=f"bad_{kind}.jpg"):
+        build_train_loader(make_cfg(root=root))
+
+
+def test_bad_files_skipped_and_counted(root, make_cfg, caplog):
+    good = _first_jpeg(root).read_bytes()
+    for kind, make in BAD.items():
+        (root / "train" / "02_triangle" / f"bad_{kind}.jpg").write_bytes(make(good))
+    with caplog.at_level(logging.WARNING):
+        loader = build_train_loader(make_cfg("data.skip_bad_files=true", root=root))
+    assert loader.num_samples == 32
+    assert "skipping 3 bad image file(s)" in caplog.text and "bad_text.jpg" in caplog.text
+    assert sum(len(b[2]) for b in loader.epoch(0)) == 32  # runs through a whole epoch
+
+
+def test_truncated_jpeg_passes_pil_verify_but_not_our_check(synth_root):
+    # PIL's verify() accepts a JPEG cut in half; DALI's CPU decoder then fails mid-epoch ("Premature
+    # end of JPEG data") and leaves the pipeline unusable. Hence the end-of-image check up front.
+    good = _first_jpeg(synth_root).read_bytes()
+    with Image.open(io.BytesIO(good[: len(good) // 2])) as im:
+        im.verify()
+    assert check_image(good) is None
+    assert "truncated" in check_image(good[: len(good) // 2])
+
+
+def test_missing_and_empty_split(tmp_path):
+    with pytest.raises(DataError, match=str(tmp_path / "nope" / "train")):
+        list_samples(tmp_path / "nope", "train")
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    with pytest.raises(DataError, match="no images found"):
+        list_samples(tmp_path / "empty", "train")
+
+
+def test_imagefolder_order_matches_torchvision(synth_root):
+    from torchvision.datasets import ImageFolder
+    ref = ImageFolder(synth_root / "train")
+    s = list_samples(synth_root, "train")
+    assert s.classes == ref.classes and s.files == [p for p, _ in ref.samples] and s.labels == ref.targets
+
+
+def _odd_images(d):
+    """Grayscale JPEG, CMYK JPEG, RGBA PNG, palette PNG, a 5x7 JPEG: all must come out 3-channel RGB."""
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8))
+    d.mkdir(parents=True)
+    rgb.convert("L").save(d / "gray.jpg")
+    rgb.convert("CMYK").save(d / "cmyk.jpg")
+    rgb.convert("RGBA").save(d / "rgba.png")
+    rgb.convert("P").save(d / "palette.png")
+    rgb.resize((5, 7)).save(d / "tiny.jpg")
+    return rgb
+
+
+@pytest.mark.parametrize("backend", ["dali", "torchvision"])
+def test_odd_images_decode_to_rgb(tmp_path, make_cfg, backend):
+    for split in ("train", "val"):
+        _odd_images(tmp_path / split / "a")
+    cfg = make_cfg(f"data.backend={backend}", "train.batch_size=5", "eval.batch_size=5", root=tmp_path)
+    views, _, _ = next(build_train_loader(cfg).epoch(0))
+    assert [tuple(v.shape) for v in views][:3] == [(5, 3, 32, 32), (5, 3, 32, 32), (5, 3, 16, 16)]
+    images, _, index = next(iter(build_eval_loader(cfg)))
+    assert images.shape == (5, 3, 32, 32) and torch.isfinite(images).all()
+    # Grayscale input stays gray after the RGB conversion (eval has no colour ops).
+    gray = images[index.tolist().index(1)]  # sorted: cmyk, gray, palette, rgba, tiny
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    pix = gray * std[:, None, None] + mean[:, None, None]
+    assert (pix[0] - pix[1]).abs().max() < 0.02 and (pix[1] - pix[2]).abs().max() < 0.02
+
+
+def test_filelist_format(tmp_path, synth_root):
+    files = list_samples(synth_root, "train")
+    lines = [f"{p} {l}" for p, l in zip(files.files, files.labels)]
+    (tmp_path / "train.txt").write_text("\n".join(lines) + "\n")
+    s = list_samples(tmp_path, "train", "filelist")
+    assert s.files == files.files and s.labels == files.labels and len(s.classes) == 4
+    (tmp_path / "train.txt").write_text("missing.jpg 0\n")
+    with pytest.raises(DataError, match="missing.jpg"):
+        list_samples(tmp_path, "train", "filelist")
+
+
+def test_webdataset_format(tmp_path, synth_root, make_cfg):
+    ref = list_samples(synth_root, "train")
+    (tmp_path / "train").mkdir()
+    for shard in range(2):
+        with tarfile.open(tmp_path / "train" / f"{shard:04d}.tar", "w") as tar:
+            for i in range(shard, len(ref), 2):
+                for name, data in ((f"{i:06d}.jpg", ref.read_bytes(i)), (f"{i:06d}.cls", str(ref.labels[i]).encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    s = list_samples(tmp_path, "train", "webdataset")
+    assert len(s) == len(ref) and sorted(s.labels) == sorted(ref.labels)
+    loader = build_train_loader(make_cfg("data.format=webdataset", "data.backend=torchvision", "data.num_threads=1",
+                                         root=tmp_path))
+    assert sum(len(b[2]) for b in loader.epoch(0)) == 32
