@@ -1,0 +1,205 @@
+"""Mechanics shared by DINO, SwAV and MoCo: heads, multi-crop forward, LAMBDAS weighting,
+EMA, gradient freezing, the joint linear probe and distributed helpers."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ..models import build_backbone
+
+
+# ------------------------------------------------------------------------------------------
+# Distributed helpers (every one is a no-op in a single process)
+# ------------------------------------------------------------------------------------------
+def dist_on() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist_on() else 1
+
+
+def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
+    if dist_on():
+        dist.all_reduce(t)
+    return t
+
+
+@torch.no_grad()
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate `t` from every rank along dim 0 (no gradient flows back)."""
+    if not dist_on():
+        return t
+    out = [torch.empty_like(t) for _ in range(world_size())]
+    dist.all_gather(out, t.contiguous())
+    return torch.cat(out)
+
+
+# ------------------------------------------------------------------------------------------
+# Precision
+# ------------------------------------------------------------------------------------------
+def float32(x: torch.Tensor):
+    """Disable autocast: logits that are divided by small temperatures (0.04-0.2) or exponentiated
+    by Sinkhorn (1/0.05) must not carry bf16 rounding (the reference trains in fp32)."""
+    return torch.autocast(device_type=x.device.type, enabled=False) if torch.is_autocast_enabled(
+        x.device.type) else contextlib.nullcontext()
+
+
+# ------------------------------------------------------------------------------------------
+# Heads and the multi-crop wrapper
+# ------------------------------------------------------------------------------------------
+def build_mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int, use_bn: bool,
+              act: type[nn.Module]) -> nn.Sequential:
+    """Linear[-BN]-act repeated num_layers-1 times, then Linear(-> out_dim).
+    Indices match the reference (`mlp.0/.1/.3/.4` are the first two Linear+BN in DINO)."""
+    dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < num_layers - 1:
+            if use_bn:
+                layers.append(nn.BatchNorm1d(b))
+            layers.append(act())
+    return nn.Sequential(*layers)
+
+
+def trunc_normal_init_(module: nn.Module, std: float = 0.02) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def resolution_groups(crops: list[torch.Tensor]) -> list[tuple[int, int]]:
+    """[start, end) of each run of consecutive crops sharing a resolution (host-side shapes)."""
+    bounds, start = [], 0
+    for i in range(1, len(crops) + 1):
+        if i == len(crops) or crops[i].shape[-2:] != crops[start].shape[-2:]:
+            bounds.append((start, i))
+            start = i
+    return bounds
+
+
+class MultiCropNet(nn.Module):
+    """Backbone + head on a list of crops: one backbone pass per resolution group (so backbone
+    BN sees each resolution separately), one head pass on all embeddings (head BN sees them mixed)."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, crops: list[torch.Tensor]):
+        feats = torch.cat([self.backbone(torch.cat(crops[s:e])) for s, e in resolution_groups(crops)])
+        return feats, self.head(feats)
+
+
+def momentum_copy(net: MultiCropNet, backbone_name: str) -> MultiCropNet:
+    """Gradient-free twin of `net` (DINO teacher, MoCo key encoder): same weights, no drop path."""
+    twin = MultiCropNet(build_backbone(backbone_name, drop_path_rate=0.0), copy.deepcopy(net.head))
+    twin.load_state_dict(net.state_dict())
+    return twin.requires_grad_(False)
+
+
+# ------------------------------------------------------------------------------------------
+# Losses
+# ------------------------------------------------------------------------------------------
+def lambdas_weighting(gg: list[torch.Tensor], gl: list[torch.Tensor], lambdas):
+    """`alpha * mean(gg) + beta * mean(gl)` (reference §1.6). Weighting is per group mean, so the
+    baseline LAMBDAS [2/(2+2N), 2N/(2+2N)] reproduce the uniform mean over all pairs. An empty
+    group (no local crops) contributes nothing. Returns (loss, gg_mean, gl_mean)."""
+    alpha, beta = lambdas
+    ref = (gg or gl)[0]
+    gg_mean = torch.stack(gg).mean() if gg else ref.new_zeros(())
+    gl_mean = torch.stack(gl).mean() if gl else ref.new_zeros(())
+    return alpha * gg_mean + beta * gl_mean, gg_mean, gl_mean
+
+
+def swapped_prediction_loss(targets: dict[int, torch.Tensor], log_probs: list[torch.Tensor],
+                            lambdas, num_global: int = 2):
+    """DINO/SwAV cross-view CE: for each target crop iq and each other crop v,
+    mean_b sum_k -q_iq * log p_v. A pair is global-global when both indices are < num_global."""
+    gg, gl = [], []
+    for iq, q in targets.items():
+        for v, logp in enumerate(log_probs):
+            if v == iq:
+                continue
+            loss = torch.sum(-q * logp, dim=-1).mean()
+            (gg if iq < num_global and v < num_global else gl).append(loss)
+    return lambdas_weighting(gg, gl, lambdas)
+
+
+# ------------------------------------------------------------------------------------------
+# Parameter updates
+# ------------------------------------------------------------------------------------------
+@torch.no_grad()
+def ema_update_(target: nn.Module, source: nn.Module, momentum: float) -> None:
+    """target <- m * target + (1 - m) * source over parameters only: BN running stats of the
+    target come from its own train-mode forwards (reference §7.9)."""
+    t = list(target.parameters())
+    s = list(source.parameters())
+    assert len(t) == len(s), "EMA pair must have the same architecture"
+    torch._foreach_mul_(t, momentum)
+    torch._foreach_add_(t, s, alpha=1.0 - momentum)
+
+
+def cancel_gradients_(module: nn.Module, name_contains: str) -> None:
+    for name, p in module.named_parameters():
+        if name_contains in name:
+            p.grad = None
+
+
+# ------------------------------------------------------------------------------------------
+# Base class: the joint probe and the hooks the trainer calls
+# ------------------------------------------------------------------------------------------
+class SSLMethod(nn.Module):
+    """Subclasses implement `ssl_forward(views, epoch) -> (loss, metrics, probe_features)` and
+    the `backbone` property; set `self.frozen = (name_substring, epochs)` for an early freeze."""
+
+    frozen: tuple[str, int] | None = None
+
+    def __init__(self, cfg, num_classes: int, feat_dim: int):
+        super().__init__()
+        self.lambdas = tuple(float(x) for x in cfg.recipe.loss_weights)
+        use_probe = cfg.train.joint_linear_probe and num_classes > 0
+        self.probe = nn.Linear(feat_dim, num_classes) if use_probe else None
+
+    @property
+    def backbone(self) -> nn.Module:
+        raise NotImplementedError
+
+    def ssl_forward(self, views, epoch):
+        raise NotImplementedError
+
+    def forward(self, views: list[torch.Tensor], labels: torch.Tensor | None, epoch: int):
+        loss, metrics, probe_feats = self.ssl_forward(views, epoch)
+        metrics["ssl_loss"] = loss.detach()
+        if self.probe is not None and labels is not None:
+            # Detached features: the probe's CE trains only the classifier (reference §2.7).
+            logits = self.probe(probe_feats.detach())
+            probe_loss = F.cross_entropy(logits.float(), labels)
+            loss = loss + probe_loss
+            metrics["probe_loss"] = probe_loss.detach()
+            metrics["probe_acc"] = (logits.argmax(-1) == labels).float().mean().detach()
+        return loss, metrics
+
+    def after_backward(self, epoch: int) -> None:
+        if self.frozen is not None and epoch < self.frozen[1]:
+            cancel_gradients_(self, self.frozen[0])
+
+    def after_step(self, step: int, momentum: float) -> None:
+        pass
+
+    def on_epoch_start(self, epoch: int) -> None:
+        pass
+
+
+def scalar(value: float, like: torch.Tensor) -> torch.Tensor:
+    """A 0-dim metric on `like`'s device without a host-to-device copy."""
+    return torch.full((), float(value), device=like.device)
+

@@ -1,0 +1,64 @@
+"""MoCo-v2 with multi-crop queries and LAMBDAS re-weighting (reference §2.6)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models import build_backbone
+from .common import (MultiCropNet, SSLMethod, all_gather_cat, build_mlp, ema_update_, float32,
+                     lambdas_weighting, momentum_copy, trunc_normal_init_)
+
+
+class MoCo(SSLMethod):
+    def __init__(self, cfg, num_classes: int):
+        c = cfg.moco
+        backbone = build_backbone(cfg.model.backbone, cfg.model.drop_path_rate)
+        super().__init__(cfg, num_classes, backbone.num_features)
+        head = build_mlp(backbone.num_features, c.hidden_dim, c.out_dim, c.num_layers, c.use_bn_in_head, nn.ReLU)
+        trunc_normal_init_(head)
+        self.encoder_q = MultiCropNet(backbone, head)
+        self.encoder_k = momentum_copy(self.encoder_q, cfg.model.backbone)
+        self.register_buffer("queue", F.normalize(torch.randn(c.out_dim, c.queue_length), dim=0))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        self.temperature = c.temperature
+        self.momentum = c.momentum
+        self.num_global = cfg.recipe.global_.count
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.encoder_q.backbone
+
+    def ssl_forward(self, views, epoch):
+        # Not symmetric: global 1 is only the key; global 2 and the locals are queries.
+        queries = views[1:]
+        feats, q = self.encoder_q(queries)
+        with torch.no_grad():
+            # Fixed momentum, applied before the keys are computed (the scheduled one is unused).
+            ema_update_(self.encoder_k, self.encoder_q, self.momentum)
+            # No ShuffleBN: with SyncBN (or one process) the key BN statistics already span the
+            # global batch, so shuffling samples across GPUs changes nothing (reference §7.8).
+            _, k = self.encoder_k(views[:1])
+        with float32(q):
+            q = F.normalize(q.float(), dim=1)
+            k = F.normalize(k.float(), dim=1)
+            n, bs = len(queries), k.shape[0]
+            l_pos = (q.view(n, bs, -1) * k).sum(-1).reshape(-1, 1)
+            l_neg = q @ self.queue.clone()  # clone: autograd keeps it while the queue is updated below
+            logits = torch.cat((l_pos, l_neg), dim=1) / self.temperature
+            target = torch.zeros(len(logits), dtype=torch.long, device=logits.device)
+            ce = F.cross_entropy(logits, target, reduction="none").view(n, bs).mean(dim=1)
+        n_gq = self.num_global - 1  # query crops that are global views
+        loss, gg, gl = lambdas_weighting(list(ce[:n_gq]), list(ce[n_gq:]), self.lambdas)
+        self.enqueue(k)
+        metrics = dict(gg_loss=gg.detach(), gl_loss=gl.detach(), pos_sim=l_pos.detach().mean())
+        return loss, metrics, feats[:bs]
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor) -> None:
+        """Ring-buffer write of the all-gathered keys; device-side pointer, so no host sync."""
+        keys = all_gather_cat(keys)
+        length = self.queue.shape[1]
+        idx = (self.queue_ptr + torch.arange(len(keys), device=keys.device)) % length
+        self.queue.index_copy_(1, idx, keys.t().to(self.queue.dtype))
+        self.queue_ptr.copy_((self.queue_ptr + len(keys)) % length)
