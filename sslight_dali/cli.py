@@ -19,7 +19,8 @@ def _config_show(args) -> int:
 def _data_synth(args) -> int:
     from .synth import synth_dataset
     summary = synth_dataset(args.out, classes=args.classes, per_class=args.per_class, val_per_class=args.val_per_class,
-                            seed=args.seed, min_side=args.min_side, max_side=args.max_side, quality=args.quality)
+                            seed=args.seed, min_side=args.min_side, max_side=args.max_side, quality=args.quality,
+                            workers=args.workers)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--min-side", type=int, default=96)
     synth.add_argument("--max-side", type=int, default=320)
     synth.add_argument("--quality", type=int, default=90, help="JPEG quality")
+    synth.add_argument("--workers", type=int, default=1, help="processes (the output does not depend on it)")
     synth.set_defaults(func=_data_synth)
 
     train = sub.add_parser("train", help="pre-train (one process, or under torchrun for several)")

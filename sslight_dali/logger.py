@@ -62,7 +62,7 @@ class RunLogger:
                 f"loss {rec['loss']:.4f} | lr {rec['lr']:.3g} | data-wait {100 * rec['data_wait']:.1f}% | "
                 f"ETA {_fmt_eta(eta_s)}")
         if "probe_acc" in rec:
-            line += f" | probe {rec['probe_acc']:.1f}%"
+            line += f" | probe acc {100 * rec['probe_acc']:.1f}%"
         log.info(line)
 
     def close(self) -> None:

@@ -108,25 +108,42 @@ def make_image(shape: str, rng: np.random.Generator, min_side: int, max_side: in
     return img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0, 0.8))))
 
 
+def _write_class(job) -> list[int]:
+    out, split, split_seed, c, shape, n, seed, min_side, max_side, quality = job
+    d = Path(out) / split / f"{c:02d}_{shape}"
+    d.mkdir(parents=True, exist_ok=True)
+    sizes = []
+    for i in range(n):
+        rng = np.random.default_rng([seed, split_seed, c, i])
+        buf = io.BytesIO()
+        make_image(shape, rng, min_side, max_side).save(buf, "JPEG", quality=quality)
+        (d / f"{shape}_{i:05d}.jpg").write_bytes(buf.getvalue())
+        sizes.append(buf.tell())
+    return sizes
+
+
 def synth_dataset(out: str | Path, classes: int = 10, per_class: int = 60, val_per_class: int = 20,
-                  seed: int = 0, min_side: int = 96, max_side: int = 320, quality: int = 90) -> dict:
-    """Write out/train/<class>/*.jpg and out/val/<class>/*.jpg; return a summary (also in out/synth.json)."""
+                  seed: int = 0, min_side: int = 96, max_side: int = 320, quality: int = 90,
+                  workers: int = 1) -> dict:
+    """Write out/train/<class>/*.jpg and out/val/<class>/*.jpg; return a summary (also in out/synth.json).
+
+    Each image depends only on (seed, split, class, index), so `workers` does not change the output.
+    """
     if not 1 <= classes <= len(SHAPES):
         raise ValueError(f"--classes must be between 1 and {len(SHAPES)}, got {classes}")
     if not 8 <= min_side <= max_side:
         raise ValueError(f"need 8 <= min_side <= max_side, got {min_side}, {max_side}")
     out = Path(out)
-    sizes = []
-    for split, n, split_seed in (("train", per_class, 0), ("val", val_per_class, 1)):
-        for c, shape in enumerate(SHAPES[:classes]):
-            d = out / split / f"{c:02d}_{shape}"
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                rng = np.random.default_rng([seed, split_seed, c, i])
-                buf = io.BytesIO()
-                make_image(shape, rng, min_side, max_side).save(buf, "JPEG", quality=quality)
-                (d / f"{shape}_{i:05d}.jpg").write_bytes(buf.getvalue())
-                sizes.append(buf.tell())
+    jobs = [(str(out), split, split_seed, c, shape, n, seed, min_side, max_side, quality)
+            for split, n, split_seed in (("train", per_class, 0), ("val", val_per_class, 1))
+            for c, shape in enumerate(SHAPES[:classes])]
+    if workers > 1:
+        from multiprocessing import Pool
+        with Pool(workers) as pool:
+            per_job = pool.map(_write_class, jobs)
+    else:
+        per_job = [_write_class(j) for j in jobs]
+    sizes = [b for job in per_job for b in job]
     summary = {"root": str(out), "classes": classes, "train_per_class": per_class, "val_per_class": val_per_class,
                "seed": seed, "min_side": min_side, "max_side": max_side, "quality": quality,
                "images": len(sizes), "mean_file_bytes": float(np.mean(sizes)) if sizes else 0.0}

@@ -23,6 +23,7 @@ from . import checkpoint as ckpt
 from .config import Config, dump_config, save_config, to_dict
 from .knn import extract_features, knn_classify
 from .logger import RunLogger, StepTimer, setup_logging
+from .optim import clip_gradients_
 
 log = logging.getLogger("sslight")
 
@@ -69,10 +70,6 @@ def is_convnet(cfg: Config) -> bool:
     return not cfg.model.backbone.startswith("vit")
 
 
-def global_batch_for_lr(cfg: Config, world: int) -> int:
-    return cfg.train.batch_size * (cfg.train.reference_world_size or world)
-
-
 # ------------------------------------------------------------------------------------------------
 # Trainer
 # ------------------------------------------------------------------------------------------------
@@ -83,7 +80,7 @@ class Trainer:
     def __init__(self, cfg: Config, loader, rank: int = 0, world: int = 1, device: torch.device | None = None,
                  output_dir: Path | None = None):
         from .methods import build_method
-        from .optim import build_optimizer, build_schedules
+        from .optim import build_optimizer, build_schedules, global_batch_size
 
         self.cfg, self.loader, self.rank, self.world = cfg, loader, rank, world
         self.device = device or torch.device("cpu")
@@ -93,20 +90,23 @@ class Trainer:
         self.num_classes = cfg.train.num_classes or loader.num_classes
 
         self.method = build_method(cfg, self.num_classes).to(self.device)
-        if world > 1 and cfg.model.sync_bn and is_convnet(cfg):
+        if world > 1 and cfg.model.sync_bn and is_convnet(cfg) and self.device.type == "cuda":
             # BN statistics over the global batch, as the reference (one BN pass per crop-size group).
+            # PyTorch's SyncBatchNorm is CUDA-only: gloo/CPU runs keep per-process BN statistics.
             self.method = nn.SyncBatchNorm.convert_sync_batchnorm(self.method)
         if self.channels_last:
             self.method = self.method.to(memory_format=torch.channels_last)
         self.model = self.method
         if world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = nn.parallel.DistributedDataParallel(self.method, device_ids=ids)
+            # broadcast_buffers=False: per-rank buffers (SwAV queue) must not be overwritten by rank 0's;
+            # shared ones (DINO center, MoCo queue) are kept equal by all-reduce / all-gather.
+            self.model = nn.parallel.DistributedDataParallel(self.method, device_ids=ids, broadcast_buffers=False)
         if cfg.train.compile:
             self.model = torch.compile(self.model)
 
         self.optimizer = build_optimizer(cfg, self.method)
-        self.schedules = build_schedules(cfg, loader.steps_per_epoch, global_batch_for_lr(cfg, world))
+        self.schedules = build_schedules(cfg, loader.steps_per_epoch, global_batch_size(cfg, world))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.step = 0          # global step: index into the schedules
         self.epoch = 0
@@ -131,7 +131,7 @@ class Trainer:
         self.scaler.scale(loss).backward()
         if self.cfg.optim.clip_grad > 0:
             self.scaler.unscale_(self.optimizer)
-            clip_per_parameter(self.method, self.cfg.optim.clip_grad)
+            clip_gradients_(self.method.parameters(), self.cfg.optim.clip_grad)
         self.method.after_backward(self.epoch)
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -274,14 +274,6 @@ def _timed(batches, timer: StepTimer, world: int):
             return
         timer.waited(time.perf_counter() - t0, batch[1].shape[0] * world)
         yield batch
-
-
-def clip_per_parameter(module: nn.Module, max_norm: float) -> None:
-    """DINO-style clipping: each parameter's gradient norm is clipped separately (no host sync)."""
-    for p in module.parameters():
-        if p.grad is not None:
-            norm = p.grad.detach().norm()
-            p.grad.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
 
 
 # ------------------------------------------------------------------------------------------------

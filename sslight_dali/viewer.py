@@ -6,6 +6,7 @@ the ops the DALI graph applied (from the builder's debug records).
 from __future__ import annotations
 
 import argparse
+import sys
 import copy
 from pathlib import Path
 
@@ -80,6 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
+    if not Path(args.image).is_file():
+        print(f"sslight views: image not found: {args.image}", file=sys.stderr)
+        return 2
     out = render_views(cfg, args.image, args.samples, args.out)
     print(f"wrote {out}")
     return 0
