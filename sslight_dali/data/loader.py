@@ -6,6 +6,15 @@ per epoch across ranks. The list handed to the reader is pre-shuffled with the s
 reader's own shuffle only starts after epoch 0. Shards are padded to equal length (`pad_last_batch`)
 and the last partial batch is dropped, so every rank runs exactly `steps_per_epoch` steps.
 
+WebDataset: DALI's webdataset reader reads the tars in order; the tar order is reshuffled every epoch
+(pre-shuffled for epoch 0) and each rank shuffles within a buffer of samples, so the order is less
+random than the file reader's global shuffle, but sharding, padding, epoch length and resume are the
+same. We write DALI index files listing exactly the verified samples (a temporary directory that
+lives as long as the loader). The reader gives no sample index: the pipeline outputs each sample's
+`source_info` ("<tar>:<offset>:<member>", unique per sample) and `_sample_index` maps it back to the
+sample's position in `Samples` (shards sorted, keys sorted), the index the torchvision backend uses
+too. Labels are those of `Samples`, parsed from the `.cls` members by sources.py.
+
 Resume: the pipeline is built with DALI checkpointing; `state_dict()` stores the checkpoint of the
 iterator (which accounts for batches already prefetched) plus the epoch and step, and
 `load_state_dict()` rebuilds the pipeline from it, so the next batch is bit-identical.
@@ -14,6 +23,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
+import weakref
 
 import numpy as np
 import torch
@@ -22,7 +34,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from ..config import Config, Recipe
 from .dali_views import READER, ReaderSpec, eval_pipeline, train_pipeline
-from .sources import DataError, Samples, list_samples
+from .sources import DataError, Samples, list_samples, write_wds_index
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +65,6 @@ def load_split(cfg: Config, split: str) -> Samples:
     return list_samples(cfg.data.root, split, cfg.data.format, cfg.data.skip_bad_files)
 
 
-def _dali_files(samples: Samples) -> list[str]:
-    if samples.blobs is not None:
-        raise DataError("the DALI backend reads files; for webdataset use data.backend=torchvision "
-                        "(or unpack the shards)")
-    return samples.files
-
-
 class _DaliLoader:
     """Shared iterator plumbing: build, iterate one epoch, checkpoint."""
 
@@ -80,6 +85,7 @@ class _DaliLoader:
         self.steps_per_epoch = shard // batch_size if drop_last else -(-self._own_shard_len() // batch_size)
         self._torch_device = torch.device("cuda", torch.cuda.current_device()) if device == "gpu" else torch.device("cpu")
         self._labels = torch.tensor(samples.labels, dtype=torch.int64, device=self._torch_device)
+        self._wds = self._webdataset_index() if samples.blobs is not None else None
         self._next_epoch, self._step = 0, 0
         self._it = self._build(checkpoint=None)
 
@@ -95,12 +101,25 @@ class _DaliLoader:
         n, w, r = self.num_samples, self.world_size, self.rank
         return (r + 1) * n // w - r * n // w  # DALI's shard boundaries
 
+    def _webdataset_index(self):
+        """DALI index files for the tars, in a directory removed with this loader."""
+        out = tempfile.mkdtemp(prefix="sslight_wds_")
+        weakref.finalize(self, shutil.rmtree, out, ignore_errors=True)
+        return write_wds_index(self.samples, out)
+
     def _reader(self) -> ReaderSpec:
+        shard = dict(shard_id=self.rank, num_shards=self.world_size, shuffle=self.shuffle, seed=self.seed)
+        if self._wds is not None:
+            tars, index_files = self._wds.tars, self._wds.index_files
+            if self.shuffle:  # epoch 0 order; DALI reshuffles the tars from epoch 1 on
+                order = np.random.default_rng(self.seed).permutation(len(tars))
+                tars, index_files = [tars[i] for i in order], [index_files[i] for i in order]
+            return ReaderSpec(files=tars, indices=[], index_files=index_files,
+                              source_info_len=self._wds.info_len, **shard)
         order = np.arange(self.num_samples)
         if self.shuffle:
             order = np.random.default_rng(self.seed).permutation(self.num_samples)
-        return ReaderSpec(files=[self.samples.files[i] for i in order], indices=order.tolist(),
-                          shard_id=self.rank, num_shards=self.world_size, shuffle=self.shuffle, seed=self.seed)
+        return ReaderSpec(files=[self.samples.files[i] for i in order], indices=order.tolist(), **shard)
 
     def _build(self, checkpoint: str | None):
         pipe = self._pipeline(
@@ -135,9 +154,21 @@ class _DaliLoader:
             t = t.permute(0, 3, 1, 2)
         return t if t.dtype == self.dtype else t.to(self.dtype)
 
+    def _sample_index(self, idx: torch.Tensor) -> torch.Tensor:
+        if self._wds is None:
+            return idx.reshape(-1).to(torch.int64)
+        # WebDataset: rows of zero-padded source_info bytes -> dataset index.
+        rows = idx.cpu().numpy()
+        try:
+            return torch.tensor([self._wds.sample_of[bytes(r).rstrip(b"\0").decode()] for r in rows],
+                                dtype=torch.int64)
+        except KeyError as e:
+            raise DataError(f"DALI's webdataset reader returned an unknown sample {e}; expected "
+                            "'<tar>:<offset>:<member>' as listed in our index files") from None
+
     def _index_and_labels(self, idx: torch.Tensor):
-        idx = idx.reshape(-1).to(torch.int64)
-        return self._labels[idx.to(self._labels.device)], idx.to(self._labels.device)
+        idx = self._sample_index(idx).to(self._labels.device)
+        return self._labels[idx], idx
 
     def __len__(self) -> int:
         return self.steps_per_epoch

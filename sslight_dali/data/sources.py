@@ -156,3 +156,50 @@ def verify_samples(samples: Samples, skip_bad_files: bool = False) -> Samples:
         raise DataError(f"every image under {samples.root} is unreadable")
     return Samples([samples.files[i] for i in keep], [samples.labels[i] for i in keep], samples.classes,
                    samples.root, [samples.blobs[i] for i in keep] if samples.blobs is not None else None)
+
+
+@dataclass
+class WdsIndex:
+    """DALI's view of a WebDataset split: tar shards, one DALI index file per shard, and the map from
+    a sample's DALI `source_info` ("<tar>:<data offset>:<member>") to its index in `Samples`."""
+    tars: list[str]
+    index_files: list[str]
+    sample_of: dict[str, int]
+
+    @property
+    def info_len(self) -> int:
+        """Bytes of the longest source_info."""
+        return max(len(k.encode()) for k in self.sample_of)
+
+
+def write_wds_index(samples: Samples, out_dir: str | Path) -> WdsIndex:
+    """Write DALI webdataset index files (format v1.2, as DALI's wds2idx) listing exactly `samples`.
+
+    Our own index rather than DALI's inferred one, so DALI reads the verified sample set (bad files
+    skipped, only the image member of each sample) and its epoch length equals len(samples).
+    """
+    out_dir = Path(out_dir)
+    by_tar: dict[str, list[tuple[int, str]]] = {}
+    for i, f in enumerate(samples.files):
+        head, sep, member = f.partition(".tar:")
+        if not sep:
+            raise DataError(f"not a WebDataset sample name (expected '<shard>.tar:<member>'): {f}")
+        by_tar.setdefault(head + ".tar", []).append((i, member))
+    tars, index_files, sample_of = [], [], {}
+    for n, (tar, members) in enumerate(by_tar.items()):
+        with tarfile.open(tar) as t:
+            where = {m.name: (m.offset_data, m.size) for m in t if m.isfile()}
+        lines = []
+        for i, member in members:
+            if any(c.isspace() for c in member):  # the index format is whitespace-separated
+                raise DataError(f"{tar}: member name with whitespace is not supported by DALI: {member!r}")
+            offset, size = where[member]
+            ext = member.rpartition("/")[2].partition(".")[2]  # DALI: after the first dot of the basename
+            lines.append((offset, f"{ext} {offset} {size} {member}"))
+            sample_of[f"{tar}:{offset}:{member}"] = i
+        lines.sort()  # tar order: sequential reads
+        path = out_dir / f"{n:06d}.idx"
+        path.write_text(f"v1.2 {len(lines)}\n" + "".join(line + "\n" for _, line in lines))
+        tars.append(tar)
+        index_files.append(str(path))
+    return WdsIndex(tars, index_files, sample_of)

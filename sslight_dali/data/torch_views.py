@@ -11,6 +11,7 @@ an uninterrupted run (worker RNG streams restart).
 from __future__ import annotations
 
 import io
+import itertools
 from typing import Iterator
 
 import torch
@@ -22,6 +23,7 @@ from ..config import Augment, Recipe, ViewSpec
 from .sources import Samples
 
 BICUBIC = T.InterpolationMode.BICUBIC
+ORDERS = list(itertools.permutations(range(4)))  # jitter_order indexes this, as in the DALI records
 
 
 def _rand() -> float:
@@ -69,7 +71,10 @@ class ViewTransform:
         # torchvision ColorJitter: the four ops in a random order, each with its own factor.
         j = self.jitter
         order, b, c, s, h = T.ColorJitter.get_params(j.brightness, j.contrast, j.saturation, j.hue)
-        rec.update(brightness=b, contrast=c, saturation=s, hue_deg=None if h is None else 360.0 * h)
+        if self.aug.jitter_order == "fixed":
+            order = torch.arange(4)
+        rec.update(brightness=b, contrast=c, saturation=s, hue_deg=None if h is None else 360.0 * h,
+                   jitter_order=ORDERS.index(tuple(order.tolist())))
         ops = {0: (F.adjust_brightness, b), 1: (F.adjust_contrast, c), 2: (F.adjust_saturation, s), 3: (F.adjust_hue, h)}
         for k in order.tolist():
             fn, factor = ops[k]

@@ -1,0 +1,96 @@
+"""Colour jitter runs its ops in a random order per sample, as torchvision's ColorJitter does."""
+import copy
+
+import numpy as np
+import pytest
+import torchvision.transforms.functional as F
+from nvidia.dali import fn, pipeline_def, types
+
+from sslight_dali.config import load_config
+from sslight_dali.data import dali_views as dv
+from sslight_dali.synth import make_image
+
+FACTORS = (1.4, 0.6, 1.5, 25.0)  # brightness, contrast, saturation, hue (deg): strong enough to clip
+
+
+@pytest.fixture(scope="module")
+def aug():
+    return load_config("configs/dino/resnet18_sslight.yaml").recipe.augment
+
+
+@pytest.fixture(scope="module")
+def photo():
+    return make_image("disc", np.random.default_rng(1), 96, 96)
+
+
+def jitter(photo, aug, orders, factors=FACTORS):
+    """Jittered copies of `photo` with fixed factors, one per entry of `orders` (an index into
+    dv.jitter_orders(aug), or None: drawn per sample). Returns (images [n, H, W, 3], order indices)."""
+    arr, n = np.asarray(photo), len(orders)
+    drawn = orders[0] is None
+
+    @pipeline_def(batch_size=n, num_threads=2, device_id=None, seed=7, enable_conditionals=True)
+    def pipe():
+        img = fn.external_source(source=lambda: [arr] * n, layout="HWC", batch=True)
+        if drawn:
+            k = fn.random.uniform(values=list(range(len(dv.jitter_orders(aug)))), dtype=types.INT32)
+        else:
+            k = fn.external_source(source=lambda: [np.int32(o) for o in orders], batch=True)
+        consts = [types.Constant(f, dtype=types.FLOAT, device="cpu") for f in factors]
+        return dv._jitter(img, aug, k, *consts), k
+
+    p = pipe()
+    p.build()
+    out, k = p.run()
+    return out.as_array(), k.as_array().reshape(-1)
+
+
+def test_order_is_drawn_uniformly_per_sample(aug, photo):
+    orders = dv.jitter_orders(aug)
+    assert len(orders) == 24
+    refs, _ = jitter(photo, aug, list(range(24)))
+    assert len({r.tobytes() for r in refs}) == 24  # every order gives a different image here
+    n = 480
+    out, k = jitter(photo, aug, [None] * n)
+    # Each sample is exactly the image of the order it drew, and all 24 orders occur.
+    assert all(np.array_equal(out[i], refs[k[i]]) for i in range(n))
+    counts = np.bincount(k, minlength=24)
+    assert (counts > 0).all()
+    chi2 = float(((counts - n / 24) ** 2 / (n / 24)).sum())
+    assert chi2 < 49.7, counts  # chi-square, 23 dof, alpha = 0.001
+
+
+def test_orders_mean_what_torchvision_means(aug, photo):
+    # Hue off (DALI's YIQ hue is not PIL's HSV hue): the 6 orders of brightness, contrast,
+    # saturation each match torchvision applying the same order, and no other order.
+    aug = copy.deepcopy(aug)
+    aug.hue = 0.0
+    b, c, s, _ = FACTORS
+    ops = {0: (F.adjust_brightness, b), 1: (F.adjust_contrast, c), 2: (F.adjust_saturation, s)}
+    pil = []
+    for order in dv.jitter_orders(aug):
+        img = photo
+        for op in order:
+            img = ops[op][0](img, ops[op][1])
+        pil.append(np.asarray(img, np.float32))
+    out, _ = jitter(photo, aug, list(range(6)), factors=(b, c, s, 0.0))
+    for k in range(6):
+        mae = [float(np.abs(out[k].astype(np.float32) - ref).mean()) for ref in pil]
+        assert int(np.argmin(mae)) == k and mae[k] < 1.5, (k, mae)
+
+
+def test_single_op_needs_no_order(aug, photo):
+    aug = copy.deepcopy(aug)
+    aug.contrast = aug.saturation = aug.hue = 0.0
+    assert dv.jitter_orders(aug) == [(0,)]
+    out, _ = jitter(photo, aug, [0, 0])
+    assert np.abs(out[0].astype(np.float32) - np.asarray(F.adjust_brightness(photo, 1.4), np.float32)).mean() < 0.6
+
+
+def test_fixed_order_option_applies_brightness_contrast_saturation_hue(aug, photo):
+    fixed = copy.deepcopy(aug)
+    fixed.jitter_order = "fixed"
+    assert dv.jitter_orders(fixed) == [(0, 1, 2, 3)]
+    out, k = jitter(photo, fixed, [None] * 16)
+    ref, _ = jitter(photo, aug, [dv.jitter_orders(aug).index((0, 1, 2, 3))])
+    assert (k == 0).all() and all(np.array_equal(o, ref[0]) for o in out)
