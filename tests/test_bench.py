@@ -1,0 +1,140 @@
+"""`sslight bench` on the CPU with tiny settings: record schema, ratios, stats, sweeps, bad input.
+
+No timing is asserted: only that the figures are computed from what was measured.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sslight_dali import bench
+from sslight_dali.cli import main as cli_main
+from sslight_dali.synth import synth_dataset
+
+CONFIG = "configs/dino/resnet18_sslight.yaml"
+TINY = ["recipe.global.size=32", "recipe.local.size=16", "recipe.local.count=2", "dino.out_dim=256",
+        "dino.hidden_dim=64", "dino.bottleneck_dim=32", "train.joint_linear_probe=false"]
+FAST = ["--batch-size", "4", "--threads", "1", "--warmup", "1", "--steps", "1", "--repeats", "2"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("bench_data")
+    synth_dataset(root, classes=4, per_class=4, val_per_class=1, min_side=40, max_side=64)
+    return root
+
+
+def run(tmp_path: Path, command: str, *extra: str, data: Path | None = None, name: str = "out") -> dict:
+    out = tmp_path / f"{name}.json"
+    argv = ["bench", command, CONFIG, *TINY, *FAST, "--json", str(out), *extra]
+    if data is not None:
+        argv += ["--data", str(data)]
+    assert cli_main(argv) == 0
+    return json.loads(out.read_text())
+
+
+def check_record(rec: dict, bench_name: str, repeats: int = 2) -> None:
+    types = {"images_per_sec": float, "images_per_sec_min": float, "images_per_sec_max": float, "repeats": int,
+             "backend": str, "device": str, "config": str, "overrides": list, "env": dict, "date": str,
+             "per_repeat": list, "batch_size": int, "num_threads": int, "label": str, "resolved_config": dict}
+    for key, tp in types.items():
+        assert isinstance(rec[key], tp), f"{key}: {rec.get(key)!r}"
+    assert rec["bench"] == bench_name and rec["config"] == CONFIG
+    assert rec["repeats"] == repeats == len(rec["per_repeat"])
+    assert rec["images_per_sec_min"] <= rec["images_per_sec"] <= rec["images_per_sec_max"]
+    assert rec["images_per_sec"] == pytest.approx(float(np.median([r["images_per_sec"] for r in rec["per_repeat"]])))
+    env = rec["env"]
+    for key in ("torch", "torchvision", "dali", "timm", "cpu_model", "cpu_cores", "cuda", "gpu_name", "driver"):
+        assert key in env
+    hw = env["hw_jpeg_decoder"]
+    assert {"hw_decoder_load", "gpu_has_hw_jpeg_decoder", "hw_decoder_used"} <= set(hw)
+    assert hw["hw_decoder_used"] is False  # no GPU here
+    for o in TINY:
+        assert o in rec["overrides"]
+
+
+def test_summarize_matches_numpy():
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 3, 4, 7):
+        v = rng.uniform(10, 1000, n).tolist()
+        s = bench.summarize(v)
+        assert s == pytest.approx({"median": np.median(v), "min": np.min(v), "max": np.max(v)})
+    with pytest.raises(ValueError):
+        bench.summarize([])
+
+
+def test_pipeline_record(tmp_path, data):
+    rec = run(tmp_path, "pipeline", "--backend", "dali", "--device", "cpu", data=data)
+    check_record(rec, "pipeline")
+    assert (rec["backend"], rec["device"]) == ("dali", "cpu")
+    ds = rec["dataset"]
+    assert ds["images"] == 16 and ds["mean_file_bytes"] > 0 and ds["path"] == str(data.resolve())
+    assert "data.root=" + str(data) in rec["overrides"]
+
+
+def test_model_record(tmp_path):
+    rec = run(tmp_path, "model")
+    check_record(rec, "model")
+    assert rec["backend"] == "synthetic" and rec["dataset"] is None
+
+
+def test_train_record_has_model_beside_it(tmp_path, data):
+    rec = run(tmp_path, "train", "--backend", "dali", "--device", "cpu", data=data)
+    check_record(rec, "train")
+    model = rec["model"]
+    assert len(model["per_repeat"]) == 2
+    assert rec["ratio_to_model"] == pytest.approx(rec["images_per_sec"] / model["images_per_sec"])
+    assert 0.0 <= rec["data_wait_fraction"] <= 1.0
+
+
+def test_compare_ratios_come_from_runs(tmp_path, data):
+    out = run(tmp_path, "compare", "--variants", "dali:cpu,torchvision:cpu", data=data)
+    assert [r["label"] for r in out["runs"]] == ["dali-cpu", "torchvision-cpu"]
+    for r in out["runs"]:
+        check_record(r, "pipeline")
+    a, b = out["runs"]
+    assert out["ratios"] == pytest.approx({"dali-cpu/torchvision-cpu": a["images_per_sec"] / b["images_per_sec"]})
+    assert (tmp_path / "out.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_sweep_one_record_per_value_and_png(tmp_path, data):
+    out = run(tmp_path, "pipeline", "--sweep", "recipe.local.count=1,2", "--backend", "dali", "--device", "cpu",
+              data=data)
+    assert out["sweep"] == {"key": "recipe.local.count", "values": ["1", "2"]}
+    assert [r["resolved_config"]["recipe"]["local"]["count"] for r in out["runs"]] == [1, 2]
+    for r in out["runs"]:
+        check_record(r, "pipeline")
+    assert (tmp_path / "out.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_profile_ops_costs_from_runs(tmp_path, data):
+    out = run(tmp_path, "pipeline", "--profile-ops", "--backend", "dali", "--device", "cpu", data=data)
+    ms = {r["label"]: 1000 / r["images_per_sec"] for r in out["runs"]}
+    ops = out["ops"]["ms_per_image"]
+    assert ops["gaussian_blur"] == pytest.approx(ms["full"] - ms["no_gaussian_blur"])
+    assert ops["decode_crop_normalize"] == pytest.approx(ms["crop_only"])
+    assert out["runs"][0]["label"] == "full"
+    assert (tmp_path / "out.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_missing_data_dir_is_named(tmp_path, capsys):
+    missing = tmp_path / "no_such_dataset"
+    assert cli_main(["bench", "pipeline", CONFIG, *FAST, "--data", str(missing)]) == 2
+    assert str(missing) in capsys.readouterr().err
+
+
+def test_bad_sweep_spec(tmp_path, capsys):
+    assert cli_main(["bench", "model", CONFIG, *FAST, "--sweep", "train.batch_size"]) == 2
+    assert "--sweep" in capsys.readouterr().err
+
+
+def test_import_is_cheap():
+    import subprocess
+    import sys
+    code = "import sys, sslight_dali.bench; print([m for m in ('torch', 'nvidia.dali', 'matplotlib') if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
