@@ -15,7 +15,7 @@ FACTORS = (1.4, 0.6, 1.5, 25.0)  # brightness, contrast, saturation, hue (deg): 
 
 @pytest.fixture(scope="module")
 def aug():
-    return load_config("configs/dino/resnet18_sslight.yaml").recipe.augment
+    return load_config("configs/dino/resnet18_sslight.yaml", ["recipe.augment.jitter_order=random"]).recipe.augment
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ def records(synth_root):
     from sslight_dali.config import load_config
     cfg = load_config("configs/dino/resnet18_sslight.yaml", [
         f"data.root={synth_root}", "data.device=cpu", "data.num_threads=2", f"train.batch_size={BATCH}",
-        "recipe.global.size=24", "recipe.local.size=12"])
+        "recipe.global.size=24", "recipe.local.size=12", "recipe.augment.jitter_order=random"])
     views = cfg.recipe.views()
     loader = build_train_loader(cfg, debug=True)
     dali = [[] for _ in views]
