@@ -11,7 +11,7 @@ from torch import nn
 BACKBONES = ("mobilenetv2_100", "resnet18", "resnet34", "vit_tiny_patch16_224")
 
 
-def _reference_cnn_init(model: nn.Module) -> None:
+def reference_conv_bn_init_(model: nn.Module) -> None:
     # The reference inits convs with torch's kaiming_normal(fan_out), whose fan_out ignores groups.
     # timm's MobileNetV2 divides fan_out by groups, so its depthwise convs start ~sqrt(C) larger.
     for m in model.modules():
@@ -19,7 +19,7 @@ def _reference_cnn_init(model: nn.Module) -> None:
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
+        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm)) and m.affine:
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
 
@@ -42,7 +42,7 @@ def build_backbone(name: str, drop_path_rate: float = 0.0) -> nn.Module:
         # DINO's ViT draws cls_token like pos_embed; timm uses N(0, 1e-6).
         nn.init.trunc_normal_(model.cls_token, std=0.02)
     else:
-        _reference_cnn_init(model)
+        reference_conv_bn_init_(model)
     return model
 
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models import build_backbone
+from ..models import reference_conv_bn_init_, build_backbone
 from .common import (MultiCropNet, SSLMethod, all_reduce_sum_, build_mlp, float32, scalar,
                      swapped_prediction_loss, world_size)
 
@@ -27,15 +27,9 @@ class SwAVHead(nn.Module):
 
 def swav_init_(model: nn.Module) -> None:
     """The reference re-initialises the WHOLE model (backbone, head, probe), as official SwAV does."""
+    reference_conv_bn_init_(model)
     for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm)):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
+        if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, std=0.01)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
