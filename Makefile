@@ -20,5 +20,9 @@ $(STAMP): requirements.txt setup.py
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# Synthetic data -> short DINO-SSLight run (GPU if present, else CPU) -> kNN vs random init, img/s.
+demo: $(STAMP)
+	$(PY) -m sslight_dali.cli demo
+
 clean:
 	rm -rf $(VENV) runs/demo data/synth

@@ -15,6 +15,10 @@ import torch
 LATEST = "checkpoint.pt"
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be read or does not fit this run; the message names the file and why."""
+
+
 def save_atomic(obj: dict, path: str | os.PathLike) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -37,7 +41,7 @@ def load(path: str | os.PathLike) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for corrupt or foreign files
-        raise RuntimeError(f"cannot load checkpoint {path}: {e}") from e
+        raise CheckpointError(f"cannot load checkpoint {path}: {e}") from e
 
 
 def find_resume(output_dir: str | os.PathLike, resume: str) -> Path | None:

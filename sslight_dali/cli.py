@@ -82,12 +82,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _user_errors() -> tuple:
+    """Exceptions that mean bad input or a stopped run: printed as one line, not a traceback."""
+    from .checkpoint import CheckpointError
+    errors = [ConfigError, FileNotFoundError, CheckpointError]
+    for module, name in (("sslight_dali.data.sources", "DataError"), ("sslight_dali.train", "NonFiniteLossError"),
+                         ("sslight_dali.bench", "BenchError")):
+        mod = sys.modules.get(module)  # only those already imported can have been raised
+        if mod is not None:
+            errors.append(getattr(mod, name))
+    return tuple(errors)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as e:
-        print(f"sslight: config error: {e}", file=sys.stderr)
+    except Exception as e:
+        if not isinstance(e, _user_errors()):
+            raise
+        kind = "config error" if isinstance(e, ConfigError) else "error"
+        print(f"sslight: {kind}: {e}", file=sys.stderr)
         return 2
 
 

@@ -452,6 +452,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
         if expand_key(key) == "data.recipe":
             data.setdefault("data", {})["recipe"] = value
     recipe_ref = data.get("data", {}).get("recipe", DataCfg.recipe)
+    if any(expand_key(k) == "data.recipe" for k, _ in parsed):
+        data.pop("recipe", None)  # a new recipe file replaces the one embedded in a saved config
     if "recipe" not in data and recipe_ref:
         recipe_path = resolve_path(recipe_ref, cfg_dir)
         try:
@@ -489,6 +491,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError("recipe.global.count: at least one global view is needed")
     if cfg.method in ("dino", "swav") and r.global_.count != 2:
         raise ConfigError(f"recipe.global.count: {cfg.method} uses exactly 2 global views")
+    n_views = r.global_.count + r.local.count
+    bad = [i for i in cfg.swav.crops_for_assign if not 0 <= i < r.global_.count]
+    if cfg.method == "swav" and (bad or not cfg.swav.crops_for_assign):
+        raise ConfigError(f"swav.crops_for_assign: {cfg.swav.crops_for_assign} must name global views "
+                          f"(0..{r.global_.count - 1} of the {n_views} views)")
     if len(r.loss_weights) != 2:
         raise ConfigError("recipe.loss_weights: expected [global-global weight, global-local weight]")
     if len(r.augment.mean) != 3 or len(r.augment.std) != 3:

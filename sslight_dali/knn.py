@@ -12,13 +12,15 @@ import torch.nn.functional as F
 
 
 @torch.no_grad()
-def extract_features(backbone: torch.nn.Module, loader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features and labels for every sample of `loader`, ordered by sample index and gathered over ranks."""
+def extract_features(backbone: torch.nn.Module, loader, device: torch.device,
+                     autocast_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features and labels for every sample of `loader`, ordered by sample index and gathered over ranks.
+    `autocast_dtype` (e.g. bf16, as the training run) or None for full precision."""
     was_training = backbone.training
     backbone.eval()
     feats, labels, indices = [], [], []
     for images, y, idx in loader:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             f = backbone(images.to(device, non_blocking=True))
         feats.append(f.float())
         labels.append(y.to(device))

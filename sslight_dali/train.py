@@ -141,7 +141,10 @@ class Trainer:
         return loss.detach(), metrics
 
     def check_finite(self) -> None:
-        if bool(self.nonfinite):  # host sync: only on log steps and before checkpoints
+        flag = self.nonfinite.to(torch.int32)
+        if self.world > 1:  # every rank must stop together, or the others hang in the next collective
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if bool(flag):  # host sync: only on log steps and before checkpoints
             raise NonFiniteLossError(
                 f"non-finite loss at or before step {self.step} (epoch {self.epoch}); stopping without writing a "
                 "checkpoint. Lower optim.base_lr, try train.precision=fp32, or check the data.")
@@ -164,7 +167,8 @@ class Trainer:
                     loss, metrics = self.train_step(views, labels)
                     if self.step % cfg.train.log_every == 0 or self.step == total_steps:
                         last = self._log(loss, metrics, timer, total_steps, run_start, start_step)
-                    if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
+                    if (cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0
+                            and self.step != epoch_end):  # the epoch-end save below covers that step
                         self.save()
                     if self.step >= total_steps:
                         break
@@ -178,6 +182,7 @@ class Trainer:
                 self.save(tag_epoch=True)
                 if cfg.train.knn_every and self.epoch % cfg.train.knn_every == 0:
                     last.update(self.evaluate())
+                timer.reset()  # the epoch-end save and kNN are not training throughput
         finally:
             self.logger.close()
         return last
@@ -214,11 +219,12 @@ class Trainer:
 
     def save(self, tag_epoch: bool = False) -> None:
         self.check_finite()  # never write a NaN checkpoint
-        state = self.state_dict()  # every rank: the loader state is per rank
+        state = self.state_dict()  # every rank: the loader and RNG states are per rank
         if self.world > 1:
-            gathered = [None] * self.world
-            dist.all_gather_object(gathered, state["loader"])
-            state["loader"] = {"per_rank": gathered}
+            for key in ("loader", "rng"):
+                gathered = [None] * self.world
+                dist.all_gather_object(gathered, state[key])
+                state[key] = {"per_rank": gathered}
         if self.rank != 0:
             return
         ckpt.save_atomic(state, self.output_dir / ckpt.LATEST)
@@ -231,14 +237,18 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
-        loader_state = state["loader"]
-        if "per_rank" in loader_state:
-            if len(loader_state["per_rank"]) != self.world:
-                raise RuntimeError(f"checkpoint was written by {len(loader_state['per_rank'])} processes, this run has "
-                                   f"{self.world}: mid-epoch data state cannot be re-sharded (resume from an epoch end)")
-            loader_state = loader_state["per_rank"][self.rank]
-        self.loader.load_state_dict(loader_state)
-        ckpt.set_rng_state(state["rng"])
+        self.loader.load_state_dict(self._own(state["loader"]))
+        ckpt.set_rng_state(self._own(state["rng"]))
+
+    def _own(self, entry: dict) -> dict:
+        """This rank's part of a per-rank checkpoint entry."""
+        if "per_rank" not in entry:
+            return entry
+        if len(entry["per_rank"]) != self.world:
+            raise ckpt.CheckpointError(
+                f"the checkpoint was written by {len(entry['per_rank'])} processes and this run has {self.world}: "
+                "the data order and queues are per process, so resume with the same number of processes")
+        return entry["per_rank"][self.rank]
 
     # -- evaluation -------------------------------------------------------------------------------
     def evaluate(self) -> dict:
@@ -248,11 +258,12 @@ class Trainer:
         backbone = self.method.backbone
         val = build_eval_loader(cfg, split=cfg.data.val_split, rank=self.rank, world_size=self.world,
                                 channels_last=self.channels_last)
-        vf, vl = extract_features(backbone, val, self.device)
+        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        vf, vl = extract_features(backbone, val, self.device, amp)
         if cfg.eval.knn_mode == "train_val":
             train = build_eval_loader(cfg, split=cfg.data.train_split, rank=self.rank, world_size=self.world,
                                       channels_last=self.channels_last)
-            tf, tl = extract_features(backbone, train, self.device)
+            tf, tl = extract_features(backbone, train, self.device, amp)
             res = knn_classify(tf, tl, vf, vl, cfg.eval.knn_k, cfg.eval.knn_t)
         else:
             res = knn_classify(vf, vl, vf, vl, cfg.eval.knn_k, cfg.eval.knn_t, leave_one_out=True)
@@ -293,12 +304,52 @@ def prepare_data_root(cfg: Config, rank: int) -> None:
     cfg.data.root = str(root)
 
 
+# Keys that shape the model, optimizer, schedules or data state: a checkpoint resumes only with the same.
+RESUME_KEYS = ("method", "model.backbone", "optim.name", "train.batch_size", "train.epochs",
+               "recipe.global.count", "recipe.global.size", "recipe.local.count", "recipe.local.size")
+HEAD_KEYS = ("out_dim", "hidden_dim", "bottleneck_dim", "num_layers", "use_bn_in_head", "norm_last_layer",
+             "num_prototypes", "queue_length")
+
+
+def check_resumable(saved: dict, cfg: Config, path: Path) -> None:
+    now = to_dict(cfg)
+    keys = RESUME_KEYS + tuple(f"{cfg.method}.{k}" for k in HEAD_KEYS if k in now[cfg.method])
+    for key in keys:
+        a, b = saved, now
+        for part in key.split("."):
+            a, b = (a or {}).get(part), b.get(part)
+        if a != b:
+            raise ckpt.CheckpointError(f"{path}: {key} is {a!r} in the checkpoint but {b!r} now; resume with the "
+                                       f"checkpoint's value, or start a new train.output_dir")
+
+
+def resolve_resume(cfg: Config, output_dir: Path, rank: int, world: int) -> Path | None:
+    """Rank 0 decides which checkpoint (if any) every rank resumes from, so ranks never disagree."""
+    choice = [str(ckpt.find_resume(output_dir, cfg.train.resume) or "") if rank == 0 else None]
+    if world > 1:
+        dist.broadcast_object_list(choice, src=0)
+    return Path(choice[0]) if choice[0] else None
+
+
+def check_eval_split(cfg: Config) -> None:
+    """Fail at start, not after the first epoch, when kNN is on and the val split is missing."""
+    if not cfg.train.knn_every or cfg.data.format == "webdataset":
+        return
+    from .data import list_samples
+    list_samples(cfg.data.root, cfg.data.val_split, cfg.data.format, check=False)
+
+
 def train(cfg: Config) -> dict:
     from .data import build_train_loader
     rank, world, device = init_distributed(cfg)
     output_dir = Path(cfg.train.output_dir)
     setup_logging(output_dir, rank)
+    resume_from = resolve_resume(cfg, output_dir, rank, world)
+    state = ckpt.load(resume_from) if resume_from is not None else None
+    if state is not None:
+        check_resumable(state["config"], cfg, resume_from)
     prepare_data_root(cfg, rank)
+    check_eval_split(cfg)
     seed_everything(cfg.train.seed + rank)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -307,9 +358,8 @@ def train(cfg: Config) -> dict:
                                 channels_last=cfg.train.channels_last and is_convnet(cfg),
                                 dtype=torch.bfloat16 if cfg.data.dtype == "bfloat16" else torch.float32)
     trainer = Trainer(cfg, loader, rank, world, device, output_dir)
-    resume_from = ckpt.find_resume(output_dir, cfg.train.resume)
-    if resume_from is not None:
-        trainer.load_state_dict(ckpt.load(resume_from))
+    if state is not None:
+        trainer.load_state_dict(state)
         log.info(f"resumed from {resume_from} at step {trainer.step} (epoch {trainer.epoch})")
     if rank == 0:
         save_config(cfg, output_dir / "config.yaml")

@@ -230,3 +230,18 @@ def test_defaults_round_trip(tmp_path):
     out = tmp_path / "d.yaml"
     save_config(cfg, out)
     assert load_config(out) == cfg
+
+
+def test_overriding_the_recipe_of_a_saved_config_reloads_it(tmp_path):
+    from sslight_dali.config import load_config, save_config
+    saved = tmp_path / "config.yaml"
+    save_config(load_config("configs/dino/resnet18_sslight.yaml"), saved)
+    cfg = load_config(saved, ["data.recipe=pipelines/cnn_baseline.yaml"])
+    assert cfg.recipe.name == "cnn_baseline" and cfg.recipe.local.size == 96
+
+
+def test_swav_crops_for_assign_must_name_global_views():
+    import pytest
+    from sslight_dali.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match="swav.crops_for_assign"):
+        load_config("configs/swav/mobilenetv2_sslight.yaml", ["swav.crops_for_assign=[0,5]"])

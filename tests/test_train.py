@@ -167,3 +167,18 @@ def test_two_process_gloo_run_keeps_ranks_identical_on_sharded_data(tiny_data, t
         if v.is_floating_point() and "running_" not in k:
             assert torch.equal(v, r1["params"][k]), f"{k} differs across ranks"
     assert ckpt.load(tmp_path / "checkpoint.pt")["step"] == 3
+
+
+def test_resume_with_a_different_shape_names_the_key(tiny_data, tmp_path):
+    path = REPO / "configs/dino/resnet18_sslight.yaml"
+    train(tiny_cfg(path, tiny_data, tmp_path, "train.max_steps=2"))
+    with pytest.raises(ckpt.CheckpointError, match=r"train\.batch_size is 4 in the checkpoint but 8 now"):
+        train(tiny_cfg(path, tiny_data, tmp_path, "train.max_steps=4", "train.batch_size=8", "resume=auto"))
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
+    from sslight_dali.cli import main
+    rc = main(["train", str(REPO / "configs/dino/resnet18_sslight.yaml"), f"data.root={tmp_path}/missing",
+               f"train.output_dir={tmp_path}/out", "train.device=cpu", "data.device=cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("sslight: error:") and "missing" in err and "Traceback" not in err

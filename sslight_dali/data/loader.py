@@ -61,7 +61,7 @@ def mix_seed(seed: int, rank: int) -> int:
 
 def load_split(cfg: Config, split: str) -> Samples:
     if not cfg.data.root:
-        raise DataError("data.root is empty: set it to a dataset root (e.g. made by `sslight synth`)")
+        raise DataError("data.root is empty: set it to a dataset root (e.g. made by `sslight data synth`)")
     return list_samples(cfg.data.root, split, cfg.data.format, cfg.data.skip_bad_files)
 
 
