@@ -14,7 +14,8 @@ import torch.nn.functional as F
 @torch.no_grad()
 def extract_features(backbone: torch.nn.Module, loader, device: torch.device,
                      autocast_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features and labels for every sample of `loader`, ordered by sample index and gathered over ranks.
+    """Pooled features (not normalised) and labels for every sample of `loader`, ordered by sample index
+    and gathered over ranks.
     `autocast_dtype` (e.g. bf16, as the training run) or None for full precision."""
     was_training = backbone.training
     backbone.eval()
@@ -34,7 +35,7 @@ def extract_features(backbone: torch.nn.Module, loader, device: torch.device,
     indices, feats, labels = indices[order], feats[order], labels[order]
     keep = torch.ones_like(indices, dtype=torch.bool)
     keep[1:] = indices[1:] != indices[:-1]
-    return F.normalize(feats[keep], dim=1), labels[keep]
+    return feats[keep], labels[keep]
 
 
 def _all_gather_varlen(t: torch.Tensor) -> torch.Tensor:
@@ -56,6 +57,7 @@ def knn_classify(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.T
 
     With leave_one_out, queries are the bank itself and each query's own row is excluded.
     """
+    bank, queries = F.normalize(bank, dim=1), F.normalize(queries, dim=1)
     num_classes = int(torch.max(bank_labels.max(), query_labels.max()).item()) + 1
     k_eff = min(k, bank.shape[0] - int(leave_one_out))
     top1 = top5 = 0

@@ -268,10 +268,16 @@ class Trainer:
         else:
             res = knn_classify(vf, vl, vf, vl, cfg.eval.knn_k, cfg.eval.knn_t, leave_one_out=True)
         rec = {"kind": "eval", "step": self.step, "epoch": self.epoch, "knn_top1": res["top1"], "knn_top5": res["top5"]}
+        if self.method.probe is not None:
+            # The joint probe on val center crops: the reference's "Linear probe" monitor (§2.7).
+            with torch.no_grad():
+                pred = self.method.probe(vf.to(self.method.probe.weight.dtype)).argmax(1)
+            rec["probe_top1"] = 100.0 * (pred == vl).float().mean().item()
         self.logger.write(rec, self.step)
+        probe = f", joint linear probe top-1 {rec['probe_top1']:.2f}%" if "probe_top1" in rec else ""
         log.info(f"epoch {self.epoch}: kNN ({cfg.eval.knn_mode}, k={res['k']}) top-1 {res['top1']:.2f}% "
-                 f"top-5 {res['top5']:.2f}% on {res['n']} images")
-        return {"knn_top1": res["top1"], "knn_top5": res["top5"]}
+                 f"top-5 {res['top5']:.2f}% on {res['n']} images{probe}")
+        return {k: v for k, v in rec.items() if k not in ("kind", "step", "epoch")}
 
 
 def _timed(batches, timer: StepTimer, world: int):

@@ -23,3 +23,11 @@ def make_cfg(synth_root):
                 "recipe.global.size=32", "recipe.local.size=16", "eval.resize=40", "eval.crop=32", "eval.batch_size=8"]
         return load_config(CONFIG, base + list(overrides))
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """4 classes x 8 train (+4 val) images of 40-64 px: the trainer tests' dataset."""
+    root = tmp_path_factory.mktemp("tiny_synth")
+    synth_dataset(root, classes=4, per_class=8, val_per_class=4, min_side=40, max_side=64)
+    return root

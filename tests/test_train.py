@@ -14,7 +14,6 @@ import torch.multiprocessing as mp
 
 from sslight_dali import checkpoint as ckpt
 from sslight_dali.config import load_config
-from sslight_dali.synth import synth_dataset
 from sslight_dali.train import NonFiniteLossError, Trainer, train
 
 REPO = Path(__file__).resolve().parent.parent
@@ -26,13 +25,6 @@ TINY = ["recipe.global.size=32", "recipe.local.size=16", "recipe.local.count=2",
         "swav.num_prototypes=16", "swav.hidden_dim=32", "moco.queue_length=64", "moco.hidden_dim=32",
         "data.num_threads=1", "train.knn_every=0", "train.log_every=1", "eval.resize=36", "eval.crop=32",
         "train.device=cpu", "data.device=cpu", "train.tensorboard=false"]
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("synth")
-    synth_dataset(root, classes=4, per_class=8, val_per_class=4, min_side=40, max_side=64)
-    return root
 
 
 def tiny_cfg(path, data_root, out, *extra):

@@ -1,0 +1,47 @@
+"""Weighted kNN against a plain re-computation, and the trainer's per-epoch evaluation record."""
+import math
+
+import torch
+
+from sslight_dali.knn import knn_classify
+
+
+def brute_force_top1(bank, bank_labels, queries, query_labels, k, t, leave_one_out):
+    bank = [b / b.norm() for b in bank]
+    hits = 0
+    for qi, q in enumerate(queries):
+        q = q / q.norm()
+        sims = [(float(q @ b), j) for j, b in enumerate(bank) if not (leave_one_out and j == qi)]
+        sims.sort(reverse=True)
+        votes = {}
+        for s, j in sims[:k]:
+            votes[int(bank_labels[j])] = votes.get(int(bank_labels[j]), 0.0) + math.exp(s / t)
+        hits += max(votes, key=votes.get) == int(query_labels[qi])
+    return 100.0 * hits / len(queries)
+
+
+def test_knn_matches_a_plain_recomputation():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 16, generator=g)
+    labels = torch.arange(60) % 4
+    feats = centers[labels] + 0.9 * torch.randn(60, 16, generator=g)
+    queries_labels = torch.arange(25) % 4
+    queries = centers[queries_labels] + 0.9 * torch.randn(25, 16, generator=g)
+    for k, t in ((5, 0.07), (20, 0.5)):
+        got = knn_classify(feats, labels, queries, queries_labels, k, t, chunk=7)["top1"]
+        assert got == brute_force_top1(feats, labels, queries, queries_labels, k, t, False)
+        loo = knn_classify(feats, labels, feats, labels, k, t, leave_one_out=True, chunk=7)["top1"]
+        assert loo == brute_force_top1(feats, labels, feats, labels, k, t, True)
+    assert 40 < knn_classify(feats, labels, queries, queries_labels)["top1"] <= 100  # separable enough
+
+
+def test_trainer_logs_knn_and_probe_each_epoch(tiny_data, tmp_path):
+    from test_train import REPO, read_metrics, tiny_cfg
+
+    from sslight_dali.train import train
+    result = train(tiny_cfg(REPO / "configs/dino/resnet18_sslight.yaml", tiny_data, tmp_path, "train.epochs=2",
+                            "train.knn_every=1", "eval.knn_k=5"))
+    evals = read_metrics(tmp_path, "eval")
+    assert [r["epoch"] for r in evals] == [1, 2]
+    assert all(0 <= r["knn_top1"] <= r["knn_top5"] <= 100 and 0 <= r["probe_top1"] <= 100 for r in evals)
+    assert result["knn_top1"] == evals[-1]["knn_top1"]
