@@ -23,7 +23,7 @@ COMMON = [
 CPU = ["train.batch_size=64", "recipe.global.size=64", "recipe.local.size=32", "eval.resize=73", "eval.crop=64",
        "data.num_threads=2"]
 GPU = ["train.batch_size=128", "recipe.global.size=128", "recipe.local.size=64", "eval.resize=146", "eval.crop=128",
-       "train.epochs=30"]
+       "train.epochs=150", "optim.warmup_epochs=10", "dino.warmup_teacher_temp_epochs=30"]
 
 
 def add_arguments(p) -> None:
@@ -79,7 +79,8 @@ def main(args) -> int:
     after = knn_top1(cfg, trained, device)
 
     records = [json.loads(line) for line in open(Path(args.out) / "metrics.jsonl")]
-    train_recs = [r for r in records if r.get("kind") == "train"][1:]  # the first interval includes start-up
+    train_recs = [r for r in records if r.get("kind") == "train"]
+    train_recs = train_recs[1:] or train_recs  # the first interval includes start-up
     ips = sorted(r["images_per_sec"] for r in train_recs)
     wait = sorted(r["data_wait"] for r in train_recs)
     median = lambda xs: xs[len(xs) // 2] if xs else float("nan")  # noqa: E731

@@ -1,0 +1,20 @@
+"""`sslight demo` end to end at toy size: data made, trained, kNN before/after and speed reported."""
+import argparse
+import json
+
+
+def test_demo_reports_knn_speed_and_outputs(tmp_path, capsys):
+    from sslight_dali import demo
+    args = argparse.Namespace(out=str(tmp_path / "run"), data=str(tmp_path / "synth"), config=demo.DEMO_CONFIG,
+                              overrides=["train.epochs=1", "recipe.global.size=32", "recipe.local.size=16",
+                                         "recipe.local.count=2", "eval.resize=37", "eval.crop=32",
+                                         "train.batch_size=100", "train.device=cpu", "data.device=cpu",
+                                         "train.tensorboard=false"])
+    assert demo.main(args) == 0
+    summary = json.loads((tmp_path / "run" / "demo_summary.json").read_text())
+    assert summary["steps"] == 10 and summary["epochs"] == 1  # 1000 synthetic train images / batch 100
+    assert 0 <= summary["knn_top1_random_init"] <= 100 and 0 <= summary["knn_top1_trained"] <= 100
+    assert summary["images_per_sec_median"] > 0 and 0 <= summary["data_wait_median"] <= 1
+    assert (tmp_path / "run" / "checkpoint.pt").is_file() and (tmp_path / "synth" / "synth.json").is_file()
+    out = capsys.readouterr().out
+    assert "kNN top-1" in out and "images/s" in out
