@@ -34,6 +34,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from ..config import Config, Recipe
 from .dali_views import READER, ReaderSpec, eval_pipeline, train_pipeline
+from .seeding import mix_seed
 from .sources import DataError, Samples, list_samples, write_wds_index
 
 log = logging.getLogger(__name__)
@@ -52,11 +53,6 @@ def torch_dtype(name_or_dtype) -> torch.dtype:
     if isinstance(name_or_dtype, torch.dtype):
         return name_or_dtype
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name_or_dtype]
-
-
-def mix_seed(seed: int, rank: int) -> int:
-    """Per-rank augmentation seed: different views on every rank, reproducible for a given seed."""
-    return (seed * 1_000_003 + rank * 7919 + 1) % (2 ** 31 - 1)
 
 
 def load_split(cfg: Config, split: str) -> Samples:

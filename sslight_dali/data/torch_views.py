@@ -20,6 +20,7 @@ import torchvision.transforms.functional as F
 from PIL import Image, ImageFilter, ImageOps
 
 from ..config import Augment, Recipe, ViewSpec
+from .seeding import mix_seed
 from .sources import Samples
 
 BICUBIC = T.InterpolationMode.BICUBIC
@@ -163,7 +164,7 @@ class TorchLoader:
         # Built once with persistent workers: restarting them every epoch cost more than half the
         # throughput on small datasets. The sampler is re-read at each epoch's iter().
         if getattr(self, "_dl", None) is None:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rank * 7919)
+            g = torch.Generator().manual_seed(mix_seed(self.seed, self.rank))
             self._dl = torch.utils.data.DataLoader(
                 self.dataset, self.batch_size, sampler=self.sampler, num_workers=self.num_workers,
                 drop_last=self.drop_last, generator=g, pin_memory=self._torch_device.type == "cuda",
