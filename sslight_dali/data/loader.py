@@ -29,13 +29,14 @@ import weakref
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from ..config import Config, Recipe
 from .dali_views import READER, ReaderSpec, eval_pipeline, train_pipeline
 from .seeding import mix_seed
-from .sources import DataError, Samples, list_samples, write_wds_index
+from .sources import DataError, Samples, drop_bad_samples, find_bad_samples, list_samples, write_wds_index
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +57,18 @@ def torch_dtype(name_or_dtype) -> torch.dtype:
 
 
 def load_split(cfg: Config, split: str) -> Samples:
+    """The verified samples of a split. Under torch.distributed only rank 0 reads every file to check
+    it (a full pass over ImageNet is minutes); the others receive its verdict, so all ranks agree."""
     if not cfg.data.root:
         raise DataError("data.root is empty: set it to a dataset root (e.g. made by `sslight data synth`)")
-    return list_samples(cfg.data.root, split, cfg.data.format, cfg.data.skip_bad_files)
+    samples = list_samples(cfg.data.root, split, cfg.data.format, check=False)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        verdict = [find_bad_samples(samples, cfg.data.num_threads) if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(verdict, src=0)
+        bad = verdict[0]
+    else:
+        bad = find_bad_samples(samples, cfg.data.num_threads)
+    return drop_bad_samples(samples, bad, cfg.data.skip_bad_files)
 
 
 class _DaliLoader:

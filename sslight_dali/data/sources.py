@@ -136,26 +136,34 @@ def check_image(data: bytes) -> str | None:
     return None
 
 
-def verify_samples(samples: Samples, skip_bad_files: bool = False) -> Samples:
-    """Raise DataError naming the first bad file, or drop bad files (counted and logged)."""
-    bad = []
-    for i, f in enumerate(samples.files):
-        why = check_image(samples.read_bytes(i))
-        if why is None:
-            continue
-        if not skip_bad_files:
-            raise DataError(f"bad image file {f}: {why} (set data.skip_bad_files=true to skip such files)")
-        bad.append((i, f, why))
+def find_bad_samples(samples: Samples, workers: int = 8) -> list[tuple[int, str]]:
+    """(index, reason) of every sample that is not a usable image. Threads overlap the file reads."""
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        reasons = pool.map(lambda i: check_image(samples.read_bytes(i)), range(len(samples)), chunksize=64)
+        return [(i, why) for i, why in enumerate(reasons) if why is not None]
+
+
+def drop_bad_samples(samples: Samples, bad: list[tuple[int, str]], skip_bad_files: bool) -> Samples:
+    """Raise DataError naming the first bad file, or drop the bad ones (counted and logged)."""
     if not bad:
         return samples
-    drop = {i for i, _, _ in bad}
+    if not skip_bad_files:
+        i, why = bad[0]
+        raise DataError(f"bad image file {samples.files[i]}: {why} (set data.skip_bad_files=true to skip such files)")
+    drop = {i for i, _ in bad}
     log.warning("skipping %d bad image file(s) under %s, e.g. %s", len(bad), samples.root,
-                "; ".join(f"{f}: {why}" for _, f, why in bad[:3]))
+                "; ".join(f"{samples.files[i]}: {why}" for i, why in bad[:3]))
     keep = [i for i in range(len(samples)) if i not in drop]
     if not keep:
         raise DataError(f"every image under {samples.root} is unreadable")
     return Samples([samples.files[i] for i in keep], [samples.labels[i] for i in keep], samples.classes,
                    samples.root, [samples.blobs[i] for i in keep] if samples.blobs is not None else None)
+
+
+def verify_samples(samples: Samples, skip_bad_files: bool = False) -> Samples:
+    """Raise DataError naming the first bad file, or drop bad files (counted and logged)."""
+    return drop_bad_samples(samples, find_bad_samples(samples), skip_bad_files)
 
 
 @dataclass
