@@ -35,7 +35,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from ..config import Config, Recipe
 from .dali_views import READER, ReaderSpec, eval_pipeline, train_pipeline
-from .seeding import mix_seed
+from .base import LoaderPosition, mix_seed
 from .sources import DataError, Samples, drop_bad_samples, find_bad_samples, list_samples, write_wds_index
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def load_split(cfg: Config, split: str) -> Samples:
     return drop_bad_samples(samples, bad, cfg.data.skip_bad_files)
 
 
-class _DaliLoader:
+class _DaliLoader(LoaderPosition):
     """Shared iterator plumbing: build, iterate one epoch, checkpoint."""
 
     def __init__(self, samples: Samples, batch_size: int, device: str, rank: int, world_size: int,
@@ -176,20 +176,13 @@ class _DaliLoader:
         idx = self._sample_index(idx).to(self._labels.device)
         return self._labels[idx], idx
 
-    def __len__(self) -> int:
-        return self.steps_per_epoch
-
     def state_dict(self) -> dict:
         """Exact position: the DALI checkpoint (reader + RNG states, prefetch accounted for) and counters."""
-        return {"dali": self._it.checkpoints()[0], "epoch": self._next_epoch, "step": self._step,
-                "num_samples": self.num_samples, "world_size": self.world_size, "rank": self.rank}
+        return {"dali": self._it.checkpoints()[0], **self._position()}
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("num_samples", "world_size", "rank"):
-            if state[key] != getattr(self, key):
-                raise ValueError(f"loader state was saved with {key}={state[key]}, this loader has {getattr(self, key)}")
+        self._restore_position(state)
         self._it = self._build(checkpoint=state["dali"])
-        self._next_epoch, self._step = state["epoch"], state["step"]
 
 
 class DaliTrainLoader(_DaliLoader):
@@ -242,6 +235,3 @@ class DaliEvalLoader(_DaliLoader):
         for out in self._batches(epoch):
             labels, index = self._index_and_labels(out["index"])
             yield self._images(out["images"]), labels, index
-
-    def __iter__(self):
-        return self.epoch(self._next_epoch)

@@ -20,7 +20,7 @@ import torchvision.transforms.functional as F
 from PIL import Image, ImageFilter, ImageOps
 
 from ..config import Augment, Recipe, ViewSpec
-from .seeding import mix_seed
+from .base import LoaderPosition, mix_seed
 from .sources import Samples
 
 BICUBIC = T.InterpolationMode.BICUBIC
@@ -139,7 +139,7 @@ class ShardSampler(torch.utils.data.Sampler):
         return len(self.indices()) - self.start
 
 
-class TorchLoader:
+class TorchLoader(LoaderPosition):
     """Same interface as the DALI loaders, on a torch DataLoader."""
 
     def __init__(self, dataset, batch_size: int, rank: int, world_size: int, channels_last: bool,
@@ -185,17 +185,8 @@ class TorchLoader:
             x = [self._to(v) for v in x] if isinstance(x, list) else self._to(x)
             yield x, labels.to(self._torch_device), index.to(self._torch_device)
 
-    def __iter__(self):
-        return self.epoch(self._next_epoch)
-
-    def __len__(self):
-        return self.steps_per_epoch
-
     def state_dict(self) -> dict:
-        return {"epoch": self._next_epoch, "step": self._step, "num_samples": self.num_samples}
+        return self._position()
 
     def load_state_dict(self, state: dict) -> None:
-        if state["num_samples"] != self.num_samples:
-            raise ValueError(f"loader state was saved with {state['num_samples']} samples, this loader has "
-                             f"{self.num_samples}")
-        self._next_epoch, self._step = state["epoch"], state["step"]
+        self._restore_position(state)
