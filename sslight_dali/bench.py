@@ -401,8 +401,8 @@ class GpuMemory:
 # The three benches
 # ------------------------------------------------------------------------------------------------
 def _loader_layout(cfg) -> dict:
-    from .train import is_convnet
-    return {"channels_last": cfg.train.channels_last and is_convnet(cfg)}
+    from .train import uses_channels_last
+    return {"channels_last": uses_channels_last(cfg)}
 
 
 def bench_pipeline(cfg, warmup: int, steps: int, repeats: int) -> dict:

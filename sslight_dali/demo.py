@@ -34,13 +34,8 @@ def add_arguments(p) -> None:
 
 
 def knn_top1(cfg, backbone, device) -> float:
-    from .data import build_eval_loader
-    from .knn import extract_features, knn_classify
-    train = build_eval_loader(cfg, split=cfg.data.train_split)
-    val = build_eval_loader(cfg, split=cfg.data.val_split)
-    tf, tl = extract_features(backbone, train, device)
-    vf, vl = extract_features(backbone, val, device)
-    return knn_classify(tf, tl, vf, vl, cfg.eval.knn_k, cfg.eval.knn_t)["top1"]
+    from .knn import knn_evaluate
+    return knn_evaluate(cfg, backbone, device)[0]["top1"]
 
 
 def main(args) -> int:

@@ -38,6 +38,23 @@ def extract_features(backbone: torch.nn.Module, loader, device: torch.device,
     return feats[keep], labels[keep]
 
 
+def knn_evaluate(cfg, backbone: torch.nn.Module, device: torch.device, autocast_dtype: torch.dtype | None = None,
+                 rank: int = 0, world_size: int = 1, channels_last: bool = True):
+    """kNN of `backbone` under cfg.eval.knn_mode. Returns (knn_classify's result, val features, val labels)."""
+    from .data import build_eval_loader
+
+    def features(split):
+        loader = build_eval_loader(cfg, split=split, rank=rank, world_size=world_size, channels_last=channels_last)
+        return extract_features(backbone, loader, device, autocast_dtype)
+
+    vf, vl = features(cfg.data.val_split)
+    k, t = cfg.eval.knn_k, cfg.eval.knn_t
+    if cfg.eval.knn_mode == "train_val":
+        tf, tl = features(cfg.data.train_split)
+        return knn_classify(tf, tl, vf, vl, k, t), vf, vl
+    return knn_classify(vf, vl, vf, vl, k, t, leave_one_out=True), vf, vl
+
+
 def _all_gather_varlen(t: torch.Tensor) -> torch.Tensor:
     n = torch.tensor([t.shape[0]], device=t.device)
     sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]

@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from . import checkpoint as ckpt
 from .config import Config, dump_config, save_config, to_dict
-from .knn import extract_features, knn_classify
+from .knn import knn_evaluate
 from .logger import RunLogger, StepTimer, setup_logging
 from .optim import clip_gradients_
 
@@ -70,6 +70,11 @@ def is_convnet(cfg: Config) -> bool:
     return not cfg.model.backbone.startswith("vit")
 
 
+def uses_channels_last(cfg: Config) -> bool:
+    """Channels-last pays off for the convnets only (ViT-Tiny gains nothing from it)."""
+    return cfg.train.channels_last and is_convnet(cfg)
+
+
 # ------------------------------------------------------------------------------------------------
 # Trainer
 # ------------------------------------------------------------------------------------------------
@@ -86,7 +91,7 @@ class Trainer:
         self.device = device or torch.device("cpu")
         self.output_dir = Path(output_dir or cfg.train.output_dir)
         self.precision = resolve_precision(cfg, self.device)
-        self.channels_last = cfg.train.channels_last and is_convnet(cfg)
+        self.channels_last = uses_channels_last(cfg)
         self.num_classes = cfg.train.num_classes or loader.num_classes
 
         self.method = build_method(cfg, self.num_classes).to(self.device)
@@ -253,20 +258,10 @@ class Trainer:
     # -- evaluation -------------------------------------------------------------------------------
     def evaluate(self) -> dict:
         """kNN top-1/top-5 of the student backbone (cfg.eval.knn_mode), logged and returned."""
-        from .data import build_eval_loader
         cfg = self.cfg
-        backbone = self.method.backbone
-        val = build_eval_loader(cfg, split=cfg.data.val_split, rank=self.rank, world_size=self.world,
-                                channels_last=self.channels_last)
         amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-        vf, vl = extract_features(backbone, val, self.device, amp)
-        if cfg.eval.knn_mode == "train_val":
-            train = build_eval_loader(cfg, split=cfg.data.train_split, rank=self.rank, world_size=self.world,
-                                      channels_last=self.channels_last)
-            tf, tl = extract_features(backbone, train, self.device, amp)
-            res = knn_classify(tf, tl, vf, vl, cfg.eval.knn_k, cfg.eval.knn_t)
-        else:
-            res = knn_classify(vf, vl, vf, vl, cfg.eval.knn_k, cfg.eval.knn_t, leave_one_out=True)
+        res, vf, vl = knn_evaluate(cfg, self.method.backbone, self.device, amp, self.rank, self.world,
+                                   self.channels_last)
         rec = {"kind": "eval", "step": self.step, "epoch": self.epoch, "knn_top1": res["top1"], "knn_top5": res["top5"]}
         if self.method.probe is not None:
             # The joint probe on val center crops: the reference's "Linear probe" monitor (§2.7).
@@ -361,7 +356,7 @@ def train(cfg: Config) -> dict:
         torch.backends.cudnn.benchmark = True
     precision = resolve_precision(cfg, device)
     loader = build_train_loader(cfg, rank=rank, world_size=world,
-                                channels_last=cfg.train.channels_last and is_convnet(cfg),
+                                channels_last=uses_channels_last(cfg),
                                 dtype=torch.bfloat16 if cfg.data.dtype == "bfloat16" else torch.float32)
     trainer = Trainer(cfg, loader, rank, world, device, output_dir)
     if state is not None:
