@@ -63,11 +63,27 @@ def test_brightness(photo, factor):
 def test_contrast_blends_with_mean_luma(photo, factor):
     got = run_dali(lambda i: dv._contrast(i, _c(factor)), photo)
     assert mae(got, F.adjust_contrast(photo, factor)) < 0.8
+    # The grey it blends with is the mean luma: a contrast of 0 gives a flat image of that value.
+    flat = run_dali(lambda i: dv._contrast(i, _c(0.0)), photo)
+    luma = np.asarray(photo.convert("L"), np.float32).mean()
+    assert flat.min() == flat.max() and abs(float(flat[0, 0, 0]) - luma) <= 1.0
 
 
 @pytest.mark.parametrize("factor", [0.0, 0.8, 1.2])
 def test_saturation(photo, factor):
     assert mae(run_dali(lambda i: fn.saturation(i, saturation=factor), photo), F.adjust_saturation(photo, factor)) < 1.0
+
+
+@pytest.mark.parametrize("s, h", [(0.6, 20.0), (1.5, -30.0)])
+def test_saturation_and_hue_fused_in_one_colour_matrix(photo, s, h):
+    # fn.hsv applies both as one linear map; the two-op chain rounds and clips in between, which
+    # matters only where saturation > 1 pushes a channel out of range (this photo is very colourful).
+    got = run_dali(lambda i: fn.hsv(i, saturation=s, hue=h), photo)
+    ref = run_dali(lambda i: fn.hue(fn.saturation(i, saturation=s), hue=h), photo)
+    assert mae(got, ref) < (0.6 if s < 1 else 4.0)
+    assert mae(got, photo) > 5
+    sat_only = run_dali(lambda i: fn.hsv(i, saturation=s), photo)
+    assert mae(sat_only, F.adjust_saturation(photo, s)) < 1.0
 
 
 def _mean_hue_shift(before: Image.Image, after) -> float:
@@ -98,10 +114,13 @@ def test_grayscale_601_luma(photo):
 @pytest.mark.parametrize("sigma", [0.5, 1.0, 2.0])
 def test_blur_matches_pil_gaussian(photo, sigma):
     # PIL's GaussianBlur is an iterated box blur approximating a Gaussian of std `radius`.
-    got = run_dali(lambda i: fn.gaussian_blur(i, sigma=sigma, window_size=dv.blur_window(2.0)), photo)
+    got = run_dali(lambda i: dv._blur(i, _c(sigma)), photo)
     ref = photo.filter(ImageFilter.GaussianBlur(radius=sigma))
     assert mae(got, ref) < 1.0
     assert mae(got, ref) < 0.5 * mae(photo, ref)
+    # The per-sample 3-sigma window loses nothing against a wide fixed one.
+    wide = run_dali(lambda i: fn.gaussian_blur(i, sigma=sigma, window_size=25), photo)
+    assert mae(got, wide) < 0.1
 
 
 def test_solarize(photo):

@@ -9,20 +9,17 @@ Semantics follow the torchvision/PIL reference (sslight-reference.md §1.3, §7.
 - flip: folded into crop_mirror_normalize. Every later op is pointwise or a symmetric blur, so
   flipping last equals flipping right after the crop.
 - colour jitter, applied with p: brightness multiplies, contrast blends with the image's mean luma,
-  saturation blends with luma, hue rotates by U(-360h, 360h) degrees. Like torchvision, the enabled
-  ops run in a random order per sample (uniform over the n! orders of `jitter_orders`), each one
-  rounding and clipping to uint8 as PIL does. The order is built from n slots; a slot runs the op the
-  sample's order puts there, chosen with conditionals, so every sample still runs each op once. The
-  ops commute in exact arithmetic (contrast/saturation keep luma, hue rotates the chroma plane); the
-  order matters where a channel clips, ~12 grey levels MAE between two orders with strong factors
-  (tests/test_data_parity.py). Measured cost against the old fixed order (DINO-SSLight, 8 views at
-  full size, 350-500 px JPEGs, batch 32, 2 DALI threads, epochs interleaved in one process): CPU time
-  per image +2 to +5% on the 2-core dev machine (29.8 vs 29.2 ms, wall time within noise); on the
-  16-core host of the H100 machine +8% CPU time (60.9 vs 56.5 ms) and -15% images/s (40 vs 48).
-  Selecting per-sample colour matrices (fn.coord_transform, or fn.hsv) instead of branching cost more
-  (+14%, +11% CPU), so the slots branch.
+  saturation blends with luma, hue rotates by U(-360h, 360h) degrees; each op rounds and clips to
+  uint8 as PIL does. `jitter_order: fixed` (the default) runs brightness, contrast, then saturation
+  and hue fused into one colour matrix (fn.hsv; they act on the chroma plane only, so fusing them
+  changes pixels only where saturation would have clipped). `jitter_order: random` is torchvision's:
+  a random order per sample, uniform over the n! orders of `jitter_orders`, built from n slots; a
+  slot runs the op the sample's order puts there, chosen with conditionals. The ops commute in exact
+  arithmetic; the order matters where a channel clips, ~12 grey levels MAE between two orders with
+  strong factors (tests/test_data_parity.py). On the GPU the slots' conditionals made the pipeline
+  4.4x slower (bench/README.md), hence the fixed default.
 - grayscale: ITU-R 601 luma in 3 channels. Blur: sigma ~ U(blur_sigma), a window of
-  2*ceil(3*sigma_max)+1 taps (13 for sigma 2; wider windows cost CPU time and change nothing).
+  2*ceil(3*sigma)+1 taps per sample.
   Solarize: v >= threshold -> 255 - v.
 Per-sample probabilities use DALI conditionals, so unselected samples skip the op entirely; an op
 with p == 0 is not in the graph and one with p == 1 has no conditional.
@@ -30,7 +27,6 @@ with p == 0 is not in the graph and one with p == 1 has no conditional.
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,10 +61,6 @@ class ReaderSpec:
     index_files: list[str] | None = None  # WebDataset: one DALI index file per tar
     source_info_len: int = 0    # WebDataset: bytes of the longest source_info
     initial_fill: int = 1024    # WebDataset: shuffle buffer (encoded samples) per rank
-
-
-def blur_window(sigma_max: float) -> int:
-    return 2 * math.ceil(3 * sigma_max) + 1
 
 
 def _read(spec: ReaderSpec):
@@ -113,14 +105,21 @@ def _uniform(lo: float, hi: float):
     return fn.random.uniform(range=[lo, hi], dtype=types.FLOAT)
 
 
+def _mean_luma(img):
+    """Mean ITU-R 601 luma per sample, from the per-channel means (one read of the image, no grey
+    copy). PIL averages per-pixel rounded luma and rounds the mean: within 0.5 grey level of this."""
+    m = fn.reductions.mean(img, axes=[0, 1])
+    return m[0] * 0.299 + m[1] * 0.587 + m[2] * 0.114
+
+
 def _contrast(img, factor):
-    # torchvision/PIL: blend with a constant image of the mean luma. DALI's contrast op pivots on a
-    # fixed centre, so blend explicitly (works on CPU and GPU; the mean stays on the image's device).
-    luma = fn.color_space_conversion(img, image_type=types.RGB, output_type=types.GRAY)
-    mean = fn.reductions.mean(luma)
+    """torchvision/PIL contrast: blend with a flat image of the mean luma."""
+    mean = _mean_luma(img)
     if img.device == "gpu":
-        factor = factor.gpu()
-    return fn.cast(img * factor + mean * (1.0 - factor), dtype=types.UINT8)
+        # Argument inputs must live on the CPU and this mean is on the GPU: blend with arithmetic.
+        return fn.cast(img * factor.gpu() + mean * (1.0 - factor).gpu(), dtype=types.UINT8)
+    # One pass: out = center + factor * (in - center), rounded and saturated to uint8.
+    return fn.brightness_contrast(img, contrast=factor, contrast_center=mean)
 
 
 def jitter_ops(aug: Augment) -> list[int]:
@@ -159,19 +158,36 @@ def _jitter_slot(img, slot_op, ops: list[int], factors):
     return img
 
 
+def _jitter_fused(img, ops: tuple[int, ...], factors):
+    """The ops in canonical order (brightness, contrast, saturation, hue), with saturation and hue
+    fused into one colour matrix (fn.hsv: half the cost of the two ops on the CPU). Both act on the
+    chroma plane only, so fusing them changes the output only where saturation would have clipped."""
+    for k in (0, 1):
+        if k in ops:
+            img = _jitter_op(img, k, factors)
+    if 2 in ops or 3 in ops:
+        img = fn.hsv(img, saturation=factors[2] if 2 in ops else 1.0, hue=factors[3] if 3 in ops else 0.0)
+    return img
+
+
 def _jitter(img, aug: Augment, order, *factors):
     """Colour jitter on uint8 (each op saturates and rounds like PIL's), in the per-sample `order`
     (an index into jitter_orders(aug))."""
     orders = jitter_orders(aug)
-    if len(orders) == 1:  # zero or one op: nothing to permute
-        for k in orders[0]:
-            img = _jitter_op(img, k, factors)
-        return img
+    if len(orders) == 1:  # the fixed order, or zero or one op: nothing to permute
+        return _jitter_fused(img, orders[0], factors)
     for slot in range(len(orders[0])):
         slot_op = fn.lookup_table(order, keys=list(range(len(orders))), values=[o[slot] for o in orders],
                                   dtype=types.INT32)
         img = _jitter_slot(img, slot_op, jitter_ops(aug), factors)
     return img
+
+
+def _blur(img, sigma):
+    # DALI's default window, 2*ceil(3*sigma)+1 taps per sample (3 to 13 for sigma in [0.1, 2]), sums
+    # all but 0.3% of the kernel. A fixed 13-tap window cost 1.4x the CPU time for the same images
+    # within 0.1 grey level (tests/test_data_ops.py).
+    return fn.gaussian_blur(img, sigma=sigma)
 
 
 def _solarize(img, threshold: int):
@@ -216,7 +232,7 @@ def view_chain(images, shape, view: ViewSpec, aug: Augment, *, channels_last: bo
     img, gray = _apply(aug.grayscale_p, lambda x: fn.saturation(x, saturation=0.0), img)
     lo, hi = aug.blur_sigma
     sigma = _uniform(lo, hi)
-    img, blurred = _apply(view.blur_p, lambda x: fn.gaussian_blur(x, sigma=sigma, window_size=blur_window(hi)), img)
+    img, blurred = _apply(view.blur_p, _blur, img, sigma)
     img, solarized = _apply(view.solarize_p, _solarize, img, aug.solarize_threshold)
 
     flip = fn.random.coin_flip(probability=aug.flip_p, dtype=types.INT32) if aug.flip_p > 0 else 0
