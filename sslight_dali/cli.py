@@ -18,9 +18,14 @@ def _config_show(args) -> int:
 
 def _data_synth(args) -> int:
     from .synth import synth_dataset
-    summary = synth_dataset(args.out, classes=args.classes, per_class=args.per_class, val_per_class=args.val_per_class,
-                            seed=args.seed, min_side=args.min_side, max_side=args.max_side, quality=args.quality,
-                            workers=args.workers)
+    try:
+        summary = synth_dataset(args.out, classes=args.classes, per_class=args.per_class,
+                                val_per_class=args.val_per_class, seed=args.seed, min_side=args.min_side,
+                                max_side=args.max_side, quality=args.quality, clutter=args.clutter,
+                                colors=args.colors, workers=args.workers)
+    except ValueError as e:  # an out-of-range option: one line, like every other bad input
+        print(f"sslight: error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -59,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--min-side", type=int, default=96)
     synth.add_argument("--max-side", type=int, default=320)
     synth.add_argument("--quality", type=int, default=90, help="JPEG quality")
+    synth.add_argument("--clutter", type=float, default=1.0, help="background texture strength (0: flat)")
+    synth.add_argument("--colors", type=int, default=0,
+                       help="draw shape and background colours from a palette of this many (0: any RGB colour)")
     synth.add_argument("--workers", type=int, default=1, help="processes (the output does not depend on it)")
     synth.set_defaults(func=_data_synth)
 

@@ -18,6 +18,20 @@ SHAPES = ["disc", "square", "triangle", "star", "ring", "cross", "stripes", "che
           "arrow", "dots"]
 
 
+# `colors=n` draws the foreground and the background from the first n of these. Self-supervised
+# methods learn whatever tells two images apart; with any RGB colour, colour alone identifies an image
+# and is what a short run learns (useless for the shape classes). A small palette leaves shape, size
+# and position as the cues, which is what the demo needs to show in minutes.
+PALETTE = [(25, 25, 25), (235, 235, 235), (220, 50, 40), (40, 80, 210), (240, 200, 40), (40, 160, 70),
+           (150, 60, 180), (40, 190, 200)]
+
+
+def _colour(rng: np.random.Generator, colors: int) -> tuple[int, int, int]:
+    if colors:
+        return PALETTE[int(rng.integers(colors))]
+    return tuple(int(c) for c in rng.integers(0, 256, 3))
+
+
 def _polygon(cx, cy, r, n, rot, star=False):
     pts = []
     steps = 2 * n if star else n
@@ -85,19 +99,22 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx, cy, r, rot, fg, bg, r
         raise ValueError(f"unknown shape {shape}")
 
 
-def make_image(shape: str, rng: np.random.Generator, min_side: int, max_side: int) -> Image.Image:
+def make_image(shape: str, rng: np.random.Generator, min_side: int, max_side: int, clutter: float = 1.0,
+               colors: int = 0) -> Image.Image:
+    """One image of `shape`; `clutter` scales the background texture (0: a flat background);
+    `colors` > 0 draws both colours from the first `colors` of PALETTE (0: any RGB colour)."""
     w = int(rng.integers(min_side, max_side + 1))
     aspect = float(np.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3))))
     h = int(np.clip(round(w / aspect), min_side, max_side))
-    bg = tuple(int(c) for c in rng.integers(0, 256, 3))
-    fg = tuple(int(c) for c in rng.integers(0, 256, 3))
+    bg = _colour(rng, colors)
+    fg = _colour(rng, colors)
     while sum(abs(a - b) for a, b in zip(fg, bg)) < 200:  # keep the shape visible
-        fg = tuple(int(c) for c in rng.integers(0, 256, 3))
+        fg = _colour(rng, colors)
     # Textured background: low-frequency colour noise plus fine grain, like a photo's clutter.
-    coarse = rng.normal(0, 40, (max(2, h // 24), max(2, w // 24), 3))
+    coarse = rng.normal(0, 40 * clutter, (max(2, h // 24), max(2, w // 24), 3))
     noise = np.asarray(Image.fromarray(np.uint8(np.clip(coarse + 128, 0, 255))).resize((w, h), Image.BICUBIC),
                        dtype=np.float32) - 128
-    grain = rng.normal(0, 10, (h, w, 3))
+    grain = rng.normal(0, 10 * clutter, (h, w, 3))
     base = np.clip(np.asarray(bg, np.float32) + noise + grain, 0, 255).astype(np.uint8)
     img = Image.fromarray(base)
     draw = ImageDraw.Draw(img)
@@ -109,14 +126,14 @@ def make_image(shape: str, rng: np.random.Generator, min_side: int, max_side: in
 
 
 def _write_class(job) -> list[int]:
-    out, split, split_seed, c, shape, n, seed, min_side, max_side, quality = job
+    out, split, split_seed, c, shape, n, seed, min_side, max_side, quality, clutter, colors = job
     d = Path(out) / split / f"{c:02d}_{shape}"
     d.mkdir(parents=True, exist_ok=True)
     sizes = []
     for i in range(n):
         rng = np.random.default_rng([seed, split_seed, c, i])
         buf = io.BytesIO()
-        make_image(shape, rng, min_side, max_side).save(buf, "JPEG", quality=quality)
+        make_image(shape, rng, min_side, max_side, clutter, colors).save(buf, "JPEG", quality=quality)
         (d / f"{shape}_{i:05d}.jpg").write_bytes(buf.getvalue())
         sizes.append(buf.tell())
     return sizes
@@ -124,7 +141,7 @@ def _write_class(job) -> list[int]:
 
 def synth_dataset(out: str | Path, classes: int = 10, per_class: int = 60, val_per_class: int = 20,
                   seed: int = 0, min_side: int = 96, max_side: int = 320, quality: int = 90,
-                  workers: int = 1) -> dict:
+                  clutter: float = 1.0, colors: int = 0, workers: int = 1) -> dict:
     """Write out/train/<class>/*.jpg and out/val/<class>/*.jpg; return a summary (also in out/synth.json).
 
     Each image depends only on (seed, split, class, index), so `workers` does not change the output.
@@ -134,7 +151,11 @@ def synth_dataset(out: str | Path, classes: int = 10, per_class: int = 60, val_p
     if not 8 <= min_side <= max_side:
         raise ValueError(f"need 8 <= min_side <= max_side, got {min_side}, {max_side}")
     out = Path(out)
-    jobs = [(str(out), split, split_seed, c, shape, n, seed, min_side, max_side, quality)
+    if clutter < 0:
+        raise ValueError(f"clutter must be >= 0, got {clutter}")
+    if colors == 1 or not 0 <= colors <= len(PALETTE):
+        raise ValueError(f"colors must be 0 (any RGB) or between 2 and {len(PALETTE)}, got {colors}")
+    jobs = [(str(out), split, split_seed, c, shape, n, seed, min_side, max_side, quality, clutter, colors)
             for split, n, split_seed in (("train", per_class, 0), ("val", val_per_class, 1))
             for c, shape in enumerate(SHAPES[:classes])]
     if workers > 1:
@@ -145,7 +166,7 @@ def synth_dataset(out: str | Path, classes: int = 10, per_class: int = 60, val_p
         per_job = [_write_class(j) for j in jobs]
     sizes = [b for job in per_job for b in job]
     summary = {"root": str(out), "classes": classes, "train_per_class": per_class, "val_per_class": val_per_class,
-               "seed": seed, "min_side": min_side, "max_side": max_side, "quality": quality,
+               "seed": seed, "min_side": min_side, "max_side": max_side, "quality": quality, "clutter": clutter, "colors": colors,
                "images": len(sizes), "mean_file_bytes": float(np.mean(sizes)) if sizes else 0.0}
     (out / "synth.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -167,3 +167,15 @@ def test_ranks_share_rank0_verdict_on_bad_files(tmp_path, skip):
         assert r0 == {"n": 5}
     else:
         assert "DataError" in r0["error"] and bad.name in r0["error"]
+
+
+def test_synth_clutter_scales_the_background_texture():
+    from sslight_dali.synth import make_image, synth_dataset
+
+    def corner_std(clutter):
+        img = np.asarray(make_image("disc", np.random.default_rng(3), 128, 128, clutter), np.float32)
+        return float(img[:12, :12].reshape(-1, 3).std(0).mean())  # the disc never reaches the corner (radius <= 0.42 side)
+    flat, default = corner_std(0.0), corner_std(1.0)
+    assert flat < 0.5 and default > 2.0
+    with pytest.raises(ValueError, match="clutter"):
+        synth_dataset("/nonexistent", clutter=-1)
