@@ -228,6 +228,9 @@ class DataCfg:
     prefetch: int = _f(2, 1, 16, help="DALI prefetch queue depth")
     hw_decoder_load: float = _f(0.65, 0.0, 1.0, "share of JPEGs sent to the hardware decoder (A100/H100)")
     skip_bad_files: bool = field(default=False, metadata={"help": "exclude undecodable files up front (counted and logged) instead of failing"})
+    verify_cache: str = field(default="auto", metadata={
+        "help": "where the up-front file check keeps its verdict, keyed by every file's path, size and mtime "
+                "(auto = $XDG_CACHE_HOME/sslight-dali/verified or ~/.cache/...; '' = read every file at every start)"})
     dtype: Literal["float32", "bfloat16"] = "float32"
 
 

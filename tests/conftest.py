@@ -1,10 +1,20 @@
 """Shared fixtures: a tiny synthetic ImageFolder and configs pointing at it."""
+import atexit
+import os
+import shutil
+import tempfile
+
 import pytest
 
 from sslight_dali.config import load_config
 from sslight_dali.synth import synth_dataset
 
 CONFIG = "configs/dino/resnet18_sslight.yaml"
+
+# The file-check verdict cache (data.verify_cache=auto) goes under $XDG_CACHE_HOME: keep the tests'
+# verdicts out of the user's ~/.cache (child processes inherit this too).
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="sslight-test-cache-")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], True)
 
 
 @pytest.fixture(scope="session")

@@ -179,3 +179,44 @@ def test_synth_clutter_scales_the_background_texture():
     assert flat < 0.5 and default > 2.0
     with pytest.raises(ValueError, match="clutter"):
         synth_dataset("/nonexistent", clutter=-1)
+
+
+def test_file_check_verdict_is_cached_until_a_file_changes(tmp_path, monkeypatch):
+    from sslight_dali.config import load_config
+    from sslight_dali.data import sources
+    from sslight_dali.data.loader import load_split
+    from sslight_dali.synth import synth_dataset
+
+    synth_dataset(tmp_path / "d", classes=2, per_class=3, val_per_class=1, min_side=32, max_side=40)
+    files = sorted((tmp_path / "d" / "train").rglob("*.jpg"))
+    files[0].write_bytes(files[0].read_bytes()[:200])  # truncated
+    cache = tmp_path / "cache"
+    cfg = load_config(None, [f"data.root={tmp_path / 'd'}", "data.skip_bad_files=true", f"data.verify_cache={cache}"])
+    reads = []
+    check = sources.check_image
+    monkeypatch.setattr(sources, "check_image", lambda data: reads.append(1) or check(data))
+
+    assert len(load_split(cfg, "train")) == 5 and len(reads) == 6  # every file read once
+    assert len(list(cache.glob("*.json"))) == 1
+    assert len(load_split(cfg, "train")) == 5 and len(reads) == 6  # restart: verdict reused, nothing read
+
+    files[1].write_bytes(b"")  # a file changes: the verdict is stale, every file is read again
+    assert len(load_split(cfg, "train")) == 4 and len(reads) == 12
+    assert len(list(cache.glob("*.json"))) == 2
+
+    # Without skipping, a cached bad verdict still stops the run, naming the file.
+    strict = load_config(None, [f"data.root={tmp_path / 'd'}", f"data.verify_cache={cache}"])
+    with pytest.raises(DataError, match=files[0].name):
+        load_split(strict, "train")
+    assert len(reads) == 12
+
+    off = load_config(None, [f"data.root={tmp_path / 'd'}", "data.skip_bad_files=true", "data.verify_cache="])
+    assert len(load_split(off, "train")) == 4 and len(reads) == 18  # '' = no cache: read again
+
+
+def test_verify_cache_auto_follows_xdg_cache_home(monkeypatch, tmp_path):
+    from sslight_dali.config import load_config
+    from sslight_dali.data.loader import verify_cache_dir
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert verify_cache_dir(load_config(None, [])) == str(tmp_path / "sslight-dali" / "verified")
+    assert verify_cache_dir(load_config(None, ["data.verify_cache=/x/y"])) == "/x/y"

@@ -7,8 +7,11 @@ does not always name the file.
 """
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import logging
+import os
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,6 +145,50 @@ def find_bad_samples(samples: Samples, workers: int = 8) -> list[tuple[int, str]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         reasons = pool.map(lambda i: check_image(samples.read_bytes(i)), range(len(samples)), chunksize=64)
         return [(i, why) for i, why in enumerate(reasons) if why is not None]
+
+
+CHECK_VERSION = 1  # bump when check_image changes, so cached verdicts are not trusted
+
+
+def _source_files(samples: Samples) -> list[str]:
+    """The files the samples are read from: one per sample, or the WebDataset tar shards."""
+    if samples.blobs is None:
+        return samples.files
+    return sorted({f[: f.index(".tar:") + 4] for f in samples.files})
+
+
+def verdict_key(samples: Samples) -> str:
+    """A digest of everything a verdict depends on: the sample names in order, the path, size and
+    mtime of every source file, and the check's version. A replaced or rewritten file changes it."""
+    h = hashlib.sha256(f"v{CHECK_VERSION}\n".encode())
+    for name in samples.files:
+        h.update(name.encode() + b"\n")
+    for path in _source_files(samples):
+        st = os.stat(path)
+        h.update(f"{path}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def find_bad_samples_cached(samples: Samples, workers: int, cache_dir: str) -> list[tuple[int, str]]:
+    """find_bad_samples, with the verdict kept in `cache_dir` (a file per dataset state): a restart
+    stats every file instead of reading it all. `cache_dir` '' disables the cache."""
+    if not cache_dir:
+        return find_bad_samples(samples, workers)
+    path = Path(cache_dir).expanduser() / f"{verdict_key(samples)}.json"
+    if path.is_file():
+        bad = [(int(i), str(why)) for i, why in json.loads(path.read_text())["bad"]]
+        log.info("file check: verdict for %d files under %s reused from %s (%d bad)", len(samples), samples.root,
+                 path, len(bad))
+        return bad
+    bad = find_bad_samples(samples, workers)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"root": samples.root, "files": len(samples), "bad": bad}))
+        os.replace(tmp, path)  # atomic: a reader never sees half a verdict
+    except OSError as e:  # a read-only home must not stop training; the next start checks again
+        log.warning("file check: could not cache the verdict in %s (%s)", path.parent, e)
+    return bad
 
 
 def drop_bad_samples(samples: Samples, bad: list[tuple[int, str]], skip_bad_files: bool) -> Samples:
