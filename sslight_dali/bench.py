@@ -307,8 +307,8 @@ def _synth_matches(meta: Path) -> bool:
 def dataset_info(cfg) -> dict:
     from .data.sources import list_samples
     samples = list_samples(cfg.data.root, cfg.data.train_split, cfg.data.format, check=False)
-    sizes = [os.path.getsize(f) for f in samples.files] if samples.blobs is None else [len(b) for b in samples.blobs]
-    unique = {os.stat(f).st_ino for f in samples.files} if samples.blobs is None else samples.files
+    sizes = [samples.size(i) for i in range(len(samples))]
+    unique = {os.stat(f).st_ino for f in samples.files} if samples.members is None else samples.files
     return {"path": str(Path(cfg.data.root).resolve()), "split": cfg.data.train_split, "format": cfg.data.format,
             "images": len(samples), "unique_files": len(unique), "classes": len(samples.classes),
             "mean_file_bytes": sum(sizes) / len(sizes) if sizes else 0.0}

@@ -126,6 +126,11 @@ def test_webdataset_format(tmp_path, synth_root, make_cfg):
                     tar.addfile(info, io.BytesIO(data))
     s = list_samples(tmp_path, "train", "webdataset")
     assert len(s) == len(ref) and sorted(s.labels) == sorted(ref.labels)
+    # Only where each image lies is kept; its bytes are read from the tar on demand.
+    assert all(isinstance(m, tuple) and len(m) == 2 for m in s.members)
+    for k in (0, 7, len(s) - 1):
+        i = int(s.files[k].rpartition(":")[2].partition(".")[0])  # the sample key is the ref index
+        assert s.read_bytes(k) == ref.read_bytes(i) and s.size(k) == len(ref.read_bytes(i))
     loader = build_train_loader(make_cfg("data.format=webdataset", "data.backend=torchvision", "data.num_threads=1",
                                          root=tmp_path))
     assert sum(len(b[2]) for b in loader.epoch(0)) == 32

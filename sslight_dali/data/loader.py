@@ -102,7 +102,7 @@ class _DaliLoader(LoaderPosition):
         self.steps_per_epoch = shard // batch_size if drop_last else -(-self._own_shard_len() // batch_size)
         self._torch_device = torch.device("cuda", torch.cuda.current_device()) if device == "gpu" else torch.device("cpu")
         self._labels = torch.tensor(samples.labels, dtype=torch.int64, device=self._torch_device)
-        self._wds = self._webdataset_index() if samples.blobs is not None else None
+        self._wds = self._webdataset_index() if samples.members is not None else None
         self._next_epoch, self._step = 0, 0
         self._it = self._build(checkpoint=None)
 

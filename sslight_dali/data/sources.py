@@ -33,14 +33,31 @@ class Samples:
     labels: list[int]
     classes: list[str]
     root: str = ""
-    # WebDataset only: encoded bytes per sample (tar members are not addressable by DALI's file reader).
-    blobs: list[bytes] | None = field(default=None, repr=False)
+    # WebDataset only: (offset, size) of each sample's image bytes inside its tar. Only where the
+    # bytes are is kept, so a split of any size costs a few numbers per sample in memory.
+    members: list[tuple[int, int]] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.files)
 
+    def size(self, i: int) -> int:
+        return self.members[i][1] if self.members is not None else os.path.getsize(self.files[i])
+
     def read_bytes(self, i: int) -> bytes:
-        return self.blobs[i] if self.blobs is not None else Path(self.files[i]).read_bytes()
+        if self.members is None:
+            return Path(self.files[i]).read_bytes()
+        offset, size = self.members[i]
+        with open(wds_name(self.files[i])[0], "rb") as f:
+            f.seek(offset)
+            return f.read(size)
+
+
+def wds_name(name: str) -> tuple[str, str]:
+    """'<shard>.tar:<member>' -> (shard path, member name)."""
+    head, sep, member = name.partition(".tar:")
+    if not sep:
+        raise DataError(f"not a WebDataset sample name (expected '<shard>.tar:<member>'): {name}")
+    return head + ".tar", member
 
 
 def list_samples(root: str | Path, split: str, fmt: str = "imagefolder", skip_bad_files: bool = False,
@@ -97,27 +114,27 @@ def _webdataset(root: Path, split: str) -> Samples:
     shards = shards or sorted(root.glob(f"{split}-*.tar"))
     if not shards:
         raise DataError(f"no WebDataset shards found: {root / split}/*.tar or {root}/{split}-*.tar")
-    files, labels, blobs = [], [], []
+    files, labels, members = [], [], []
     for shard in shards:
         images, cls = {}, {}
         with tarfile.open(shard) as tar:
-            for m in tar:
+            for m in tar:  # headers only; just the tiny .cls members are read
                 if not m.isfile():
                     continue
                 key, _, ext = m.name.partition(".")
-                data = tar.extractfile(m).read()
                 if "." + ext.lower() in IMG_EXTENSIONS:
-                    images[key] = (m.name, data)
+                    images[key] = (m.name, m.offset_data, m.size)
                 elif ext.lower() == "cls":
-                    cls[key] = int(data.decode().strip())
+                    cls[key] = int(tar.extractfile(m).read().decode().strip())
         for key in sorted(images):
             if key not in cls:
                 raise DataError(f"{shard}: sample '{key}' has an image but no .cls label")
-            files.append(f"{shard}:{images[key][0]}")
+            name, offset, size = images[key]
+            files.append(f"{shard}:{name}")
             labels.append(cls[key])
-            blobs.append(images[key][1])
+            members.append((offset, size))
     n_cls = max(labels) + 1 if labels else 0
-    return Samples(files, labels, [str(i) for i in range(n_cls)], str(root), blobs)
+    return Samples(files, labels, [str(i) for i in range(n_cls)], str(root), members)
 
 
 def check_image(data: bytes) -> str | None:
@@ -152,9 +169,9 @@ CHECK_VERSION = 1  # bump when check_image changes, so cached verdicts are not t
 
 def _source_files(samples: Samples) -> list[str]:
     """The files the samples are read from: one per sample, or the WebDataset tar shards."""
-    if samples.blobs is None:
+    if samples.members is None:
         return samples.files
-    return sorted({f[: f.index(".tar:") + 4] for f in samples.files})
+    return sorted({wds_name(f)[0] for f in samples.files})
 
 
 def verdict_key(samples: Samples) -> str:
@@ -205,7 +222,7 @@ def drop_bad_samples(samples: Samples, bad: list[tuple[int, str]], skip_bad_file
     if not keep:
         raise DataError(f"every image under {samples.root} is unreadable")
     return Samples([samples.files[i] for i in keep], [samples.labels[i] for i in keep], samples.classes,
-                   samples.root, [samples.blobs[i] for i in keep] if samples.blobs is not None else None)
+                   samples.root, [samples.members[i] for i in keep] if samples.members is not None else None)
 
 
 def verify_samples(samples: Samples, skip_bad_files: bool = False) -> Samples:
@@ -234,21 +251,19 @@ def write_wds_index(samples: Samples, out_dir: str | Path) -> WdsIndex:
     skipped, only the image member of each sample) and its epoch length equals len(samples).
     """
     out_dir = Path(out_dir)
+    if samples.members is None:
+        raise DataError(f"not a WebDataset split: {samples.root}")
     by_tar: dict[str, list[tuple[int, str]]] = {}
     for i, f in enumerate(samples.files):
-        head, sep, member = f.partition(".tar:")
-        if not sep:
-            raise DataError(f"not a WebDataset sample name (expected '<shard>.tar:<member>'): {f}")
-        by_tar.setdefault(head + ".tar", []).append((i, member))
+        tar, member = wds_name(f)
+        by_tar.setdefault(tar, []).append((i, member))
     tars, index_files, sample_of = [], [], {}
     for n, (tar, members) in enumerate(by_tar.items()):
-        with tarfile.open(tar) as t:
-            where = {m.name: (m.offset_data, m.size) for m in t if m.isfile()}
         lines = []
         for i, member in members:
             if any(c.isspace() for c in member):  # the index format is whitespace-separated
                 raise DataError(f"{tar}: member name with whitespace is not supported by DALI: {member!r}")
-            offset, size = where[member]
+            offset, size = samples.members[i]
             ext = member.rpartition("/")[2].partition(".")[2]  # DALI: after the first dot of the basename
             lines.append((offset, f"{ext} {offset} {size} {member}"))
             sample_of[f"{tar}:{offset}:{member}"] = i
