@@ -1,0 +1,71 @@
+"""A pre-trained backbone out of a training checkpoint: the one place that knows where each method keeps it.
+
+Evaluation, export and the demo all start here. The student is what the reference evaluates; the
+momentum teacher (DINO, MoCo) is there on request. SwAV has a single network, so both names give it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import checkpoint as ckpt
+from .config import Config, ConfigError, from_dict
+from .models import build_backbone
+
+# state_dict prefix of the backbone inside each method, for (student, teacher).
+BACKBONE_PREFIX = {
+    "dino": ("student.backbone.", "teacher.backbone."),
+    "swav": ("network.backbone.", "network.backbone."),
+    "moco": ("encoder_q.backbone.", "encoder_k.backbone."),
+}
+WEIGHTS = ("student", "teacher")
+
+
+@dataclass
+class Pretrained:
+    backbone: nn.Module  # on the CPU, eval mode
+    cfg: Config          # the run's resolved config, as stored in the checkpoint
+    weights: str         # "student" or "teacher"
+    epoch: int
+    step: int
+    path: Path
+
+
+def backbone_state(state: dict, method: str, weights: str, path) -> dict:
+    """The backbone's own keys (timm names) out of a method state_dict."""
+    if weights not in WEIGHTS:
+        raise ConfigError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+    if method not in BACKBONE_PREFIX:
+        raise ckpt.CheckpointError(f"{path}: unknown method {method!r} in the checkpoint")
+    prefix = BACKBONE_PREFIX[method][WEIGHTS.index(weights)]
+    out = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if not out:
+        raise ckpt.CheckpointError(f"{path}: no '{prefix}*' keys: not a {method} checkpoint of this project")
+    return out
+
+
+def load_pretrained(path: str | Path, weights: str = "student") -> Pretrained:
+    """Rebuild the backbone of a checkpoint written by `sslight train` and load its weights strictly."""
+    path = Path(path)
+    state = ckpt.load(path)
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise ckpt.CheckpointError(f"{path}: not an sslight-dali training checkpoint (no 'model'/'config' entries)")
+    cfg = from_dict(Config, state["config"])
+    model = build_backbone(cfg.model.backbone)
+    sd = backbone_state(state["model"], cfg.method, weights, path)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        first = (missing or unexpected)[0]
+        raise ckpt.CheckpointError(f"{path}: backbone keys do not fit {cfg.model.backbone} "
+                                   f"({'missing' if missing else 'unexpected'} key {first!r})")
+    return Pretrained(model.eval(), cfg, weights, int(state.get("epoch", 0)), int(state.get("step", 0)), path)
+
+
+@torch.no_grad()
+def tensors_equal(a: nn.Module, b: nn.Module) -> bool:
+    """Whether two modules hold the same state (used by tests and by export's self-check)."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
