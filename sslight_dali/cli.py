@@ -38,6 +38,16 @@ def _train(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from .export import export_main
+    return export_main(args)
+
+
+def _import_reference(args) -> int:
+    from .export import import_main
+    return import_main(args)
+
+
 def _delegate(module: str):
     def run(args) -> int:
         return importlib.import_module(f"sslight_dali.{module}").main(args) or 0
@@ -75,6 +85,24 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     train.set_defaults(func=_train)
 
+    exp = sub.add_parser("export", help="write a checkpoint's backbone alone, for timm, torchvision or Detectron2 "
+                                        "(+ a FILE.json sidecar)")
+    exp.add_argument("checkpoint", help="a checkpoint written by `sslight train` (or `sslight import-reference`)")
+    exp.add_argument("--out", required=True, help="output file (written atomically; FILE.json beside it)")
+    exp.add_argument("--format", required=True, choices=("timm", "torchvision", "detectron2"),
+                     help="timm: all backbones; torchvision: resnet18/34, mobilenetv2; detectron2: resnet18/34 (.pkl)")
+    exp.add_argument("--weights", default="student", choices=("student", "teacher"),
+                     help="student (default, what the reference evaluates) or the momentum teacher")
+    exp.set_defaults(func=_export)
+
+    imp = sub.add_parser("import-reference", help="map a released reference SSLight checkpoint onto this "
+                                                  "project's backbones (for eval and export)")
+    imp.add_argument("file", help="e.g. dino_r18_sslight.pth.tar")
+    imp.add_argument("--out", required=True, help="checkpoint to write (atomically)")
+    imp.add_argument("--config", default=None, help="config to store with it (default: the shipped "
+                     "configs/<method>/<backbone>_<baseline|sslight>.yaml, by the file name)")
+    imp.set_defaults(func=_import_reference)
+
     for name, module, help_ in (("views", "viewer", "contact sheet of the views a recipe makes from one image"),
                                 ("demo", "demo", "synthetic data -> short DINO-SSLight run -> kNN vs random init"),
                                 ("bench", "bench", "throughput benchmarks (pipeline, model, train, compare)")):
@@ -95,7 +123,7 @@ def _user_errors() -> tuple:
     from .checkpoint import CheckpointError
     errors = [ConfigError, FileNotFoundError, CheckpointError]
     for module, name in (("sslight_dali.data.sources", "DataError"), ("sslight_dali.train", "NonFiniteLossError"),
-                         ("sslight_dali.bench", "BenchError")):
+                         ("sslight_dali.bench", "BenchError"), ("sslight_dali.export", "ExportError")):
         mod = sys.modules.get(module)  # only those already imported can have been raised
         if mod is not None:
             errors.append(getattr(mod, name))

@@ -1,0 +1,383 @@
+"""`sslight export` and `sslight import-reference`: backbone weights in and out of this project.
+
+export: the student (or teacher) backbone of a training checkpoint, alone, in the key names of
+  timm        `timm.create_model(name, num_classes=0)` loads it strictly (our backbones are timm models);
+  torchvision `resnet18/34()` / `mobilenet_v2()` load it with only `fc.*` / `classifier.*` missing;
+  detectron2  the pickle Detectron2's checkpointer reads for an R18/R34 `build_resnet_backbone`
+              ({"model": numpy arrays, "__author__", "matching_heuristics": True}), named as MoCo's
+              and Detectron2's own torchvision converters name them.
+  and a JSON sidecar (FILE.json) that says what the weights are and how to feed them.
+
+import-reference: the reference code's released checkpoints, mapped by name (the reference itself
+  matches keys by position, which fails silently) onto the timm backbones, written as a checkpoint that
+  `load_pretrained` accepts, so `sslight eval` and `sslight export` take it like one of ours.
+
+All key maps are functions of one key, built from the timm model's own key list, so every key is
+accounted for in both directions.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import sys
+import types
+from pathlib import Path
+
+import torch
+
+from . import checkpoint as ckpt
+from .config import load_config, resolve_path, to_dict
+from .models import build_backbone
+from .pretrained import BACKBONE_PREFIX, WEIGHTS, load_pretrained
+
+FORMATS = ("timm", "torchvision", "detectron2")
+
+
+class ExportError(ValueError):
+    """Bad input to export/import (option, file, or a key that does not map); the message names it."""
+
+
+# --------------------------------------------------------------------------------------------
+# key maps: timm key -> torchvision key -> {detectron2, reference} key
+# --------------------------------------------------------------------------------------------
+# timm's MobileNetV2 groups torchvision's `features.1..17` into stages of these depths ...
+MNV2_STAGE_DEPTHS = (1, 2, 3, 4, 3, 3, 1)
+# ... and names the layers inside a block; the first block (expansion 1) has no expand conv.
+MNV2_FIRST_BLOCK = {"conv_dw": "conv.0.0", "bn1": "conv.0.1", "conv_pw": "conv.1", "bn2": "conv.2"}
+MNV2_BLOCK = {"conv_pw": "conv.0.0", "bn1": "conv.0.1", "conv_dw": "conv.1.0", "bn2": "conv.1.1",
+              "conv_pwl": "conv.2", "bn3": "conv.3"}
+# stem conv+BN is features.0, the final 1x1 conv (320 -> 1280) + BN is features.18
+MNV2_ENDS = {"conv_stem": "features.0.0", "bn1": "features.0.1", "conv_head": "features.18.0", "bn2": "features.18.1"}
+
+# Detectron2's ResNet (modeling/backbone/resnet.py): BasicStem.conv1 and BasicBlock.conv1/conv2/shortcut
+# are Conv2d modules that hold their BN as `.norm`; stages are res2..res5 (torchvision layer1..4).
+D2_BLOCK = {"conv1": "conv1", "bn1": "conv1.norm", "conv2": "conv2", "bn2": "conv2.norm",
+            "downsample.0": "shortcut", "downsample.1": "shortcut.norm"}
+D2_STEM = {"conv1": "stem.conv1", "bn1": "stem.conv1.norm"}
+
+
+def _split(key: str, head: int) -> tuple[list[str], str]:
+    parts = key.split(".")
+    return parts[:head], ".".join(parts[head:])
+
+
+def torchvision_key(key: str, backbone: str) -> str:
+    """timm key -> torchvision key (resnet: the names are the same; MobileNetV2: features.<i>)."""
+    if backbone.startswith("resnet"):
+        return key
+    if backbone != "mobilenetv2_100":
+        raise ExportError(f"{backbone} has no torchvision equivalent")
+    if key.startswith("blocks."):
+        (_, stage, i, layer), rest = _split(key, 4)
+        index = 1 + sum(MNV2_STAGE_DEPTHS[:int(stage)]) + int(i)
+        return f"features.{index}.{(MNV2_FIRST_BLOCK if index == 1 else MNV2_BLOCK)[layer]}.{rest}"
+    (layer,), rest = _split(key, 1)
+    return f"{MNV2_ENDS[layer]}.{rest}"
+
+
+def detectron2_key(tv_key: str) -> str:
+    """torchvision ResNet18/34 key -> Detectron2 ResNet key (stem.conv1.norm.*, res2.0.conv1.norm.*, ...)."""
+    (layer,), rest = _split(tv_key, 1)
+    if layer in D2_STEM:
+        return f"{D2_STEM[layer]}.{rest}"
+    (layer, block, name), rest = _split(tv_key, 3)
+    if name == "downsample":
+        (_, _, name, sub), rest = _split(tv_key, 4)
+        name = f"{name}.{sub}"
+    return f"res{int(layer[len('layer'):]) + 1}.{block}.{D2_BLOCK[name]}.{rest}"
+
+
+def reference_key(key: str, backbone: str) -> str:
+    """timm key -> the reference backbone's key (below its `...backbone.` prefix).
+
+    ViT: DINO's vision_transformer.py names match timm's. CNNs: `encoder` is torchvision's model
+    minus avgpool/fc as one Sequential, so MobileNetV2 `features.<i>` -> `encoder.<i>` and ResNet
+    conv1, bn1, (relu, maxpool), layer1..4 -> encoder.0, encoder.1, encoder.4..7.
+    """
+    if backbone.startswith("vit"):
+        return key
+    tv = torchvision_key(key, backbone)
+    if backbone == "mobilenetv2_100":
+        return "encoder." + tv[len("features."):]
+    (layer,), rest = _split(tv, 1)
+    index = {"conv1": 0, "bn1": 1}[layer] if layer in ("conv1", "bn1") else 3 + int(layer[len("layer"):])
+    return f"encoder.{index}.{rest}"
+
+
+def key_map(keys, backbone: str, fmt: str) -> dict[str, str]:
+    """{timm key: key in `fmt`} for every key of the backbone; fmt: timm, torchvision, detectron2, reference."""
+    if fmt == "timm":
+        return {k: k for k in keys}
+    if fmt == "reference":
+        return {k: reference_key(k, backbone) for k in keys}
+    if fmt == "detectron2" and not backbone.startswith("resnet"):
+        raise ExportError(f"{backbone} has no Detectron2 ResNet equivalent (--format detectron2 is for resnet18/34)")
+    tv = {k: torchvision_key(k, backbone) for k in keys}
+    return tv if fmt == "torchvision" else {k: detectron2_key(v) for k, v in tv.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# export
+# --------------------------------------------------------------------------------------------
+def exported_state(backbone: torch.nn.Module, name: str, fmt: str) -> dict:
+    """The backbone's state dict renamed for `fmt` (tensors, or numpy arrays for detectron2)."""
+    if fmt not in FORMATS:
+        raise ExportError(f"--format must be one of {FORMATS}, got {fmt!r}")
+    if fmt in ("torchvision", "detectron2") and name.startswith("vit"):
+        raise ExportError(f"--format {fmt}: {name} (ViT-Tiny) has no {fmt} equivalent; use --format timm")
+    sd = backbone.state_dict()
+    names = key_map(sd.keys(), name, fmt)
+    out = {names[k]: v.detach().cpu().clone() for k, v in sd.items()}
+    if fmt == "detectron2":
+        return {"model": {k: v.numpy() for k, v in out.items()}, "__author__": "sslight-dali",
+                "matching_heuristics": True}
+    return out
+
+
+def sidecar(pre, fmt: str, source: Path) -> dict:
+    cfg = pre.cfg
+    return {
+        "arch": cfg.model.backbone, "timm_name": cfg.model.backbone, "feature_dim": int(pre.backbone.num_features),
+        "method": cfg.method, "recipe": cfg.data.recipe, "epoch": pre.epoch, "step": pre.step,
+        "weights": pre.weights, "format": fmt,
+        "mean": list(cfg.recipe.augment.mean), "std": list(cfg.recipe.augment.std),  # RGB, on [0, 1] pixels
+        "input_size": [3, cfg.eval.crop, cfg.eval.crop], "resize": cfg.eval.resize, "interpolation": "bicubic",
+        "source_checkpoint": str(source.resolve()),
+    }
+
+
+def _write(path: Path, write_fn) -> Path:
+    """Write to a hidden temp file beside `path`; the caller renames it in place once all parts are written."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def write_files(files: dict[Path, callable], option: str = "--out") -> None:
+    """Write every file or none: all go to temp files first, then each is renamed into place."""
+    tmps = {}
+    try:
+        for path, fn in files.items():
+            tmps[path] = _write(path, fn)
+    except OSError as e:
+        for t in tmps.values():
+            t.unlink(missing_ok=True)
+        raise ExportError(f"{option} {path}: cannot write ({e.strerror or e})") from None
+    for path, tmp in tmps.items():
+        os.replace(tmp, path)
+
+
+def _check_out(out: Path, source: Path, sidecar: bool) -> None:
+    for p in (out, out.with_name(out.name + ".json")) if sidecar else (out,):
+        if source.exists() and p.exists() and p.samefile(source):
+            raise ExportError(f"--out {out}: would overwrite the input {source}")
+    if out.is_dir():
+        raise ExportError(f"--out {out}: is a directory")
+    if not out.parent.is_dir():
+        raise ExportError(f"--out {out}: directory {out.parent} does not exist")
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def export(checkpoint, out, fmt: str = "timm", weights: str = "student") -> dict:
+    """Write the backbone (`fmt` key names) to `out` and its sidecar to `out`.json; returns the sidecar."""
+    checkpoint, out = Path(checkpoint), Path(out)
+    if weights not in WEIGHTS:
+        raise ExportError(f"--weights must be one of {WEIGHTS}, got {weights!r}")
+    _check_out(out, checkpoint, sidecar=True)
+    try:
+        pre = load_pretrained(checkpoint, weights)
+    except ckpt.CheckpointError as e:
+        if _looks_like_reference(checkpoint):
+            raise ExportError(f"{checkpoint}: a reference SSLight checkpoint, not one of this project's; convert it "
+                              f"first: sslight import-reference {checkpoint} --out FILE") from None
+        raise ckpt.CheckpointError(_first_line(e)) from None
+    state = exported_state(pre.backbone, pre.cfg.model.backbone, fmt)
+    meta = sidecar(pre, fmt, checkpoint)
+    if fmt == "detectron2":
+        save = lambda f: pickle.dump(state, f)  # noqa: E731  Detectron2 reads .pkl with pickle
+    else:
+        save = lambda f: torch.save(state, f)  # noqa: E731
+    write_files({out: save, out.with_name(out.name + ".json"):
+                 lambda f: f.write((json.dumps(meta, indent=2) + "\n").encode())})
+    return meta
+
+
+# --------------------------------------------------------------------------------------------
+# import-reference
+# --------------------------------------------------------------------------------------------
+# The reference pickles its yacs CfgNode (a dict subclass) into the checkpoint. torch.load's safe
+# (weights_only) unpickler refuses it, and a plain unpickler would run whatever code the file names.
+# So the file is read with an unpickler that builds tensors, containers and numbers only, and reads a
+# CfgNode as a plain dict: anything else is refused by name.
+class _CfgNode(dict):
+    pass
+
+
+SAFE_GLOBALS = {
+    ("collections", "OrderedDict"), ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter"),
+    ("torch._utils", "_rebuild_parameter_with_state"), ("torch", "Size"), ("torch", "device"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"), ("numpy", "dtype"),
+    ("_codecs", "encode"),  # numpy scalars (e.g. a best accuracy) pickle their bytes through it
+}
+
+
+class _ReferenceUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) == ("yacs.config", "CfgNode"):
+            return _CfgNode
+        if (module, name) in SAFE_GLOBALS or (module == "numpy" and name.endswith("DType")):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+_reference_pickle = types.SimpleNamespace(Unpickler=_ReferenceUnpickler, load=pickle.load, __name__="reference_pickle")
+
+
+def load_reference(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"reference checkpoint not found: {path}")
+    try:  # torch's wrapper resolves storage types itself and asks our find_class for everything else
+        return torch.load(path, map_location="cpu", pickle_module=_reference_pickle, weights_only=False)
+    except Exception as e:  # noqa: BLE001  torch raises several types for foreign files
+        raise ckpt.CheckpointError(f"{path}: cannot load ({_first_line(e)})") from None
+
+
+def _plain(x):
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x if isinstance(x, (str, int, float, bool, type(None))) else str(x)
+
+
+def _looks_like_reference(path: Path) -> bool:
+    try:
+        obj = load_reference(path)
+    except Exception:  # noqa: BLE001
+        return False
+    sd = obj.get("state_dict") if isinstance(obj, dict) else None
+    return isinstance(sd, dict) and any(k.startswith("module.") and ".backbone." in k for k in sd)
+
+
+def _reference_state(obj, path: Path) -> tuple[dict, str]:
+    """(state dict, the prefix it uses for DDP: 'module.' or '') out of a reference checkpoint."""
+    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(sd, dict) or not any(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ckpt.CheckpointError(f"{path}: no 'state_dict' of tensors: not a reference SSLight checkpoint")
+    return sd, ("module." if any(k.startswith("module.") for k in sd) else "")
+
+
+def _detect(sd: dict, ddp: str, path: Path) -> tuple[str, str, str | None]:
+    """(method, backbone, teacher prefix or None) from the key layout."""
+    for method, (student, teacher) in BACKBONE_PREFIX.items():
+        keys = [k[len(ddp + student):] for k in sd if k.startswith(ddp + student)]
+        if not keys:
+            continue
+        if "cls_token" in keys:
+            backbone = "vit_tiny_patch16_224"
+        elif "encoder.1.conv.0.0.weight" in keys:
+            backbone = "mobilenetv2_100"
+        elif "encoder.4.0.conv1.weight" in keys:  # ResNet: layer1 has 2 blocks in R18, 3 in R34
+            backbone = "resnet34" if "encoder.4.2.conv1.weight" in keys else "resnet18"
+        else:
+            raise ExportError(f"{path}: key {ddp + student + keys[0]!r}: unknown backbone layout "
+                              "(expected MobileNetV2, ResNet18/34 or ViT-Tiny)")
+        has_teacher = teacher != student and any(k.startswith(ddp + teacher) for k in sd)
+        return method, backbone, (teacher if has_teacher else None)
+    wanted = ", ".join(repr(ddp + s) for s, _ in BACKBONE_PREFIX.values())
+    raise ExportError(f"{path}: no key starts with {wanted}: not a reference SSLight checkpoint")
+
+
+def map_reference(sd: dict, prefix: str, backbone: str, path: Path) -> dict:
+    """The keys under `prefix` renamed to timm's, checked against the timm model: all present, same shapes."""
+    target = build_backbone(backbone).state_dict()
+    by_ref = {v: k for k, v in key_map(target.keys(), backbone, "reference").items()}
+    out = {}
+    for k, v in sd.items():
+        if not k.startswith(prefix):
+            continue
+        name = by_ref.get(k[len(prefix):])
+        if name is None:
+            raise ExportError(f"{path}: key {k!r} has no counterpart in {backbone}")
+        if tuple(v.shape) != tuple(target[name].shape):
+            raise ExportError(f"{path}: key {k!r} has shape {tuple(v.shape)}, {backbone}.{name} "
+                              f"needs {tuple(target[name].shape)}")
+        out[name] = v.detach().clone()
+    missing = [k for k in target if k not in out]
+    if missing:
+        raise ExportError(f"{path}: no key {prefix + reference_key(missing[0], backbone)!r} for {backbone}.{missing[0]}")
+    return out
+
+
+CONFIG_STEM = {"mobilenetv2_100": "mobilenetv2", "resnet18": "resnet18", "resnet34": "resnet34",
+               "vit_tiny_patch16_224": "vit_tiny"}
+
+
+def shipped_config(method: str, backbone: str, variant: str) -> Path:
+    path = resolve_path(f"configs/{method}/{CONFIG_STEM[backbone]}_{variant}.yaml")
+    if not path.is_file():
+        raise ExportError(f"no shipped config for {method} {backbone} {variant} ({path}); name one with --config")
+    return path
+
+
+def import_reference(src, out, config: str | None = None) -> dict:
+    """Map a reference checkpoint onto this project's layout; returns a summary.
+
+    The stored config (what `sslight eval` and the export sidecar read) is `config`, or else the shipped
+    configs/<method>/<backbone>_<variant>.yaml, where variant is `baseline` if the file name says so
+    (the released files are named *_baseline.pth.tar / *_sslight.pth.tar) and `sslight` otherwise.
+    """
+    src, out = Path(src), Path(out)
+    _check_out(out, src, sidecar=False)
+    obj = load_reference(src)
+    sd, ddp = _reference_state(obj, src)
+    method, backbone, teacher = _detect(sd, ddp, src)
+    student = BACKBONE_PREFIX[method][0]
+    model = {student + k: v for k, v in map_reference(sd, ddp + student, backbone, src).items()}
+    if teacher is not None:
+        model.update({teacher + k: v for k, v in map_reference(sd, ddp + teacher, backbone, src).items()})
+    cfg_path = Path(config) if config else shipped_config(method, backbone,
+                                                          "baseline" if "baseline" in src.name else "sslight")
+    cfg = load_config(cfg_path)
+    if (cfg.method, cfg.model.backbone) != (method, backbone):
+        raise ExportError(f"--config {cfg_path}: is {cfg.method} {cfg.model.backbone}, the checkpoint is {method} {backbone}")
+    meta = obj if isinstance(obj, dict) and "state_dict" in obj else {}
+    state = {
+        "model": model, "config": to_dict(cfg),
+        "epoch": int(meta.get("epoch", 0) or 0), "step": int(meta.get("steps", 0) or 0),
+        "imported_from": {"path": str(src.resolve()), "config": str(cfg_path),
+                          "reference_config": _plain(meta.get("config", {}))},
+    }
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    write_files({out: lambda f: f.write(buf.getvalue())})
+    return {"method": method, "backbone": backbone, "teacher": teacher is not None, "config": str(cfg_path),
+            "epoch": state["epoch"], "step": state["step"], "keys": len(model), "out": str(out)}
+
+
+# --------------------------------------------------------------------------------------------
+# CLI (arguments are declared in cli.py)
+# --------------------------------------------------------------------------------------------
+def export_main(args) -> int:
+    meta = export(args.checkpoint, args.out, args.format, args.weights)
+    print(json.dumps(meta, indent=2))
+    print(f"wrote {args.out} and {args.out}.json", file=sys.stderr)
+    return 0
+
+
+def import_main(args) -> int:
+    print(json.dumps(import_reference(args.file, args.out, args.config), indent=2))
+    return 0
+
