@@ -176,8 +176,8 @@ def write_files(files: dict[Path, callable], option: str = "--out") -> None:
         os.replace(tmp, path)
 
 
-def _check_out(out: Path, source: Path, sidecar: bool) -> None:
-    for p in (out, out.with_name(out.name + ".json")) if sidecar else (out,):
+def _check_out(out: Path, source: Path, with_sidecar: bool) -> None:
+    for p in (out, out.with_name(out.name + ".json")) if with_sidecar else (out,):
         if source.exists() and p.exists() and p.samefile(source):
             raise ExportError(f"--out {out}: would overwrite the input {source}")
     if out.is_dir():
@@ -195,7 +195,7 @@ def export(checkpoint, out, fmt: str = "timm", weights: str = "student") -> dict
     checkpoint, out = Path(checkpoint), Path(out)
     if weights not in WEIGHTS:
         raise ExportError(f"--weights must be one of {WEIGHTS}, got {weights!r}")
-    _check_out(out, checkpoint, sidecar=True)
+    _check_out(out, checkpoint, with_sidecar=True)
     try:
         pre = load_pretrained(checkpoint, weights)
     except ckpt.CheckpointError as e:
@@ -317,7 +317,8 @@ def map_reference(sd: dict, prefix: str, backbone: str, path: Path) -> dict:
         out[name] = v.detach().clone()
     missing = [k for k in target if k not in out]
     if missing:
-        raise ExportError(f"{path}: no key {prefix + reference_key(missing[0], backbone)!r} for {backbone}.{missing[0]}")
+        want = prefix + reference_key(missing[0], backbone)
+        raise ExportError(f"{path}: no key {want!r} for {backbone}.{missing[0]}")
     return out
 
 
@@ -340,7 +341,7 @@ def import_reference(src, out, config: str | None = None) -> dict:
     (the released files are named *_baseline.pth.tar / *_sslight.pth.tar) and `sslight` otherwise.
     """
     src, out = Path(src), Path(out)
-    _check_out(out, src, sidecar=False)
+    _check_out(out, src, with_sidecar=False)
     obj = load_reference(src)
     sd, ddp = _reference_state(obj, src)
     method, backbone, teacher = _detect(sd, ddp, src)
@@ -352,7 +353,8 @@ def import_reference(src, out, config: str | None = None) -> dict:
                                                           "baseline" if "baseline" in src.name else "sslight")
     cfg = load_config(cfg_path)
     if (cfg.method, cfg.model.backbone) != (method, backbone):
-        raise ExportError(f"--config {cfg_path}: is {cfg.method} {cfg.model.backbone}, the checkpoint is {method} {backbone}")
+        raise ExportError(f"--config {cfg_path}: is {cfg.method} {cfg.model.backbone}, "
+                          f"the checkpoint is {method} {backbone}")
     meta = obj if isinstance(obj, dict) and "state_dict" in obj else {}
     state = {
         "model": model, "config": to_dict(cfg),

@@ -178,8 +178,8 @@ def test_detectron2_export_follows_detectron2_names(backbone, depth, checkpoints
     torch.testing.assert_close(features(d2, 64), features(ours, 64), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("backbone,fmt", [("vit_tiny_patch16_224", "torchvision"), ("vit_tiny_patch16_224", "detectron2"),
-                                          ("mobilenetv2_100", "detectron2")])
+@pytest.mark.parametrize("backbone,fmt", [("vit_tiny_patch16_224", "torchvision"),
+                                          ("vit_tiny_patch16_224", "detectron2"), ("mobilenetv2_100", "detectron2")])
 def test_formats_a_backbone_has_no_equivalent_in_are_refused(backbone, fmt, checkpoints, tmp_path, capsys):
     out = tmp_path / "x.pth"
     assert run("export", checkpoints[backbone], "--out", out, "--format", fmt) == 2
@@ -203,7 +203,8 @@ def test_bad_export_inputs_exit_2_with_one_line_and_write_nothing(checkpoints, t
         assert run("export", src, "--out", out, "--format", "timm") == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.startswith("sslight: ") and needle in err, err
-    assert sorted(before) == sorted(p for p in tmp_path.iterdir()) and all(p.read_bytes() == b for p, b in before.items())
+    assert sorted(before) == sorted(tmp_path.iterdir())
+    assert all(p.read_bytes() == b for p, b in before.items())
     with pytest.raises(SystemExit) as e:  # an unknown format is argparse's choice error
         run("export", good, "--out", tmp_path / "o.pth", "--format", "onnx")
     assert e.value.code == 2 and "--format" in capsys.readouterr().err
@@ -231,8 +232,8 @@ def reference_file(path, backbone_sd, student, teacher=None, extra=True):
             sd.update({f"module.{prefix}.backbone.{k}": v + noise * torch.randn_like(v) if v.is_floating_point() else v
                        for k, v in backbone_sd.items()})
     if extra:
-        sd.update({f"module.{student}.head.mlp.0.weight": torch.randn(8, 4), "module.classifier.weight": torch.randn(10, 4),
-                   "module.queue": torch.randn(4, 16)})
+        sd.update({f"module.{student}.head.mlp.0.weight": torch.randn(8, 4),
+                   "module.classifier.weight": torch.randn(10, 4), "module.queue": torch.randn(4, 16)})
     torch.save({"state_dict": sd, "epoch": 200, "steps": 250200}, path)
     return sd
 
@@ -253,7 +254,8 @@ def test_import_reference_cnn_maps_back_exactly(kind, tmp_path):
     tv_name = {"r18": "resnet18", "r34": "resnet34", "mnv2": "mobilenet_v2"}[arch]
     tv = randomized(getattr(torchvision.models, tv_name)())
     ref_sd = reference_resnet(tv) if arch != "mnv2" else reference_mnv2(tv)
-    student, teacher = {"dino": ("student", "teacher"), "moco": ("encoder_q", "encoder_k"), "swav": ("network", None)}[method]
+    student, teacher = {"dino": ("student", "teacher"), "moco": ("encoder_q", "encoder_k"),
+                        "swav": ("network", None)}[method]
     src = tmp_path / f"{kind}_baseline.pth.tar"
     sd = reference_file(src, ref_sd, student, teacher)
     assert run("import-reference", src, "--out", tmp_path / "imp.pt") == 0
