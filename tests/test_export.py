@@ -211,18 +211,17 @@ def test_bad_export_inputs_exit_2_with_one_line_and_write_nothing(checkpoints, t
 
 
 # ------------------------------------------------------------------------------------------------
-# import-reference: state dicts laid out as the reference's released checkpoints, built from torchvision
-# and timm models renamed as the reference names them (CNN: torchvision's model minus avgpool/fc as
-# one Sequential `encoder`; ViT: DINO's names), with heads, classifier and queue around them.
+# import-reference: state dicts laid out as the reference's released checkpoints. Its backbone wraps a
+# torchvision model: `encoder = Sequential(*children[:-2])` (ResNet) or `features` (MobileNetV2); its
+# ViT is DINO's, whose names are timm's. Heads, classifier and queue sit around it.
 # ------------------------------------------------------------------------------------------------
 def reference_resnet(tv):
-    index = {"conv1": 0, "bn1": 1, "layer1": 4, "layer2": 5, "layer3": 6, "layer4": 7}
-    return {f"encoder.{index[k.split('.')[0]]}.{k.split('.', 1)[1]}": v for k, v in tv.state_dict().items()
-            if not k.startswith("fc.")}
+    encoder = nn.Sequential(*list(tv.children())[:-2])
+    return {"encoder." + k: v for k, v in encoder.state_dict().items()}
 
 
 def reference_mnv2(tv):
-    return {"encoder." + k[len("features."):]: v for k, v in tv.state_dict().items() if k.startswith("features.")}
+    return {"encoder." + k: v for k, v in tv.features.state_dict().items()}
 
 
 def reference_file(path, backbone_sd, student, teacher=None, extra=True):
