@@ -340,3 +340,14 @@ def test_export_names_import_reference_for_a_reference_file(tmp_path, capsys):
     assert run("export", src, "--out", tmp_path / "o.pth", "--format", "timm") == 2
     assert "sslight import-reference" in capsys.readouterr().err
     assert not (tmp_path / "o.pth").exists()
+
+
+def test_import_reference_config_option(tmp_path, capsys):
+    src = tmp_path / "dino_r18_sslight.pth.tar"
+    reference_file(src, reference_resnet(torchvision.models.resnet18()), "student", "teacher")
+    assert run("import-reference", src, "--out", tmp_path / "a.pt", "--config", "configs/dino/resnet18_baseline.yaml") == 0
+    assert load_pretrained(tmp_path / "a.pt").cfg.data.recipe.endswith("baseline.yaml")  # not what the name says
+    assert run("import-reference", src, "--out", tmp_path / "b.pt", "--config", "configs/moco/resnet18_sslight.yaml") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--config configs/moco/resnet18_sslight.yaml" in err
+    assert not (tmp_path / "b.pt").exists()
