@@ -345,9 +345,10 @@ def test_export_names_import_reference_for_a_reference_file(tmp_path, capsys):
 def test_import_reference_config_option(tmp_path, capsys):
     src = tmp_path / "dino_r18_sslight.pth.tar"
     reference_file(src, reference_resnet(torchvision.models.resnet18()), "student", "teacher")
-    assert run("import-reference", src, "--out", tmp_path / "a.pt", "--config", "configs/dino/resnet18_baseline.yaml") == 0
+    base, moco = "configs/dino/resnet18_baseline.yaml", "configs/moco/resnet18_sslight.yaml"
+    assert run("import-reference", src, "--out", tmp_path / "a.pt", "--config", base) == 0
     assert load_pretrained(tmp_path / "a.pt").cfg.data.recipe.endswith("baseline.yaml")  # not what the name says
-    assert run("import-reference", src, "--out", tmp_path / "b.pt", "--config", "configs/moco/resnet18_sslight.yaml") == 2
+    assert run("import-reference", src, "--out", tmp_path / "b.pt", "--config", moco) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--config configs/moco/resnet18_sslight.yaml" in err
     assert not (tmp_path / "b.pt").exists()
