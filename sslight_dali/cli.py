@@ -103,6 +103,26 @@ def build_parser() -> argparse.ArgumentParser:
                      "configs/<method>/<backbone>_<baseline|sslight>.yaml, by the file name)")
     imp.set_defaults(func=_import_reference)
 
+    ev = sub.add_parser("eval", help="evaluate a pre-trained checkpoint with the reference's protocols")
+    ev_sub = ev.add_subparsers(dest="eval_command", required=True)
+    for name, help_ in (("linear", "linear classifier on the frozen backbone (eval.linear.protocol=reference|fast); "
+                                   "writes eval_linear.json"),
+                        ("semi", "semi-supervised fine-tuning on a 1%%/10%% labelled subset; writes eval_semi.json"),
+                        ("knn", "weighted kNN (eval.knn_mode=val_loo|train_val); writes eval_knn.json")):
+        sp = ev_sub.add_parser(name, help=help_, description=help_)
+        sp.add_argument("checkpoint", help="a checkpoint written by `sslight train`")
+        if name == "semi":
+            sp.add_argument("--subset", required=True,
+                            help="1 or 10 (percent of each class, drawn with eval.semi.seed and written next to the "
+                                 "results), or a subset file with lines 'dataset_index,label,wnid,filename'")
+        sp.add_argument("--weights", choices=("student", "teacher"), default="student",
+                        help="which backbone of the checkpoint (the reference evaluates the student)")
+        sp.add_argument("--out", default="", help=f"output directory (default: <checkpoint dir>/eval_{name})")
+        sp.add_argument("overrides", nargs="*", help=OVERRIDES_HELP + f"; a bare key means eval.{name}.<key> "
+                        "first; train.resume/device/precision/seed/log_every/checkpoint_every/max_steps apply"
+                        if name != "knn" else OVERRIDES_HELP)
+        sp.set_defaults(func=_delegate(f"evaluate.{name}"))
+
     for name, module, help_ in (("views", "viewer", "contact sheet of the views a recipe makes from one image"),
                                 ("demo", "demo", "synthetic data -> short DINO-SSLight run -> kNN vs random init"),
                                 ("bench", "bench", "throughput benchmarks (pipeline, model, train, compare)")):
@@ -131,7 +151,12 @@ def _user_errors() -> tuple:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # overrides after an option (`eval linear CKPT --out DIR epochs=5`) come back unparsed
+        if not hasattr(args, "overrides") or any(x.startswith("-") for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
     try:
         return args.func(args)
     except Exception as e:

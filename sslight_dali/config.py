@@ -235,6 +235,29 @@ class DataCfg:
 
 
 @dataclass
+class LinearEvalCfg:
+    """`sslight eval linear`: the reference's linear protocol, or a quick probe on cached features."""
+    protocol: Literal["reference", "fast"] = field(default="reference", metadata={
+        "help": "reference = the paper's (augmented crops, frozen backbone in eval mode, LR stepped per epoch); "
+                "fast = centre-crop features extracted once, linear layer on the cached features (NOT the paper's)"})
+    epochs: int = _f(100, 1)
+    lr: float = _f(0.0, 0.0, 100.0, "reference: peak LR at global batch 4096 (CNN, LARS) / 1024 (ViT, SGD), "
+                   "scaled by the actual global batch; fast: the AdamW LR; 0 = default (0.8 / 0.04; fast 1e-3)")
+    batch_size: int = _f(0, 0, help="per process; 0 = the reference's per-GPU batch (512 CNN, 128 ViT; fast 256)")
+
+
+@dataclass
+class SemiEvalCfg:
+    """`sslight eval semi`: full fine-tuning on a labelled subset of the train split."""
+    epochs: int = _f(0, 0, help="0 = the reference's: 60 for a 1% subset, 30 for 10% (a file: by its size)")
+    lr: float = _f(0.12, 0.0, 100.0, "peak LR at global batch 1024, scaled by the actual global batch")
+    batch_size: int = _f(128, 1, help="per process; the reference runs 8 x 128 = 1024")
+    use_head: bool = field(default=True, metadata={
+        "help": "start the 3-layer MLP head from the DINO projection head's first two Linear+BN layers"})
+    seed: int = _f(0, 0, help="seed of the per-class subset drawn for --subset 1|10")
+
+
+@dataclass
 class EvalCfg:
     knn_k: int = _f(20, 1)
     knn_t: float = _f(0.07, 1e-4, 10.0)
@@ -243,6 +266,8 @@ class EvalCfg:
     crop: int = _f(224, 8)
     knn_mode: Literal["val_loo", "train_val"] = field(default="val_loo", metadata={
         "help": "val_loo = the reference's monitor (leave-one-out on val); train_val = train bank, val queries"})
+    linear: LinearEvalCfg = field(default_factory=LinearEvalCfg)
+    semi: SemiEvalCfg = field(default_factory=SemiEvalCfg)
 
 
 @dataclass

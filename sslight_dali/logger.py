@@ -13,12 +13,12 @@ from pathlib import Path
 log = logging.getLogger("sslight")
 
 
-def setup_logging(output_dir: Path | None, rank: int) -> None:
+def setup_logging(output_dir: Path | None, rank: int, filename: str = "train.log") -> None:
     level = logging.INFO if rank == 0 else logging.WARNING
     handlers = [logging.StreamHandler(sys.stdout)]
     if output_dir is not None and rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(output_dir / "train.log"))
+        handlers.append(logging.FileHandler(output_dir / filename))
     logging.basicConfig(level=level, format="[%(asctime)s %(levelname)s] %(message)s", datefmt="%m/%d %H:%M:%S",
                         handlers=handlers, force=True)
 

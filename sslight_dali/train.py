@@ -224,12 +224,7 @@ class Trainer:
 
     def save(self, tag_epoch: bool = False) -> None:
         self.check_finite()  # never write a NaN checkpoint
-        state = self.state_dict()  # every rank: the loader and RNG states are per rank
-        if self.world > 1:
-            for key in ("loader", "rng"):
-                gathered = [None] * self.world
-                dist.all_gather_object(gathered, state[key])
-                state[key] = {"per_rank": gathered}
+        state = gather_per_rank(self.state_dict(), ("loader", "rng"), self.world)  # every rank takes part
         if self.rank != 0:
             return
         ckpt.save_atomic(state, self.output_dir / ckpt.LATEST)
@@ -246,14 +241,7 @@ class Trainer:
         ckpt.set_rng_state(self._own(state["rng"]))
 
     def _own(self, entry: dict) -> dict:
-        """This rank's part of a per-rank checkpoint entry."""
-        if "per_rank" not in entry:
-            return entry
-        if len(entry["per_rank"]) != self.world:
-            raise ckpt.CheckpointError(
-                f"the checkpoint was written by {len(entry['per_rank'])} processes and this run has {self.world}: "
-                "the data order and queues are per process, so resume with the same number of processes")
-        return entry["per_rank"][self.rank]
+        return own_rank_entry(entry, self.rank, self.world)
 
     # -- evaluation -------------------------------------------------------------------------------
     def evaluate(self) -> dict:
@@ -273,6 +261,28 @@ class Trainer:
         log.info(f"epoch {self.epoch}: kNN ({cfg.eval.knn_mode}, k={res['k']}) top-1 {res['top1']:.2f}% "
                  f"top-5 {res['top5']:.2f}% on {res['n']} images{probe}")
         return {k: v for k, v in rec.items() if k not in ("kind", "step", "epoch")}
+
+
+def gather_per_rank(state: dict, keys: tuple[str, ...], world: int) -> dict:
+    """Replace state[key] by {"per_rank": [every rank's value]} (the loader and RNG states are per rank).
+    A collective: every rank must call it."""
+    if world > 1:
+        for key in keys:
+            gathered = [None] * world
+            dist.all_gather_object(gathered, state[key])
+            state[key] = {"per_rank": gathered}
+    return state
+
+
+def own_rank_entry(entry: dict, rank: int, world: int) -> dict:
+    """This rank's part of a per-rank checkpoint entry."""
+    if "per_rank" not in entry:
+        return entry
+    if len(entry["per_rank"]) != world:
+        raise ckpt.CheckpointError(
+            f"the checkpoint was written by {len(entry['per_rank'])} processes and this run has {world}: "
+            "the data order and queues are per process, so resume with the same number of processes")
+    return entry["per_rank"][rank]
 
 
 def _timed(batches, timer: StepTimer, world: int):

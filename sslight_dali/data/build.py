@@ -7,6 +7,7 @@ import torch
 
 from ..config import Config, Recipe, ViewGroup
 from .loader import DaliEvalLoader, DaliTrainLoader, load_split, resolve_device, torch_dtype
+from .sources import Samples
 from .torch_views import EvalDataset, MultiViewDataset, TorchLoader
 
 
@@ -28,14 +29,15 @@ def _common(cfg: Config, rank: int, world_size: int, channels_last: bool, dtype)
 
 def build_train_loader(cfg: Config, rank: int = 0, world_size: int = 1, channels_last: bool = True,
                        dtype: torch.dtype | str | None = None, debug: bool = False, recipe: Recipe | None = None,
-                       batch_size: int | None = None, drop_last: bool = True):
+                       batch_size: int | None = None, drop_last: bool = True, samples: Samples | None = None):
     """Multi-view pre-training loader for cfg.data.train_split; `for views, labels, indices in loader.epoch(e)`.
 
     dtype None = cfg.data.dtype. debug=True (DALI only) also yields per-view op records.
+    `samples`: read these (e.g. a labelled subset) instead of cfg.data.train_split.
     """
     recipe = recipe or cfg.recipe
     batch_size = batch_size or cfg.train.batch_size
-    samples = load_split(cfg, cfg.data.train_split)
+    samples = samples if samples is not None else load_split(cfg, cfg.data.train_split)
     device = resolve_device(cfg.data.device)
     common = _common(cfg, rank, world_size, channels_last, dtype)
     if cfg.data.backend == "torchvision":
@@ -69,14 +71,16 @@ class _FirstView:
 
 def build_eval_loader(cfg: Config, split: str = "val", rank: int = 0, world_size: int = 1,
                       channels_last: bool = True, train_augment: bool = False, batch_size: int | None = None,
-                      dtype: torch.dtype | str | None = None):
+                      dtype: torch.dtype | str | None = None, samples: Samples | None = None, drop_last: bool = False):
     """Evaluation loader over `split` ('val' = cfg.data.val_split, 'train' = cfg.data.train_split, or a name).
 
     Default: resize the shorter side to cfg.eval.resize (bicubic), centre crop cfg.eval.crop, normalize;
     no shuffle, no drop-last: every sample of this rank's shard exactly once. With world_size > 1 the
     shards are disjoint and cover the split; their lengths differ by at most one and nothing is padded,
     so gather per-rank results with their `indices` (sizes may differ by one).
-    train_augment=True: linear-probe training views (RRC 0.08-1 + flip, reshuffled every epoch, no drop-last).
+    train_augment=True: linear-probe training views (RRC 0.08-1 + flip, reshuffled every epoch; drop_last
+    as asked: several processes need it, so that every rank runs the same number of steps).
+    `samples`: read these (e.g. a labelled subset) instead of the split's files.
     """
     split_name = {"val": cfg.data.val_split, "train": cfg.data.train_split}.get(split, split)
     batch_size = batch_size or cfg.eval.batch_size
@@ -85,8 +89,8 @@ def build_eval_loader(cfg: Config, split: str = "val", rank: int = 0, world_size
         probe_cfg.data.train_split = split_name
         return _FirstView(build_train_loader(probe_cfg, rank, world_size, channels_last, dtype,
                                              recipe=linear_probe_recipe(cfg.recipe, cfg.eval.crop),
-                                             batch_size=batch_size, drop_last=False))
-    samples = load_split(cfg, split_name)
+                                             batch_size=batch_size, drop_last=drop_last, samples=samples))
+    samples = samples if samples is not None else load_split(cfg, split_name)
     device = resolve_device(cfg.data.device)
     aug, common = cfg.recipe.augment, _common(cfg, rank, world_size, channels_last, dtype)
     if cfg.data.backend == "torchvision":
