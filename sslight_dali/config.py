@@ -241,7 +241,7 @@ class LinearEvalCfg:
         "help": "reference = the paper's (augmented crops, frozen backbone in eval mode, LR stepped per epoch); "
                 "fast = centre-crop features extracted once, linear layer on the cached features (NOT the paper's)"})
     epochs: int = _f(100, 1)
-    lr: float = _f(0.0, 0.0, 100.0, "reference: peak LR at global batch 4096 (CNN, LARS) / 1024 (ViT, SGD), "
+    lr: float = _f(0.0, 0.0, None, "reference: peak LR at global batch 4096 (CNN, LARS) / 1024 (ViT, SGD), "
                    "scaled by the actual global batch; fast: the AdamW LR; 0 = default (0.8 / 0.04; fast 1e-3)")
     batch_size: int = _f(0, 0, help="per process; 0 = the reference's per-GPU batch (512 CNN, 128 ViT; fast 256)")
 
@@ -250,7 +250,7 @@ class LinearEvalCfg:
 class SemiEvalCfg:
     """`sslight eval semi`: full fine-tuning on a labelled subset of the train split."""
     epochs: int = _f(0, 0, help="0 = the reference's: 60 for a 1% subset, 30 for 10% (a file: by its size)")
-    lr: float = _f(0.12, 0.0, 100.0, "peak LR at global batch 1024, scaled by the actual global batch")
+    lr: float = _f(0.12, 0.0, None, "peak LR at global batch 1024, scaled by the actual global batch")
     batch_size: int = _f(128, 1, help="per process; the reference runs 8 x 128 = 1024")
     use_head: bool = field(default=True, metadata={
         "help": "start the 3-layer MLP head from the DINO projection head's first two Linear+BN layers"})

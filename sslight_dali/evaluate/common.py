@@ -83,15 +83,18 @@ class Run:
     amp: torch.dtype | None      # autocast dtype (bf16 on GPU by default), None = fp32
     channels_last: bool
     resume_from: Path | None
+    checked: object = None       # what the command's `check` returned
 
 
-def setup(args, kind: str, section: str | None, splits) -> Run:
-    """Everything that can reject the input runs before the output directory is created."""
+def setup(args, kind: str, section: str | None, splits, check=None) -> Run:
+    """Everything that can reject the input runs before the output directory is created: the checkpoint,
+    the config, the splits the command reads, and the command's own `check(pre, cfg)`."""
     from ..train import init_distributed, resolve_precision, resolve_resume, seed_everything, uses_channels_last
     pre = load_pretrained(args.checkpoint, args.weights)
     cfg = eval_config(pre, args.overrides, section)
     out = Path(args.out) if args.out else pre.path.parent / f"eval_{kind}"
     check_splits(cfg, *splits(cfg))
+    checked = check(pre, cfg) if check is not None else None
     rank, world, device = init_distributed(cfg)
     resume_from = resolve_resume(cfg, out, rank, world)
     if resume_from is None and (out / ckpt.LATEST).exists():
@@ -103,7 +106,7 @@ def setup(args, kind: str, section: str | None, splits) -> Run:
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(cfg, device))
     log.info(f"eval {kind}: {pre.path} ({pre.cfg.method} / {pre.cfg.model.backbone}, {pre.weights} weights, "
              f"epoch {pre.epoch}) on {world} x {device}; data {cfg.data.root} ({cfg.data.backend})")
-    return Run(pre, cfg, out, rank, world, device, amp, uses_channels_last(cfg), resume_from)
+    return Run(pre, cfg, out, rank, world, device, amp, uses_channels_last(cfg), resume_from, checked)
 
 
 def write_json(path: Path, obj: dict) -> None:
@@ -191,6 +194,7 @@ class EpochLoop:
             self.model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         self.scaler = torch.amp.GradScaler(run.device.type, enabled=run.amp == torch.float16)
         self.step, self.epoch, self.history = 0, 0, []
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=run.device)
         self.logger = RunLogger(run.out, enabled=run.rank == 0, tensorboard=run.cfg.train.tensorboard)
 
     # -- checkpoints ----------------------------------------------------------------------------
@@ -199,8 +203,18 @@ class EpochLoop:
                 "scaler": self.scaler.state_dict(), "step": self.step, "epoch": self.epoch, "history": self.history,
                 "rng": ckpt.rng_state(), "loader": self.train_loader.state_dict()}
 
+    def check_finite(self) -> None:
+        from ..train import NonFiniteLossError
+        flag = self.nonfinite.to(torch.int32)
+        if self.run.world > 1:  # all ranks stop together
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if bool(flag):  # a host sync: on log steps and before checkpoints only
+            raise NonFiniteLossError(f"non-finite loss at or before step {self.step}: stopping without writing a "
+                                     "checkpoint; lower the LR or use train.precision=fp32")
+
     def save(self) -> None:
         from ..train import gather_per_rank
+        self.check_finite()
         state = gather_per_rank(self.state_dict(), ("loader", "rng"), self.run.world)
         if self.run.rank == 0:
             ckpt.save_atomic(state, self.run.out / ckpt.LATEST)
@@ -232,6 +246,7 @@ class EpochLoop:
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        self.nonfinite |= ~torch.isfinite(loss.detach())
         self.step += 1
         return loss.detach()
 
@@ -267,10 +282,7 @@ class EpochLoop:
         return self.history
 
     def _log(self, loss, timer: StepTimer, total: int, t0: float, start: int, spe: int) -> None:
-        if not torch.isfinite(loss):
-            from ..train import NonFiniteLossError
-            raise NonFiniteLossError(f"non-finite loss at step {self.step}: stopping without a checkpoint; "
-                                     "lower the LR or use train.precision=fp32")
+        self.check_finite()
         _, wait, ips = timer.read()
         rec = {"kind": "train", "step": self.step, "epoch": self.epoch, "loss": float(loss),
                "lr": self.optimizer.param_groups[0]["lr"], "images_per_sec": ips, "data_wait": wait, "time": time.time()}
