@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "writes eval_linear.json"),
                         ("semi", "semi-supervised fine-tuning on a 1%%/10%% labelled subset; writes eval_semi.json"),
                         ("knn", "weighted kNN (eval.knn_mode=val_loo|train_val); writes eval_knn.json")):
-        sp = ev_sub.add_parser(name, help=help_, description=help_)
+        sp = ev_sub.add_parser(name, help=help_, description=help_.replace("%%", "%"))
         sp.add_argument("checkpoint", help="a checkpoint written by `sslight train`")
         if name == "semi":
             sp.add_argument("--subset", required=True,

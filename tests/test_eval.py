@@ -165,6 +165,28 @@ def test_eval_linear_resume_is_exact(eval_ckpts, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def _eval_worker(rank, world, port, argv):
+    import os
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    assert cli(argv) == 0
+
+
+@pytest.mark.slow
+def test_eval_linear_two_gloo_processes(eval_ckpts, tmp_path):
+    import torch.multiprocessing as mp
+    from test_train import _free_port
+    argv = ["eval", "linear", str(eval_ckpts["trained"]), "--out", str(tmp_path), "epochs=2", "batch_size=8",
+            "lr=128", "log_every=1"]
+    mp.spawn(_eval_worker, args=(2, _free_port(), argv), nprocs=2, join=True)
+    res = _json(tmp_path / "eval_linear.json")
+    # 96 images over 2 ranks of batch 8, last partial batch dropped: 6 steps per epoch; val shards summed.
+    assert res["global_batch"] == 16 and res["steps"] == 12 and len(_metrics(tmp_path, "train")) == 12
+    assert [r["val_images"] for r in res["history"]] == [32, 32]
+    assert res["peak_lr"] == pytest.approx(128 * 16 / 4096)
+
+
 # --- kNN ----------------------------------------------------------------------------------------
 def test_eval_knn_matches_the_monitor(eval_ckpts, tmp_path):
     from sslight_dali.knn import knn_evaluate
@@ -197,8 +219,8 @@ def test_semi_head_starts_from_the_dino_head(eval_ckpts):
 
 def test_subset_sizes_per_class_and_seed():
     from sslight_dali.evaluate.semi import draw_subset
-    labels = [0] * 732 + [1] * 1300 + [2] * 1000 + [3] * 40
-    for pct, want in ((1, [7, 13, 10, 1]), (10, [73, 130, 100, 4])):
+    labels = [0] * 732 + [1] * 1300 + [2] * 1260 + [3] * 40
+    for pct, want in ((1, [7, 13, 13, 1]), (10, [73, 130, 126, 4])):
         idx = draw_subset(labels, pct, seed=0)
         assert np.bincount(np.asarray(labels)[idx]).tolist() == want
         assert idx == sorted(set(idx)) and idx == draw_subset(labels, pct, seed=0) != draw_subset(labels, pct, 1)

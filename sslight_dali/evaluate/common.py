@@ -293,7 +293,8 @@ class EpochLoop:
 
     def _validate(self) -> None:
         res = accuracy(self.module, self.val_loader, self.run.device, self.run.amp, self.run.world)
-        rec = {"epoch": self.epoch + 1, "top1": res["top1"], "top5": res["top5"], "lr": float(self.lrs[self.epoch])}
+        rec = {"epoch": self.epoch + 1, "top1": res["top1"], "top5": res["top5"], "val_images": res["n"],
+               "lr": float(self.lrs[self.epoch])}
         self.history.append(rec)
         self.logger.write({"kind": "eval", "step": self.step, **rec}, self.step)
         best = max(self.history, key=lambda r: r["top1"])
