@@ -199,8 +199,9 @@ class EpochLoop:
 
     # -- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"eval_settings": self.settings, "model": self.saved.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict(), "step": self.step, "epoch": self.epoch, "history": self.history,
+        return {"eval_settings": self.settings, "model": self.saved.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step,
+                "epoch": self.epoch, "history": self.history,
                 "rng": ckpt.rng_state(), "loader": self.train_loader.state_dict()}
 
     def check_finite(self) -> None:
@@ -266,7 +267,8 @@ class EpochLoop:
                     loss = self.train_step(images.to(run.device, non_blocking=True), labels.to(run.device))
                     if self.step % cfg.train.log_every == 0 or self.step == total:
                         self._log(loss, timer, total, t0, start, spe)
-                    if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0 and self.step < epoch_end:
+                    every = cfg.train.checkpoint_every
+                    if every and self.step % every == 0 and self.step < epoch_end:  # epoch ends save below
                         self.save()
                     if self.step >= total:
                         break
@@ -285,7 +287,8 @@ class EpochLoop:
         self.check_finite()
         _, wait, ips = timer.read()
         rec = {"kind": "train", "step": self.step, "epoch": self.epoch, "loss": float(loss),
-               "lr": self.optimizer.param_groups[0]["lr"], "images_per_sec": ips, "data_wait": wait, "time": time.time()}
+               "lr": self.optimizer.param_groups[0]["lr"], "images_per_sec": ips, "data_wait": wait,
+               "time": time.time()}
         eta = (time.perf_counter() - t0) / max(self.step - start, 1) * (total - self.step)
         self.logger.write(rec, self.step)
         self.logger.progress(self.epoch, len(self.lrs), self.step - self.epoch * spe, spe, rec, eta)

@@ -209,8 +209,8 @@ def main(args) -> int:
         if run.resume_from is not None:
             loop.load(run.resume_from)
         log.info(f"semi-supervised: {len(samples)} labelled images ({percent:.2f}% of {len(full)}), SGD Nesterov, "
-                 f"peak LR {peak:.4g} at global batch {global_batch}, {epochs} epochs of {train_loader.steps_per_epoch} "
-                 f"steps, head {'from the DINO head' if sc.use_head else 'new'}")
+                 f"peak LR {peak:.4g} at global batch {global_batch}, {epochs} epochs of "
+                 f"{train_loader.steps_per_epoch} steps, head {'from the DINO head' if sc.use_head else 'new'}")
         history = loop.fit()
     finally:
         finish(run)
@@ -221,6 +221,7 @@ def main(args) -> int:
               "steps": loop.step, "complete": history[-1]["epoch"] == epochs, **summarize(history)}
     if run.rank == 0:
         write_json(run.out / "eval_semi.json", result)
-        log.info(f"semi ({len(samples)} images): best val top-1 {result['top1_best']:.2f}% (epoch {result['best_epoch']}), "
+        log.info(f"semi ({len(samples)} images): best val top-1 {result['top1_best']:.2f}% "
+                 f"(epoch {result['best_epoch']}), "
                  f"last {result['top1_last']:.2f}%; written to {run.out / 'eval_semi.json'}")
     return 0
