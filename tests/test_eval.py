@@ -261,6 +261,9 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(eval_ckpts, tmp_path, c
     other = ckpt.load(ck)
     other["config"]["model"]["backbone"] = "resnet34"
     ckpt.save_atomic(other, tmp_path / "r34.pt")
+    headless = ckpt.load(ck)
+    headless["model"] = {k: v for k, v in headless["model"].items() if ".backbone." in k}  # as import-reference
+    ckpt.save_atomic(headless, tmp_path / "headless.pt")
     subset = tmp_path / "subset.txt"
     subset.write_text("0,0,00_disc,not_there.jpg\n")
     cases = {
@@ -269,6 +272,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(eval_ckpts, tmp_path, c
         "val split": (["eval", "linear", ck, "data.val_split=nope"], "nope"),
         "subset": (["eval", "semi", ck, "--subset", str(subset)], "subset.txt:1"),
         "subset missing": (["eval", "semi", ck, "--subset", str(tmp_path / "none.txt")], "none.txt"),
+        "no head": (["eval", "semi", str(tmp_path / "headless.pt"), "--subset", "10"], "no student DINO head"),
+        "no root": (["eval", "knn", ck, "data.root="], "data.root is empty"),
         "key": (["eval", "linear", ck, "protcol=fast"], "did you mean"),
         "value": (["eval", "linear", ck, "protocol=quick"], "eval.linear.protocol"),
     }

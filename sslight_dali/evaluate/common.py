@@ -68,6 +68,9 @@ def eval_config(pre: Pretrained, overrides: list[str], section: str | None) -> C
 def check_splits(cfg: Config, *splits: str) -> None:
     """Fail before anything is written when a split the command reads is missing."""
     from ..data import list_samples
+    if not cfg.data.root:
+        raise ConfigError("data.root is empty in the checkpoint's config (an imported checkpoint?): "
+                          "pass data.root=DATASET_ROOT")
     for split in splits:
         list_samples(cfg.data.root, split, cfg.data.format, check=False)
 

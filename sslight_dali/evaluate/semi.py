@@ -130,10 +130,11 @@ def dino_head_state(path: Path, weights: str) -> dict:
     return out
 
 
-def check_head(pre, use_head: bool) -> None:
+def check_head(pre, use_head: bool) -> dict:
+    """The DINO head's fc1/bn1/fc2/bn2 state, or {} without use_head; ConfigError when it cannot be used."""
     cfg = pre.cfg
     if not use_head:
-        return
+        return {}
     if cfg.method != "dino":
         raise ConfigError(f"eval.semi.use_head: {pre.path} is a {cfg.method} checkpoint; the head to copy is the "
                           "DINO projection head. Set eval.semi.use_head=false for a new head")
@@ -141,15 +142,18 @@ def check_head(pre, use_head: bool) -> None:
         raise ConfigError(f"eval.semi.use_head: the DINO head of {pre.path} has no two Linear+BN layers "
                           f"(dino.num_layers={cfg.dino.num_layers}, use_bn_in_head={cfg.dino.use_bn_in_head}); "
                           "set eval.semi.use_head=false")
+    head = dino_head_state(pre.path, pre.weights)
+    if not head:
+        raise ConfigError(f"eval.semi.use_head: {pre.path} holds no {pre.weights} DINO head (an imported reference "
+                          "checkpoint keeps the backbone only); set eval.semi.use_head=false")
+    return head
 
 
 def build_model(pre, num_classes: int, use_head: bool) -> SemiModel:
-    check_head(pre, use_head)
+    head = check_head(pre, use_head)
     if not use_head:
         return SemiModel(pre.backbone, HIDDEN, num_classes)
-    cfg = pre.cfg
-    model = SemiModel(pre.backbone, cfg.dino.hidden_dim, num_classes)
-    head = dino_head_state(pre.path, pre.weights)
+    model = SemiModel(pre.backbone, pre.cfg.dino.hidden_dim, num_classes)
     missing, unexpected = model.head.load_state_dict(head, strict=False)
     missing = [k for k in missing if not k.startswith("fc3.")]
     if missing or unexpected:
