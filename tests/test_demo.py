@@ -28,4 +28,4 @@ def test_demo_reports_knn_speed_and_outputs(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "kNN top-1" in out and "images/s" in out
     assert f"random init {summary['linear_fast_top1_random_init']:.1f}%  ->  trained " \
-           f"{summary['linear_fast_top1_trained']:.1f}%" in out.split("fast linear probe top-1")[1]
+           f"{summary['linear_fast_top1_trained']:.1f}%" in out.split("fast linear probe top-1")[-1]

@@ -55,8 +55,9 @@ class FrozenLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            f = self.features(x)
-        return self.fc(f.float())
+            f = self.features(x)  # under the caller's autocast (bf16 on GPU by default)
+        with torch.autocast(x.device.type, enabled=False):  # the classifier in fp32
+            return self.fc(f.float())
 
 
 # ------------------------------------------------------------------------------------------------
