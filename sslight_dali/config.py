@@ -34,12 +34,17 @@ def _range(lo=None, hi=None, **extra):
     return {"range": (lo, hi), **extra}
 
 
-def _f(default, lo=None, hi=None, help=""):
+def setting(default, lo=None, hi=None, help=""):
+    """A config field with an allowed range [lo, hi] (checked on load) and a help text."""
     return field(default=default, metadata={**_range(lo, hi), "help": help})
 
 
-def _list(default, help=""):
+def setting_list(default, help=""):
+    """A list-valued config field (a scalar given for it becomes a one-item list)."""
     return field(default_factory=lambda: list(default), metadata={"help": help})
+
+
+_f, _list = setting, setting_list  # short names for the tables below
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,51 +133,6 @@ class ModelCfg:
     backbone: Literal["mobilenetv2_100", "resnet18", "resnet34", "vit_tiny_patch16_224"] = "resnet18"
     drop_path_rate: float = _f(0.0, 0.0, 1.0, "student only (the reference uses 0.1 for ViT)")
     sync_bn: bool = True
-
-
-@dataclass
-class DinoCfg:
-    out_dim: int = _f(4096, 1)
-    hidden_dim: int = _f(2048, 1)
-    bottleneck_dim: int = _f(256, 1)
-    num_layers: int = _f(3, 1, 8)
-    use_bn_in_head: bool = True
-    norm_last_layer: bool = True
-    student_temp: float = _f(0.1, 1e-4, 10.0)
-    warmup_teacher_temp: float = _f(0.04, 1e-4, 10.0)
-    teacher_temp: float = _f(0.07, 1e-4, 10.0)
-    warmup_teacher_temp_epochs: int = _f(50, 0)
-    center_momentum: float = _f(0.9, 0.0, 1.0)
-    freeze_last_layer_epochs: int = _f(1, 0)
-    momentum_teacher: float = _f(0.996, 0.0, 1.0, "EMA start, cosine to momentum_teacher_end per iteration")
-    momentum_teacher_end: float = _f(1.0, 0.0, 1.0)
-
-
-@dataclass
-class SwavCfg:
-    out_dim: int = _f(128, 1)
-    hidden_dim: int = _f(4096, 1)
-    num_layers: int = _f(2, 1, 8)
-    use_bn_in_head: bool = True
-    num_prototypes: int = _f(3000, 1)
-    temperature: float = _f(0.1, 1e-4, 10.0)
-    epsilon: float = _f(0.05, 1e-6, 10.0)
-    sinkhorn_iterations: int = _f(3, 1, 100)
-    queue_length: int = _f(3840, 0, help="rounded down to a multiple of the global batch, as in the reference")
-    epoch_queue_starts: int = _f(15, 0)
-    freeze_prototypes_epochs: int = _f(1, 0)
-    crops_for_assign: list[int] = _list([0, 1])
-
-
-@dataclass
-class MocoCfg:
-    out_dim: int = _f(128, 1)
-    hidden_dim: int = _f(2048, 1)
-    num_layers: int = _f(2, 1, 8)
-    use_bn_in_head: bool = False
-    temperature: float = _f(0.2, 1e-4, 10.0)
-    queue_length: int = _f(65536, 1)
-    momentum: float = _f(0.999, 0.0, 1.0, "fixed key-encoder momentum (not scheduled)")
 
 
 @dataclass
@@ -270,21 +230,66 @@ class EvalCfg:
     semi: SemiEvalCfg = field(default_factory=SemiEvalCfg)
 
 
+def method_sections() -> dict[str, type]:
+    """{method name: its config-section dataclass}, from the method registry. Importing the methods
+    package registers the built-in methods (it needs torch, so it happens only when a config is built)."""
+    from .methods.registry import METHODS
+    return {name: m.config for name, m in METHODS.items()}
+
+
 @dataclass
 class Config:
-    method: Literal["dino", "swav", "moco"] = "dino"
+    """The whole run. After `model` comes one section per registered method (`dino`, `swav`, `moco`:
+    their dataclasses live in sslight_dali/methods/), added by `_sync_method_sections`."""
+    method: str = field(default="dino", metadata={"choices": lambda: list(method_sections())})
     model: ModelCfg = field(default_factory=ModelCfg)
-    dino: DinoCfg = field(default_factory=DinoCfg)
-    swav: SwavCfg = field(default_factory=SwavCfg)
-    moco: MocoCfg = field(default_factory=MocoCfg)
     optim: OptimCfg = field(default_factory=OptimCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
     data: DataCfg = field(default_factory=DataCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
     recipe: Recipe = field(default_factory=Recipe)
 
+    def __post_init__(self):
+        _sync_method_sections()
+
+    def __getattr__(self, name: str):
+        # Only for a section missing from an instance made before its method registered: its defaults.
+        section = method_sections().get(name)
+        if section is None:
+            raise AttributeError(f"'Config' object has no attribute {name!r}")
+        setattr(self, name, section())
+        return self.__dict__[name]
+
     def to_dict(self) -> dict:
         return to_dict(self)
+
+
+def _sync_method_sections() -> bool:
+    """Give Config one field per registered method, in place (so every `from .config import Config`
+    sees it), when the registry has changed. True if Config was changed."""
+    sections = method_sections()
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    fixed = ("method", "model", *_STATIC_SECTIONS)
+    if [(n, f.type) for n, f in fields.items() if n not in fixed] == list(sections.items()):
+        return False
+    clash = set(sections) & (set(_STATIC_SECTIONS) | {"method"})
+    if clash:
+        raise ConfigError(f"method name {sorted(clash)[0]!r} is taken by a config section")
+    static = [(n, fields[n].type, fields[n]) for n in fixed]
+    order = static[:2] + [(n, cls, field(default_factory=cls)) for n, cls in sections.items()] + static[2:]
+    # Re-run @dataclass on the same class: drop what it generated and give it the fields again.
+    for attr in ("__init__", "__repr__", "__eq__", "__match_args__", "__replace__"):
+        if attr in Config.__dict__:
+            delattr(Config, attr)
+    Config.__annotations__ = {n: tp for n, tp, _ in order}
+    for n, _, f in order:
+        setattr(Config, n, field(default=f.default, default_factory=f.default_factory, metadata=f.metadata))
+    dataclass(Config)
+    _HINTS.pop(Config, None)
+    return True
+
+
+_STATIC_SECTIONS = ("optim", "train", "data", "eval", "recipe")  # after the method sections
 
 
 # --------------------------------------------------------------------------------------------
@@ -296,6 +301,8 @@ def _yaml_key(name: str) -> str:
 
 
 def _fields(cls) -> dict[str, dataclasses.Field]:
+    if cls is Config:
+        _sync_method_sections()
     return {_yaml_key(f.name): f for f in dataclasses.fields(cls)}
 
 
@@ -334,8 +341,8 @@ def _resolved_type(cls, f):
 
 def _check_value(path: str, value, tp, meta):
     origin = typing.get_origin(tp)
-    if origin is Literal:
-        allowed = typing.get_args(tp)
+    if origin is Literal or "choices" in meta:
+        allowed = meta["choices"]() if "choices" in meta else typing.get_args(tp)
         if value not in allowed:
             raise ConfigError(f"{path}: {value!r} is not allowed; choose one of {list(allowed)}")
         return value
@@ -517,13 +524,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{name}: expected [min, max] with 0 < min <= max, got {pair}")
     if r.global_.count < 1:
         raise ConfigError("recipe.global.count: at least one global view is needed")
-    if cfg.method in ("dino", "swav") and r.global_.count != 2:
-        raise ConfigError(f"recipe.global.count: {cfg.method} uses exactly 2 global views")
-    n_views = r.global_.count + r.local.count
-    bad = [i for i in cfg.swav.crops_for_assign if not 0 <= i < r.global_.count]
-    if cfg.method == "swav" and (bad or not cfg.swav.crops_for_assign):
-        raise ConfigError(f"swav.crops_for_assign: {cfg.swav.crops_for_assign} must name global views "
-                          f"(0..{r.global_.count - 1} of the {n_views} views)")
+    from .methods.registry import method_class
+    method_class(cfg.method).check_config(cfg)
     if len(r.loss_weights) != 2:
         raise ConfigError("recipe.loss_weights: expected [global-global weight, global-local weight]")
     if len(r.augment.mean) != 3 or len(r.augment.std) != 3:
@@ -543,12 +545,12 @@ def _represent_list(dumper, data):
 
 
 _Dumper.add_representer(list, _represent_list)
-METHODS = ("dino", "swav", "moco")
 
 
 def dump_config(cfg: Config) -> str:
     """YAML of the resolved config; the sections of the methods not in use are left out."""
-    d = {k: v for k, v in cfg.to_dict().items() if k not in METHODS or k == cfg.method}
+    others = set(method_sections()) - {cfg.method}
+    d = {k: v for k, v in cfg.to_dict().items() if k not in others}
     return yaml.dump(d, Dumper=_Dumper, sort_keys=False, default_flow_style=False)
 
 

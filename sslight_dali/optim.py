@@ -26,11 +26,13 @@ def group_of(p: torch.Tensor) -> str:
 
 
 def param_groups(model: nn.Module) -> list[dict]:
-    """Trainable parameters only (teacher / key encoder / frozen weight_g are excluded)."""
+    """Trainable parameters only (teacher / key encoder / frozen weight_g are excluded). A method
+    may place parameters itself (`SSLMethod.param_group`); the rule above is the default."""
+    rule = getattr(model, "param_group", lambda name, p: group_of(p))
     params: dict[str, list] = {name: [] for name in GROUPS}
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            params[group_of(p)].append(p)
+            params[rule(name, p)].append(p)
     return [dict(name=name, params=ps, wd_factor=GROUPS[name][0], lars_exclude=GROUPS[name][1])
             for name, ps in params.items() if ps]
 
@@ -123,14 +125,17 @@ def global_batch_size(cfg, world_size: int) -> int:
     return cfg.train.batch_size * ranks
 
 
+OPTIMIZER_SCHEDULES = ("lr", "wd")
+
+
 def build_schedules(cfg, iters_per_epoch: int, global_batch: int) -> dict[str, np.ndarray]:
-    """lr (peak = base_lr * global_batch / 256; min_lr and start_warmup_lr absolute), wd, and the
-    teacher EMA momentum (used by DINO; MoCo's key momentum is fixed, SwAV has none)."""
+    """lr (peak = base_lr * global_batch / 256; min_lr and start_warmup_lr absolute) and wd, then the
+    method's own schedules (the teacher EMA momentum of DINO: `SSLMethod.schedules`)."""
+    from .methods import method_class
     o, epochs = cfg.optim, cfg.train.epochs
     peak = o.base_lr * global_batch / 256
     return {
         "lr": cosine_schedule(peak, o.min_lr, epochs, iters_per_epoch, o.warmup_epochs, o.start_warmup_lr),
         "wd": cosine_schedule(o.weight_decay, o.weight_decay_end, epochs, iters_per_epoch),
-        "momentum": cosine_schedule(cfg.dino.momentum_teacher, cfg.dino.momentum_teacher_end,
-                                    epochs, iters_per_epoch),
+        **method_class(cfg.method).schedules(cfg, iters_per_epoch),
     }

@@ -1,4 +1,4 @@
-"""A pre-trained backbone out of a training checkpoint: the one place that knows where each method keeps it.
+"""A pre-trained backbone out of a training checkpoint (each method says where it keeps it: `backbone_keys`).
 
 Evaluation, export and the demo all start here. The student is what the reference evaluates; the
 momentum teacher (DINO, MoCo) is there on request. SwAV has a single network, so both names give it.
@@ -15,12 +15,6 @@ from . import checkpoint as ckpt
 from .config import Config, ConfigError, from_dict
 from .models import build_backbone
 
-# state_dict prefix of the backbone inside each method, for (student, teacher).
-BACKBONE_PREFIX = {
-    "dino": ("student.backbone.", "teacher.backbone."),
-    "swav": ("network.backbone.", "network.backbone."),
-    "moco": ("encoder_q.backbone.", "encoder_k.backbone."),
-}
 WEIGHTS = ("student", "teacher")
 
 
@@ -38,9 +32,13 @@ def backbone_state(state: dict, method: str, weights: str, path) -> dict:
     """The backbone's own keys (timm names) out of a method state_dict."""
     if weights not in WEIGHTS:
         raise ConfigError(f"weights must be one of {WEIGHTS}, got {weights!r}")
-    if method not in BACKBONE_PREFIX:
+    from .methods import METHODS  # each method says where it keeps its backbone (SSLMethod.backbone_keys)
+    if method not in METHODS:
         raise ckpt.CheckpointError(f"{path}: unknown method {method!r} in the checkpoint")
-    prefix = BACKBONE_PREFIX[method][WEIGHTS.index(weights)]
+    prefix = METHODS[method].backbone_keys.get(weights)
+    if prefix is None:
+        raise ckpt.CheckpointError(f"{path}: method {method!r} does not say where its {weights} backbone is "
+                                   "(backbone_keys)")
     out = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     if not out:
         raise ckpt.CheckpointError(f"{path}: no '{prefix}*' keys: not a {method} checkpoint of this project")

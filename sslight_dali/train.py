@@ -23,7 +23,7 @@ from . import checkpoint as ckpt
 from .config import Config, dump_config, save_config, to_dict
 from .knn import knn_evaluate
 from .logger import RunLogger, StepTimer, setup_logging
-from .optim import clip_gradients_
+from .optim import OPTIMIZER_SCHEDULES, clip_gradients_
 
 log = logging.getLogger("sslight")
 
@@ -140,7 +140,8 @@ class Trainer:
         self.method.after_backward(self.epoch)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.method.after_step(s, float(self.schedules["momentum"][s]))
+        own = {k: float(v[s]) for k, v in self.schedules.items() if k not in OPTIMIZER_SCHEDULES}
+        self.method.after_step(s, **own)  # the method's schedules (DINO: teacher momentum)
         self.nonfinite |= ~torch.isfinite(loss.detach())
         self.step += 1
         return loss.detach(), metrics
@@ -198,8 +199,7 @@ class Trainer:
         s = self.step - 1
         rec = {"kind": "train", "step": self.step, "epoch": self.epoch, "loss": float(loss),
                **{k: float(v) for k, v in metrics.items()},
-               "lr": float(self.schedules["lr"][s]), "wd": float(self.schedules["wd"][s]),
-               "momentum": float(self.schedules["momentum"][s]),
+               **{k: float(v[s]) for k, v in self.schedules.items()},  # lr, wd and the method's
                "images_per_sec": ips, "data_wait": wait_frac, "time": time.time()}
         done = self.step - start_step
         eta = (time.perf_counter() - run_start) / max(done, 1) * (total_steps - self.step)
@@ -316,15 +316,15 @@ def prepare_data_root(cfg: Config, rank: int) -> None:
 
 
 # Keys that shape the model, optimizer, schedules or data state: a checkpoint resumes only with the same.
+# Each method adds the keys of its own section (SSLMethod.resume_keys: head sizes, queue length).
 RESUME_KEYS = ("method", "model.backbone", "optim.name", "train.batch_size", "train.epochs",
                "recipe.global.count", "recipe.global.size", "recipe.local.count", "recipe.local.size")
-HEAD_KEYS = ("out_dim", "hidden_dim", "bottleneck_dim", "num_layers", "use_bn_in_head", "norm_last_layer",
-             "num_prototypes", "queue_length")
 
 
 def check_resumable(saved: dict, cfg: Config, path: Path) -> None:
+    from .methods import method_class
     now = to_dict(cfg)
-    keys = RESUME_KEYS + tuple(f"{cfg.method}.{k}" for k in HEAD_KEYS if k in now[cfg.method])
+    keys = RESUME_KEYS + tuple(f"{cfg.method}.{k}" for k in method_class(cfg.method).resume_keys)
     for key in keys:
         a, b = saved, now
         for part in key.split("."):

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import copy
+
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from ..models import build_backbone
+from ..optim import cosine_schedule, group_of
 
 
 # ------------------------------------------------------------------------------------------
@@ -159,8 +162,23 @@ def cancel_gradients_(module: nn.Module, name_contains: str) -> None:
 # ------------------------------------------------------------------------------------------
 class SSLMethod(nn.Module):
     """Subclasses implement `ssl_forward(views, epoch) -> (loss, metrics, probe_features)` and
-    the `backbone` property; set `self.frozen = (name_substring, epochs)` for an early freeze."""
+    the `backbone` property; set `self.frozen = (name_substring, epochs)` for an early freeze.
+    Registered with `@register_method(name, config=SectionCfg)`, which sets `name` and `config`.
 
+    What else a method may declare (the defaults suit a method without any of it):
+    - `resume_keys`: keys of its config section that shape its state; a checkpoint resumes only
+      with the same values (the generic keys are in train.RESUME_KEYS).
+    - `backbone_keys`: state_dict prefix of the backbone, {"student": ..., "teacher": ...}.
+    - `check_config(cfg)`: cross-field checks, raising ConfigError.
+    - `schedules(cfg, iters_per_epoch)`: per-iteration arrays; the trainer logs each one and passes
+      its value at every step to `after_step` as a keyword argument.
+    - `param_group(name, p)`: the optimizer group of a parameter (optim.GROUPS).
+    """
+
+    name: str = ""
+    config: type | None = None
+    resume_keys: tuple[str, ...] = ()
+    backbone_keys: dict[str, str] = {}
     frozen: tuple[str, int] | None = None
 
     def __init__(self, cfg, num_classes: int, feat_dim: int):
@@ -192,11 +210,37 @@ class SSLMethod(nn.Module):
         if self.frozen is not None and epoch < self.frozen[1]:
             cancel_gradients_(self, self.frozen[0])
 
-    def after_step(self, step: int, momentum: float) -> None:
+    def after_step(self, step: int, momentum: float | None = None, **schedules) -> None:
         pass
 
     def on_epoch_start(self, epoch: int) -> None:
         pass
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        pass
+
+    @classmethod
+    def schedules(cls, cfg, iters_per_epoch: int) -> dict[str, np.ndarray]:
+        return {}
+
+    def param_group(self, name: str, p: torch.Tensor) -> str:
+        return group_of(p)
+
+
+class MomentumTeacher(SSLMethod):
+    """A student and a gradient-free teacher that follows it by EMA (`self.student`, `self.teacher`).
+    The EMA momentum runs a per-iteration cosine from the section's `momentum_teacher` to its
+    `momentum_teacher_end` (reference: DINO's cosine_scheduler), applied after each optimizer step."""
+
+    @classmethod
+    def schedules(cls, cfg, iters_per_epoch: int) -> dict[str, np.ndarray]:
+        c = getattr(cfg, cls.name)
+        return {"momentum": cosine_schedule(c.momentum_teacher, c.momentum_teacher_end, cfg.train.epochs,
+                                            iters_per_epoch)}
+
+    def after_step(self, step: int, momentum: float | None = None, **schedules) -> None:
+        ema_update_(self.teacher, self.student, float(momentum))
 
 
 def scalar(value: float, like: torch.Tensor) -> torch.Tensor:

@@ -2,15 +2,37 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import ConfigError, setting
 from ..models import build_backbone
-from .common import (MultiCropNet, SSLMethod, all_reduce_sum_, build_mlp, ema_update_, float32,
-                     momentum_copy, scalar, swapped_prediction_loss, trunc_normal_init_, world_size)
+from .common import (MomentumTeacher, MultiCropNet, all_reduce_sum_, build_mlp, float32, momentum_copy,
+                     scalar, swapped_prediction_loss, trunc_normal_init_, world_size)
+from .registry import register_method
+
+
+@dataclass
+class DinoCfg:
+    """The `dino:` config section; the defaults are the reference's CNN runs (ViT configs override)."""
+    out_dim: int = setting(4096, 1)
+    hidden_dim: int = setting(2048, 1)
+    bottleneck_dim: int = setting(256, 1)
+    num_layers: int = setting(3, 1, 8)
+    use_bn_in_head: bool = True
+    norm_last_layer: bool = True
+    student_temp: float = setting(0.1, 1e-4, 10.0)
+    warmup_teacher_temp: float = setting(0.04, 1e-4, 10.0)
+    teacher_temp: float = setting(0.07, 1e-4, 10.0)
+    warmup_teacher_temp_epochs: int = setting(50, 0)
+    center_momentum: float = setting(0.9, 0.0, 1.0)
+    freeze_last_layer_epochs: int = setting(1, 0)
+    momentum_teacher: float = setting(0.996, 0.0, 1.0, "EMA start, cosine to momentum_teacher_end per iteration")
+    momentum_teacher_end: float = setting(1.0, 0.0, 1.0)
 
 
 class WeightNormLinear(nn.Module):
@@ -51,8 +73,16 @@ def teacher_temp_schedule(c, epochs: int) -> np.ndarray:
     return np.concatenate((warm, np.full(max(epochs - len(warm), 0), c.teacher_temp)))
 
 
-class DINO(SSLMethod):
+@register_method("dino", config=DinoCfg)
+class DINO(MomentumTeacher):
     num_global = 2
+    resume_keys = ("out_dim", "hidden_dim", "bottleneck_dim", "num_layers", "use_bn_in_head", "norm_last_layer")
+    backbone_keys = {"student": "student.backbone.", "teacher": "teacher.backbone."}
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        if cfg.recipe.global_.count != cls.num_global:
+            raise ConfigError(f"recipe.global.count: {cls.name} uses exactly 2 global views")
 
     def __init__(self, cfg, num_classes: int):
         c = cfg.dino
@@ -97,6 +127,3 @@ class DINO(SSLMethod):
         batch_center = all_reduce_sum_(teacher_out.sum(dim=0, keepdim=True))
         batch_center /= len(teacher_out) * world_size()
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
-
-    def after_step(self, step: int, momentum: float) -> None:
-        ema_update_(self.teacher, self.student, float(momentum))

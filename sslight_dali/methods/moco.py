@@ -1,16 +1,42 @@
 """MoCo-v2 with multi-crop queries and LAMBDAS re-weighting (reference §2.6)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import setting
 from ..models import build_backbone
 from .common import (MultiCropNet, SSLMethod, all_gather_cat, build_mlp, ema_update_, float32,
                      lambdas_weighting, momentum_copy, trunc_normal_init_)
+from .registry import register_method
 
 
+@dataclass
+class MocoCfg:
+    """The `moco:` config section (reference MoCo-v2 settings)."""
+    out_dim: int = setting(128, 1)
+    hidden_dim: int = setting(2048, 1)
+    num_layers: int = setting(2, 1, 8)
+    use_bn_in_head: bool = False
+    temperature: float = setting(0.2, 1e-4, 10.0)
+    queue_length: int = setting(65536, 1)
+    momentum: float = setting(0.999, 0.0, 1.0, "fixed key-encoder momentum (not scheduled)")
+
+
+@register_method("moco", config=MocoCfg)
 class MoCo(SSLMethod):
+    resume_keys = ("out_dim", "hidden_dim", "num_layers", "use_bn_in_head", "queue_length")
+    backbone_keys = {"student": "encoder_q.backbone.", "teacher": "encoder_k.backbone."}
+
+    @classmethod
+    def schedules(cls, cfg, iters_per_epoch: int) -> dict[str, np.ndarray]:
+        """The key encoder's momentum is fixed and applied in the forward; it is here to be logged."""
+        return {"momentum": np.full(cfg.train.epochs * iters_per_epoch, cfg.moco.momentum)}
+
     def __init__(self, cfg, num_classes: int):
         c = cfg.moco
         backbone = build_backbone(cfg.model.backbone, cfg.model.drop_path_rate)

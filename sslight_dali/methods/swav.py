@@ -1,13 +1,34 @@
 """SwAV with multi-crop, a feature queue and LAMBDAS re-weighting (reference §2.5)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import ConfigError, setting, setting_list
 from ..models import reference_conv_bn_init_, build_backbone
 from .common import (MultiCropNet, SSLMethod, all_reduce_sum_, build_mlp, float32, scalar,
                      swapped_prediction_loss, world_size)
+from .registry import register_method
+
+
+@dataclass
+class SwavCfg:
+    """The `swav:` config section (reference SwAV settings)."""
+    out_dim: int = setting(128, 1)
+    hidden_dim: int = setting(4096, 1)
+    num_layers: int = setting(2, 1, 8)
+    use_bn_in_head: bool = True
+    num_prototypes: int = setting(3000, 1)
+    temperature: float = setting(0.1, 1e-4, 10.0)
+    epsilon: float = setting(0.05, 1e-6, 10.0)
+    sinkhorn_iterations: int = setting(3, 1, 100)
+    queue_length: int = setting(3840, 0, help="rounded down to a multiple of the global batch, as in the reference")
+    epoch_queue_starts: int = setting(15, 0)
+    freeze_prototypes_epochs: int = setting(1, 0)
+    crops_for_assign: list[int] = setting_list([0, 1])
 
 
 class SwAVHead(nn.Module):
@@ -55,7 +76,20 @@ def queue_rows_per_rank(queue_length: int, batch_size: int, ranks: int) -> int:
     return (queue_length - queue_length % (batch_size * ranks)) // ranks
 
 
+@register_method("swav", config=SwavCfg)
 class SwAV(SSLMethod):
+    resume_keys = ("out_dim", "hidden_dim", "num_layers", "use_bn_in_head", "num_prototypes", "queue_length")
+    backbone_keys = {"student": "network.backbone.", "teacher": "network.backbone."}  # one network
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        r, c = cfg.recipe, cfg.swav
+        if r.global_.count != 2:
+            raise ConfigError(f"recipe.global.count: {cls.name} uses exactly 2 global views")
+        if not c.crops_for_assign or any(not 0 <= i < r.global_.count for i in c.crops_for_assign):
+            raise ConfigError(f"swav.crops_for_assign: {c.crops_for_assign} must name global views "
+                              f"(0..{r.global_.count - 1} of the {r.global_.count + r.local.count} views)")
+
     def __init__(self, cfg, num_classes: int):
         c = cfg.swav
         backbone = build_backbone(cfg.model.backbone, cfg.model.drop_path_rate)
