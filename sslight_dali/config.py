@@ -21,7 +21,8 @@ from typing import Any, Literal
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_DIR = Path(__file__).resolve().parent
+REPO_ROOT = PACKAGE_DIR.parent
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
@@ -140,7 +141,7 @@ class OptimCfg:
     name: Literal["lars", "adamw"] = "lars"
     base_lr: float = _f(0.48, 0.0, 100.0, "for a global batch of 256; peak = base_lr * global_batch / 256")
     min_lr: float = _f(0.0048, 0.0, 100.0, "absolute, not scaled")
-    warmup_epochs: float = _f(10, 0.0)
+    warmup_epochs: float = _f(10.0, 0.0)
     start_warmup_lr: float = _f(0.0, 0.0, 100.0, "absolute, not scaled")
     weight_decay: float = _f(1e-6, 0.0, 10.0)
     weight_decay_end: float = _f(1e-6, 0.0, 10.0)
@@ -181,7 +182,7 @@ class DataCfg:
     format: Literal["imagefolder", "filelist", "webdataset"] = "imagefolder"
     train_split: str = "train"
     val_split: str = "val"
-    recipe: str = "pipelines/cnn_sslight.yaml"
+    recipe: str = field(default="cnn_sslight", metadata={"help": "a shipped recipe's name or a YAML path"})
     backend: Literal["dali", "torchvision"] = "dali"
     device: Literal["auto", "gpu", "cpu"] = "auto"
     num_threads: int = _f(4, 1, 256, help="DALI CPU threads / torchvision workers per process")
@@ -427,15 +428,57 @@ def read_yaml(path: str | os.PathLike) -> dict:
     return data
 
 
-def resolve_path(p: str, relative_to: Path | None = None) -> Path:
-    """Paths in configs are relative to the config file's directory, the CWD or the repo root."""
-    cand = Path(p).expanduser()
-    if cand.is_absolute():
-        return cand
-    for base in (relative_to, Path.cwd(), REPO_ROOT):
-        if base is not None and (base / cand).exists():
-            return base / cand
-    return cand
+def shipped_dir(kind: str) -> Path:
+    """The folder of the shipped configs (kind "configs") or recipes ("pipelines"): inside the
+    installed package (setup.py puts them there), else at the root of a source checkout."""
+    for d in (PACKAGE_DIR / kind, REPO_ROOT / kind):
+        if d.is_dir():
+            return d
+    return PACKAGE_DIR / kind
+
+
+def shipped_names(kind: str) -> list[str]:
+    d = shipped_dir(kind)
+    return sorted(p.relative_to(d).with_suffix("").as_posix() for p in d.rglob("*.yaml"))
+
+
+def find_file(ref: str | os.PathLike, kind: str, relative_to: Path | None = None) -> Path:
+    """A config or recipe given by path or by shipped name (`dino/resnet18_sslight`, `cnn_sslight`).
+
+    A relative path is tried against `relative_to` (the folder of the file that names it), the CWD and
+    the repository root. Anything else is a shipped name, with an optional leading `configs/` or
+    `pipelines/` and `.yaml`: so the repository paths (`configs/dino/resnet18_sslight.yaml`) work from
+    any folder and in an installed package."""
+    cand = Path(ref).expanduser()
+    bases = [None] if cand.is_absolute() else [relative_to, Path.cwd(), REPO_ROOT]
+    for base in bases:
+        p = cand if base is None else base / cand
+        if p.is_file():
+            return p
+    name = cand.as_posix().removeprefix(f"{kind}/").removesuffix(".yaml")
+    shipped = shipped_dir(kind) / f"{name}.yaml"
+    if not cand.is_absolute() and shipped.is_file():
+        return shipped
+    raise ConfigError(f"config file not found: {ref}{_suggest(name, shipped_names(kind))}")
+
+
+def read_chain(ref: str | os.PathLike, kind: str, relative_to: Path | None = None, _seen=()) -> tuple[dict, Path]:
+    """(contents, path) of a config or recipe file merged over the file(s) its `_base` key names."""
+    path = find_file(ref, kind, relative_to)
+    data = read_yaml(path)
+    bases = data.pop("_base", [])
+    bases = [bases] if isinstance(bases, str) else bases
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{path}: _base: expected a name or path, or a list of them, got {bases!r}")
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: _base: the chain of bases comes back to this file")
+    merged: dict = {}
+    for base in bases:  # a later base wins over an earlier one, the file over all of them
+        try:
+            merged = _deep_merge(merged, read_chain(base, kind, path.parent, (*_seen, path.resolve()))[0])
+        except ConfigError as e:
+            raise ConfigError(f"{path}: _base: {e}") from None
+    return _deep_merge(merged, data), path
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
@@ -476,12 +519,13 @@ def _set_dotted(data: dict, key: str, value) -> None:
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
-    """Defaults <- config YAML <- its recipe YAML <- command-line overrides."""
+    """Defaults <- config YAML (over its `_base`) <- its recipe YAML (over its `_base`) <- command-line
+    overrides. `path` and `data.recipe` are paths or shipped names (see find_file)."""
     data: dict = {}
     cfg_dir = None
     if path is not None:
-        data = read_yaml(path)
-        cfg_dir = Path(path).resolve().parent
+        data, found = read_chain(path, "configs")
+        cfg_dir = found.resolve().parent
     parsed = parse_overrides(list(overrides))
     for key, value in parsed:
         if expand_key(key) == "data.recipe":
@@ -490,9 +534,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
     if any(expand_key(k) == "data.recipe" for k, _ in parsed):
         data.pop("recipe", None)  # a new recipe file replaces the one embedded in a saved config
     if "recipe" not in data and recipe_ref:
-        recipe_path = resolve_path(recipe_ref, cfg_dir)
         try:
-            data["recipe"] = read_yaml(recipe_path)
+            data["recipe"], _ = read_chain(recipe_ref, "pipelines", cfg_dir)
         except ConfigError as e:
             raise ConfigError(f"{path or 'defaults'}: data.recipe: {e}") from None
     for key, value in parsed:
