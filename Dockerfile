@@ -8,7 +8,7 @@
 #   docker build -t sslight-dali .
 #   docker run --rm --gpus 'all,"capabilities=compute,utility,video"' --ipc=host \
 #       -v /data/imagenet:/data -v "$PWD/runs:/workspace/runs" \
-#       sslight-dali train configs/dino/resnet18_sslight.yaml data.root=/data
+#       sslight-dali train dino/resnet18_sslight data.root=/data
 FROM nvcr.io/nvidia/pytorch:25.10-py3
 
 ENV PIP_NO_CACHE_DIR=1 \
@@ -25,8 +25,9 @@ RUN grep -vE '^(torch|torchvision|nvidia-dali-cuda[0-9]+)==' requirements.txt > 
  && pip install -r /tmp/requirements-image.txt \
  && rm /tmp/requirements-image.txt
 
-# This package (configs/ and pipelines/ come with it, so `sslight train configs/...` works here),
-# without touching the dependencies installed above.
+# This package, with the shipped configs and recipes inside it (`sslight train dino/resnet18_sslight`
+# works from any folder, the repository paths `configs/...` too), without touching the dependencies
+# installed above.
 COPY . .
 RUN pip install --no-deps .
 

@@ -6,7 +6,13 @@ setup(
     description="Self-supervised pre-training of small vision backbones (SSLight recipe) with GPU view sampling in NVIDIA DALI",
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["sslight_dali", "sslight_dali.*"]),
+    # The shipped configs and recipes live at the repository root (configs/, pipelines/) and are
+    # installed inside the package as sslight_dali/configs and sslight_dali/pipelines, where
+    # `sslight train dino/resnet18_sslight` finds them from any folder (config.shipped_dir).
+    packages=find_packages(include=["sslight_dali", "sslight_dali.*"]) + ["sslight_dali.configs",
+                                                                           "sslight_dali.pipelines"],
+    package_dir={"sslight_dali.configs": "configs", "sslight_dali.pipelines": "pipelines"},
+    package_data={"sslight_dali.configs": ["*/*.yaml"], "sslight_dali.pipelines": ["*.yaml"]},
     python_requires=">=3.10",
     # Ranges for users; `requirements.txt` pins the set verified together (what `make` and Docker install).
     install_requires=[
