@@ -1,11 +1,15 @@
 """Typed configuration: defaults, YAML files, recipes and `key.sub=value` overrides.
 
-A training config (configs/<method>/<backbone>_<variant>.yaml) is merged over the defaults below.
-It names a view-sampling recipe (pipelines/*.yaml) in `data.recipe`; the recipe's contents are
-merged into the `recipe` section, so a resolved config is self-contained and is what a run saves.
-Command-line overrides are applied last and may reach into the recipe (`recipe.local.size=96`).
+A training config (configs/<method>/<backbone>_<variant>.yaml, by path or by the name
+`<method>/<backbone>_<variant>`) is merged over the defaults below, and over the config its `_base`
+key names, if any. It names a view-sampling recipe (pipelines/*.yaml, or a name) in `data.recipe`;
+the recipe's contents are merged into the `recipe` section, so a resolved config is self-contained
+and is what a run saves. Command-line overrides are applied last and may reach into the recipe
+(`recipe.local.size=96`).
 
-Every default lives in the dataclasses below. Validation is driven by the type annotations and by
+Every default lives in the dataclasses below, except each method's own section (`dino`, `swav`,
+`moco`), which lives in the method's module and joins `Config` when the method registers
+(sslight_dali/methods/registry.py). Validation is driven by the type annotations and by
 `field(metadata=...)` ranges/choices, so a wrong key or value names itself.
 """
 from __future__ import annotations
