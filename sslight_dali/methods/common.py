@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -11,6 +12,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import setting
 from ..models import build_backbone
 from ..optim import cosine_schedule, group_of
 
@@ -55,6 +57,15 @@ def float32(x: torch.Tensor):
 # ------------------------------------------------------------------------------------------
 # Heads and the multi-crop wrapper
 # ------------------------------------------------------------------------------------------
+@dataclass
+class HeadCfg:
+    """The config fields of a projection MLP (build_mlp); the defaults are MoCo-v2's head."""
+    out_dim: int = setting(128, 1)
+    hidden_dim: int = setting(2048, 1)
+    num_layers: int = setting(2, 1, 8)
+    use_bn_in_head: bool = False
+
+
 def build_mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int, use_bn: bool,
               act: type[nn.Module]) -> nn.Sequential:
     """Linear[-BN]-act repeated num_layers-1 times, then Linear(-> out_dim).

@@ -10,18 +10,14 @@ from torch import nn
 
 from ..config import setting
 from ..models import build_backbone
-from .common import (MultiCropNet, SSLMethod, all_gather_cat, build_mlp, ema_update_, float32,
+from .common import (HeadCfg, MultiCropNet, SSLMethod, all_gather_cat, build_mlp, ema_update_, float32,
                      lambdas_weighting, momentum_copy, trunc_normal_init_)
 from .registry import register_method
 
 
 @dataclass
-class MocoCfg:
-    """The `moco:` config section (reference MoCo-v2 settings)."""
-    out_dim: int = setting(128, 1)
-    hidden_dim: int = setting(2048, 1)
-    num_layers: int = setting(2, 1, 8)
-    use_bn_in_head: bool = False
+class MocoCfg(HeadCfg):
+    """The `moco:` config section (reference MoCo-v2 settings; the head's are HeadCfg's defaults)."""
     temperature: float = setting(0.2, 1e-4, 10.0)
     queue_length: int = setting(65536, 1)
     momentum: float = setting(0.999, 0.0, 1.0, "fixed key-encoder momentum (not scheduled)")

@@ -9,17 +9,15 @@ from torch import nn
 
 from ..config import ConfigError, setting, setting_list
 from ..models import reference_conv_bn_init_, build_backbone
-from .common import (MultiCropNet, SSLMethod, all_reduce_sum_, build_mlp, float32, scalar,
+from .common import (HeadCfg, MultiCropNet, SSLMethod, all_reduce_sum_, build_mlp, float32, scalar,
                      swapped_prediction_loss, world_size)
 from .registry import register_method
 
 
 @dataclass
-class SwavCfg:
+class SwavCfg(HeadCfg):
     """The `swav:` config section (reference SwAV settings)."""
-    out_dim: int = setting(128, 1)
     hidden_dim: int = setting(4096, 1)
-    num_layers: int = setting(2, 1, 8)
     use_bn_in_head: bool = True
     num_prototypes: int = setting(3000, 1)
     temperature: float = setting(0.1, 1e-4, 10.0)
