@@ -274,14 +274,10 @@ def _sync_method_sections() -> bool:
     sees it), when the registry has changed. True if Config was changed."""
     sections = method_sections()
     fields = {f.name: f for f in dataclasses.fields(Config)}
-    fixed = ("method", "model", *_STATIC_SECTIONS)
-    if [(n, f.type) for n, f in fields.items() if n not in fixed] == list(sections.items()):
+    if [(n, f.type) for n, f in fields.items() if n not in FIXED_FIELDS] == list(sections.items()):
         return False
-    clash = set(sections) & (set(_STATIC_SECTIONS) | {"method"})
-    if clash:
-        raise ConfigError(f"method name {sorted(clash)[0]!r} is taken by a config section")
-    static = [(n, fields[n].type, fields[n]) for n in fixed]
-    order = static[:2] + [(n, cls, field(default_factory=cls)) for n, cls in sections.items()] + static[2:]
+    fixed = [(n, fields[n].type, fields[n]) for n in FIXED_FIELDS]
+    order = fixed[:2] + [(n, cls, field(default_factory=cls)) for n, cls in sections.items()] + fixed[2:]
     # Re-run @dataclass on the same class: drop what it generated and give it the fields again.
     for attr in ("__init__", "__repr__", "__eq__", "__match_args__", "__replace__"):
         if attr in Config.__dict__:
@@ -294,7 +290,8 @@ def _sync_method_sections() -> bool:
     return True
 
 
-_STATIC_SECTIONS = ("optim", "train", "data", "eval", "recipe")  # after the method sections
+# Config's own fields; the method sections go after `model`. A method cannot take one of these names.
+FIXED_FIELDS = ("method", "model", "optim", "train", "data", "eval", "recipe")
 
 
 # --------------------------------------------------------------------------------------------

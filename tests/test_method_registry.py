@@ -98,6 +98,9 @@ def test_registration_adds_the_config_section_and_choice():
         load_config(None, ["method=byol"])
     with pytest.raises(ValueError, match="already registered"):
         register_method("tiny_byol", config=TinyByolCfg)(type("Other", (TinyByol,), {}))
+    with pytest.raises(ValueError, match="not one of"):
+        register_method("optim", config=TinyByolCfg)
+    assert "optim" not in METHODS
 
 
 def test_optimizer_groups_and_schedules_come_from_the_method():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..config import ConfigError
+from ..config import FIXED_FIELDS, ConfigError
 
 METHODS: dict[str, type] = {}
 
@@ -18,6 +18,8 @@ def register_method(name: str, config: type):
     """Class decorator: `config` is the dataclass of the method's section (`cfg.<name>`)."""
     if not dataclasses.is_dataclass(config):
         raise TypeError(f"register_method({name!r}): config must be a dataclass, got {config!r}")
+    if name in FIXED_FIELDS or not name.isidentifier():
+        raise ValueError(f"register_method({name!r}): the name must be an identifier and not one of {FIXED_FIELDS}")
 
     def add(cls: type) -> type:
         if METHODS.get(name, cls) is not cls:
