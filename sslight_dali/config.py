@@ -186,7 +186,8 @@ class DataCfg:
     format: Literal["imagefolder", "filelist", "webdataset"] = "imagefolder"
     train_split: str = "train"
     val_split: str = "val"
-    recipe: str = field(default="cnn_sslight", metadata={"help": "a shipped recipe's name or a YAML path"})
+    recipe: str = field(default="pipelines/cnn_sslight.yaml", metadata={
+        "help": "a recipe YAML path, or a shipped recipe's name (cnn_sslight)"})
     backend: Literal["dali", "torchvision"] = "dali"
     device: Literal["auto", "gpu", "cpu"] = "auto"
     num_threads: int = _f(4, 1, 256, help="DALI CPU threads / torchvision workers per process")

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
-from .config import load_config, resolve_path, to_dict
+from .config import ConfigError, find_file, load_config, to_dict
 from .models import build_backbone
 from .pretrained import BACKBONE_PREFIX, WEIGHTS, load_pretrained
 
@@ -327,10 +327,12 @@ CONFIG_STEM = {"mobilenetv2_100": "mobilenetv2", "resnet18": "resnet18", "resnet
 
 
 def shipped_config(method: str, backbone: str, variant: str) -> Path:
-    path = resolve_path(f"configs/{method}/{CONFIG_STEM[backbone]}_{variant}.yaml")
-    if not path.is_file():
-        raise ExportError(f"no shipped config for {method} {backbone} {variant} ({path}); name one with --config")
-    return path
+    name = f"{method}/{CONFIG_STEM[backbone]}_{variant}"
+    try:
+        return find_file(name, "configs")
+    except ConfigError:
+        raise ExportError(f"no shipped config for {method} {backbone} {variant} ({name}); "
+                          "name one with --config") from None
 
 
 def import_reference(src, out, config: str | None = None) -> dict:

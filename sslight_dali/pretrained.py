@@ -13,8 +13,12 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, from_dict
+from .methods import METHODS
 from .models import build_backbone
 
+# (student, teacher) backbone prefix of each built-in method, as its class declares (`backbone_keys`);
+# the reference's checkpoints use the same names (export.py reads them).
+BACKBONE_PREFIX = {name: (m.backbone_keys["student"], m.backbone_keys["teacher"]) for name, m in METHODS.items()}
 WEIGHTS = ("student", "teacher")
 
 
@@ -32,7 +36,6 @@ def backbone_state(state: dict, method: str, weights: str, path) -> dict:
     """The backbone's own keys (timm names) out of a method state_dict."""
     if weights not in WEIGHTS:
         raise ConfigError(f"weights must be one of {WEIGHTS}, got {weights!r}")
-    from .methods import METHODS  # each method says where it keeps its backbone (SSLMethod.backbone_keys)
     if method not in METHODS:
         raise ckpt.CheckpointError(f"{path}: unknown method {method!r} in the checkpoint")
     prefix = METHODS[method].backbone_keys.get(weights)
