@@ -4,7 +4,6 @@ Every backbone returns pooled features [B, D] (`num_classes=0`) and exposes `.nu
 """
 from __future__ import annotations
 
-import timm
 import torch
 from torch import nn
 
@@ -30,6 +29,8 @@ def build_backbone(name: str, drop_path_rate: float = 0.0) -> nn.Module:
     ViT: CLS token after the final norm, any input size that is a multiple of the patch
     (96/128-px local crops; timm resamples pos_embed). CNNs: global average pool.
     """
+    import timm  # here, not at the top: loading a config imports the method modules, and timm is slow to import
+
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {BACKBONES}")
     kwargs = dict(pretrained=False, num_classes=0, drop_path_rate=drop_path_rate)
