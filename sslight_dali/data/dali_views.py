@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali import math as dmath
+from nvidia.dali.data_node import DataNode
 
 from ..config import Augment, Recipe, ViewSpec
 from .sources import IMG_EXTENSIONS
@@ -244,18 +246,157 @@ def view_chain(images, shape, view: ViewSpec, aug: Augment, *, channels_last: bo
     return out, record
 
 
+def _frames(p: float, n: int | None):
+    """Per-frame coins [n] (per-sample scalars when n is None), INT32 0/1 with probability p; None when
+    p == 0, 1 when p == 1."""
+    if p <= 0:
+        return None
+    if p >= 1:
+        return 1
+    return fn.random.coin_flip(probability=p, shape=[] if n is None else [n], dtype=types.INT32)
+
+
+def _frames_uniform(lo: float, hi: float, n: int):
+    return fn.random.uniform(range=[lo, hi], shape=[n], dtype=types.FLOAT)
+
+
+def _gate(factor, coin, identity: float):
+    """`factor` where coin is 1, `identity` (1 or 0) where it is 0; coin None: never, 1: always."""
+    if coin is None:
+        return identity
+    if isinstance(coin, int):
+        return factor
+    return factor ** coin if identity == 1.0 else factor * coin
+
+
+def _pf(x):
+    return fn.per_frame(x) if isinstance(x, DataNode) else x
+
+
+# PIL's blends (brightness, contrast, saturation) each truncate to uint8: ~0.5 grey level down on
+# average, per blend. The fused float pass does not round at all; it subtracts that bias once per
+# blend the sample went through, so its mean matches PIL's (tests/test_data_ops.py).
+PIL_TRUNCATION = 0.5
+
+
+def _colour(seq, n: int, aug: Augment):
+    """Colour jitter (fixed order) and grayscale on an FHWC uint8 sequence, per-frame parameters, no
+    conditionals: a frame without jitter gets brightness, contrast, saturation 1 and hue 0, grayscale
+    is saturation 0. Two passes in float: saturation + hue as one colour matrix (fn.hsv), then
+    brightness + contrast (brightness_contrast, contrast blending with the frame's mean luma). The
+    matrix keeps grey grey and luma unchanged, so this order equals brightness, contrast, saturation,
+    hue in exact arithmetic; the result is clipped to [0, 255] once, at the end, not after every op as
+    PIL does. Float out: converting back to uint8 cost more than the colour matrix itself on the CPU.
+    Returns (sequence, factors [b, c, s, hue_deg], jitter coins, colour-kept coins)."""
+    factors = (_frames_uniform(max(0.0, 1 - aug.brightness), 1 + aug.brightness, n),
+               _frames_uniform(max(0.0, 1 - aug.contrast), 1 + aug.contrast, n),
+               _frames_uniform(max(0.0, 1 - aug.saturation), 1 + aug.saturation, n),
+               _frames_uniform(-360.0 * aug.hue, 360.0 * aug.hue, n))
+    ops = jitter_ops(aug)
+    jit = _frames(aug.jitter_p, n) if ops else None
+    keep = _frames(1 - aug.grayscale_p, n)  # grayscale with probability grayscale_p
+    b, c, s, h = (_gate(f, jit if k in ops else None, 0.0 if k == 3 else 1.0) for k, f in enumerate(factors))
+    if keep is None:
+        s = 0.0
+    elif not isinstance(keep, int):
+        s = s * keep if isinstance(s, DataNode) else fn.cast(keep, dtype=types.FLOAT)
+    blends = sum(k in ops for k in (0, 1, 2))
+    shift = _gate(-PIL_TRUNCATION * blends, jit, 0.0) if blends else 0.0
+    out = fn.hsv(seq, saturation=_pf(s), hue=_pf(h), dtype=types.FLOAT)
+    # mean luma per frame, [F, 1, 1, 1]: one reduction, one 1x3 matrix
+    center = fn.coord_transform(fn.reductions.mean(seq, axes=[1, 2], keep_dims=True), M=[0.299, 0.587, 0.114])
+    out = fn.brightness_contrast(out, brightness=_pf(b), contrast=_pf(c), contrast_center=fn.per_frame(center),
+                                 brightness_shift=_pf(shift), dtype=types.FLOAT)
+    return dmath.min(dmath.max(out, 0.0), 255.0), factors, jit, keep  # 3x cheaper than math.clamp on the CPU
+
+
+def _solarize_float(img, threshold):
+    return img + (img >= threshold) * (255.0 - 2.0 * img)
+
+
+def _blur_view(img, p: float, lo: float, hi: float):
+    """Blur with probability p, sigma ~ U(lo, hi) drawn only for the blurred samples (a per-sample
+    conditional when 0 < p < 1). Returns (image, sigma applied, 0 where not blurred)."""
+    if p <= 0:
+        return img, _const(0.0)
+    if p >= 1:
+        sigma = _uniform(lo, hi)
+        return _blur(img, sigma), sigma
+    if _coin(p):
+        sigma = _uniform(lo, hi)
+        img = _blur(img, sigma)
+    else:
+        sigma = _const(0.0)
+    return img, sigma
+
+
+def group_chain(images, shape, views: list[ViewSpec], aug: Augment, *, channels_last: bool, dtype=types.FLOAT):
+    """Views of one size (the globals, or the locals), fixed jitter order; returns ([view], [record]).
+
+    Each view gets its own crop; the crops travel as one FHWC sequence per image through the colour
+    ops (_colour: two passes for the group, per-frame parameters). Blur stays a per-view conditional:
+    on the CPU skipping the unselected samples beat an identity kernel on every sample (a 1-tap blur
+    costs 0.44 of a real one; bench figures in bench/README.md). Solarize uses a per-sample threshold,
+    256 = off."""
+    n = len(views)
+    interp = types.INTERP_CUBIC if aug.interpolation == "bicubic" else types.INTERP_LINEAR
+    crops, windows = [], []
+    for view in views:
+        anchor, size = fn.random_crop_generator(shape, random_area=list(view.scale),
+                                                random_aspect_ratio=list(aug.ratio))
+        start = anchor + 0.0  # float, as resize's ROI wants it
+        crops.append(fn.resize(images, roi_start=start, roi_end=start + size, size=[view.size, view.size],
+                               interp_type=interp, antialias=True, dtype=types.UINT8))
+        windows.append((anchor, size))
+    seq = fn.stack(*crops, axis_name="F")
+    seq, factors, jit, keep = _colour(seq, n, aug)
+
+    outs, records = [], []
+    for i, view in enumerate(views):
+        img, sigma = _blur_view(seq[i], view.blur_p, *aug.blur_sigma)
+        solarized = _frames(view.solarize_p, None)
+        if solarized is not None:
+            thr = float(aug.solarize_threshold) if isinstance(solarized, int) else \
+                256.0 - solarized * (256.0 - aug.solarize_threshold)
+            img = _solarize_float(img, thr)
+        flip = fn.random.coin_flip(probability=aug.flip_p, dtype=types.INT32) if aug.flip_p > 0 else 0
+        outs.append(fn.crop_mirror_normalize(img, mirror=flip, dtype=dtype, output_layout="HWC" if channels_last else "CHW",
+                                             mean=[255 * m for m in aug.mean], std=[255 * s for s in aug.std]))
+        pick = lambda x: _float(x[i]) if isinstance(x, DataNode) else _const(0.0 if x is None else 1.0)
+        anchor, size = windows[i]
+        records.append(fn.stack(
+            _float(flip) if aug.flip_p > 0 else _const(0.0), pick(jit), *(_float(f[i]) for f in factors),
+            _const(1.0) - pick(keep), sigma, _float(solarized) if isinstance(solarized, DataNode) else pick(solarized),
+            *(_float(t[k]) for t in (anchor, size, shape) for k in (0, 1)), _const(0.0)))
+    return outs, records
+
+
+def _groups(views: list[ViewSpec]) -> list[list[ViewSpec]]:
+    """Consecutive views of the same kind (and so the same size)."""
+    return [list(g) for _, g in itertools.groupby(views, key=lambda v: v.kind)]
+
+
 @pipeline_def(enable_conditionals=True, enable_checkpointing=True)
 def train_pipeline(reader: ReaderSpec, recipe: Recipe, device: str, channels_last: bool, hw_decoder_load: float,
                    debug: bool = False):
-    """Outputs: view_0..view_{V-1}, index[, record_0..record_{V-1} when debug]."""
+    """Outputs: view_0..view_{V-1}, index[, record_0..record_{V-1} when debug].
+
+    The fixed jitter order runs each group of same-size views as one sequence (group_chain); the
+    random order needs a per-sample conditional per op slot, so it runs view by view (view_chain)."""
     jpegs, index = _read(reader)
     images = _decode(jpegs, device, hw_decoder_load)
     shape = fn.peek_image_shape(jpegs)  # H, W, C on the CPU, for the crop windows
     views, records = [], []
-    for view in recipe.views():
-        v, r = view_chain(images, shape, view, recipe.augment, channels_last=channels_last)
-        views.append(v)
-        records.append(r)
+    if recipe.augment.jitter_order == "fixed":
+        for group in _groups(recipe.views()):
+            v, r = group_chain(images, shape, group, recipe.augment, channels_last=channels_last)
+            views += v
+            records += r
+    else:
+        for view in recipe.views():
+            v, r = view_chain(images, shape, view, recipe.augment, channels_last=channels_last)
+            views.append(v)
+            records.append(r)
     return (*views, index, *records) if debug else (*views, index)
 
 
