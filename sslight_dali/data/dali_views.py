@@ -273,21 +273,11 @@ def _pf(x):
     return fn.per_frame(x) if isinstance(x, DataNode) else x
 
 
-# PIL's blends (brightness, contrast, saturation) each truncate to uint8: ~0.5 grey level down on
-# average, per blend. The fused float pass does not round at all; it subtracts that bias once per
-# blend the sample went through, so its mean matches PIL's (tests/test_data_ops.py).
-PIL_TRUNCATION = 0.5
-
-
 def _colour(seq, n: int, aug: Augment):
-    """Colour jitter (fixed order) and grayscale on an FHWC uint8 sequence, per-frame parameters, no
-    conditionals: a frame without jitter gets brightness, contrast, saturation 1 and hue 0, grayscale
-    is saturation 0. Two passes in float: saturation + hue as one colour matrix (fn.hsv), then
-    brightness + contrast (brightness_contrast, contrast blending with the frame's mean luma). The
-    matrix keeps grey grey and luma unchanged, so this order equals brightness, contrast, saturation,
-    hue in exact arithmetic; the result is clipped to [0, 255] once, at the end, not after every op as
-    PIL does. Float out: converting back to uint8 cost more than the colour matrix itself on the CPU.
-    Returns (sequence, factors [b, c, s, hue_deg], jitter coins, colour-kept coins)."""
+    """Colour jitter (fixed order) and grayscale on an FHWC uint8 sequence with per-frame parameters
+    and no conditionals: a frame without jitter gets brightness, contrast, saturation 1 and hue 0;
+    grayscale is saturation 0. Returns (sequence, factors [b, c, s, hue_deg], jitter coins,
+    colour-kept coins); see colour_pass."""
     factors = (_frames_uniform(max(0.0, 1 - aug.brightness), 1 + aug.brightness, n),
                _frames_uniform(max(0.0, 1 - aug.contrast), 1 + aug.contrast, n),
                _frames_uniform(max(0.0, 1 - aug.saturation), 1 + aug.saturation, n),
@@ -295,23 +285,41 @@ def _colour(seq, n: int, aug: Augment):
     ops = jitter_ops(aug)
     jit = _frames(aug.jitter_p, n) if ops else None
     keep = _frames(1 - aug.grayscale_p, n)  # grayscale with probability grayscale_p
+    if jit is None and isinstance(keep, int):
+        return seq, factors, jit, keep  # nothing to apply: stay uint8
     b, c, s, h = (_gate(f, jit if k in ops else None, 0.0 if k == 3 else 1.0) for k, f in enumerate(factors))
     if keep is None:
         s = 0.0
     elif not isinstance(keep, int):
         s = s * keep if isinstance(s, DataNode) else fn.cast(keep, dtype=types.FLOAT)
-    blends = sum(k in ops for k in (0, 1, 2))
-    shift = _gate(-PIL_TRUNCATION * blends, jit, 0.0) if blends else 0.0
-    out = fn.hsv(seq, saturation=_pf(s), hue=_pf(h), dtype=types.FLOAT)
+    return colour_pass(seq, b, c, s, h), factors, jit, keep
+
+
+# PIL's blends truncate to uint8 (100 x 1.009 -> 100); DALI's colour ops round to nearest. Shifting
+# by just under half a level before DALI's rounding truncates as PIL does, and leaves integers
+# (factor 1: the identity) unchanged.
+TRUNCATE = -0.499 / 255  # brightness_shift is in units of the uint8 range
+
+
+def colour_pass(seq, brightness, contrast, saturation, hue_deg):
+    """The colour ops on an FHWC uint8 sequence, in torchvision's fixed order; each parameter is a float
+    or a per-frame [F] DataNode. Brightness, then contrast (blending with the mean luma of the
+    brightened frame), each rounding and clipping to uint8 as PIL does (truncating); then saturation
+    and hue as one colour matrix (fn.hsv; it differs from the two ops only where saturation clips),
+    in float and clipped to [0, 255] but not rounded: converting back to uint8 cost more than the
+    matrix itself on the CPU. Float out."""
+    seq = fn.brightness_contrast(seq, brightness=_pf(brightness), brightness_shift=TRUNCATE)
     # mean luma per frame, [F, 1, 1, 1]: one reduction, one 1x3 matrix
     center = fn.coord_transform(fn.reductions.mean(seq, axes=[1, 2], keep_dims=True), M=[0.299, 0.587, 0.114])
-    out = fn.brightness_contrast(out, brightness=_pf(b), contrast=_pf(c), contrast_center=fn.per_frame(center),
-                                 brightness_shift=_pf(shift), dtype=types.FLOAT)
-    return dmath.min(dmath.max(out, 0.0), 255.0), factors, jit, keep  # 3x cheaper than math.clamp on the CPU
+    seq = fn.brightness_contrast(seq, contrast=_pf(contrast), contrast_center=fn.per_frame(center),
+                                 brightness_shift=TRUNCATE)
+    out = fn.hsv(seq, saturation=_pf(saturation), hue=_pf(hue_deg), dtype=types.FLOAT)
+    return dmath.min(dmath.max(out, 0.0), 255.0)  # 3x cheaper than math.clamp on the CPU
 
 
 def _solarize_float(img, threshold):
-    return img + (img >= threshold) * (255.0 - 2.0 * img)
+    """v >= threshold -> 255 - v, as |255 m - v| with m the 0/1 mask (4 passes; threshold 256 = off)."""
+    return dmath.abs((img >= threshold) * 255.0 - img)
 
 
 def _blur_view(img, p: float, lo: float, hi: float):
