@@ -1,0 +1,73 @@
+"""The DINO-SSLight DALI graph, counted from the built pipeline's serialized definition."""
+from collections import Counter
+
+from sslight_dali.config import load_config
+from sslight_dali.data.dali_views import ReaderSpec, train_pipeline
+
+CONFIG = "configs/dino/resnet18_sslight.yaml"
+# Operator instances in the graph before the view chain was rewritten: 328 (fixed jitter order,
+# debug off), of which 63 conditional splits and 24 merges. Measured with op_names() below on the
+# dali_views.py of commit 3258304 (per view: crop, then brightness, contrast, hsv, grayscale, blur,
+# solarize each behind a per-sample conditional).
+OLD_GRAPH_OPS = 328
+
+
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+    x = shift = 0
+    while True:
+        b = buf[i]
+        i += 1
+        x |= (b & 0x7F) << shift
+        shift += 7
+        if b < 0x80:
+            return x, i
+
+
+def _fields(buf: bytes):
+    """(field number, value) of one protobuf message, wire types 0, 1, 2 and 5."""
+    i = 0
+    while i < len(buf):
+        key, i = _varint(buf, i)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, i = _varint(buf, i)
+        elif wire == 2:
+            n, i = _varint(buf, i)
+            value, i = buf[i:i + n], i + n
+        elif wire in (1, 5):
+            n = 8 if wire == 1 else 4
+            value, i = buf[i:i + n], i + n
+        else:
+            raise ValueError(f"wire type {wire}")
+        yield field, value
+
+
+def op_names(pipe) -> list[str]:
+    """Operator schema names, one per instance: DALI's PipelineDef keeps its operators in field 5
+    (OpDef), whose field 1 is the schema name."""
+    return [dict(_fields(op))[1].decode() for field, op in _fields(pipe.serialize()) if field == 5]
+
+
+def _pipe(*overrides, debug=False):
+    cfg = load_config(CONFIG, list(overrides))
+    return train_pipeline(ReaderSpec(files=["unused.jpg"], indices=[0]), cfg.recipe, "cpu", True, 0.0, debug,
+                          batch_size=2, num_threads=1, device_id=None)
+
+
+def test_graph_has_at_most_half_the_operators():
+    names = op_names(_pipe())
+    counts = Counter(names)
+    # The parser reads the real graph: one reader, one decoder, a crop resize and a normalize per view.
+    assert counts["readers__File"] == 1 and counts["decoders__Image"] == 1
+    assert counts["Resize"] == counts["CropMirrorNormalize"] == 8
+    assert len(names) <= OLD_GRAPH_OPS // 2, (len(names), counts.most_common())
+    # Colour jitter and grayscale run for the whole group without conditionals: the only per-sample
+    # conditionals left are the blurs with 0 < p < 1 (global 2 and the 6 locals), one merge each.
+    assert counts["_conditional__Merge"] == 7, counts
+    assert counts["Hsv"] == counts["Stack"] == 2
+
+
+def test_random_order_keeps_its_per_sample_slots():
+    # The random jitter order is the slow, exact path: per-view chains with per-slot conditionals.
+    counts = Counter(op_names(_pipe("recipe.augment.jitter_order=random")))
+    assert counts["LookupTable"] == 8 * 4 and counts["Stack"] == 0
