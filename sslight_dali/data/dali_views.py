@@ -257,6 +257,8 @@ def _frames(p: float, n: int | None):
 
 
 def _frames_uniform(lo: float, hi: float, n: int):
+    if hi <= lo:  # an op switched off (amount 0): DALI refuses an empty range
+        return types.Constant(np.full(n, lo, np.float32), device="cpu")
     return fn.random.uniform(range=[lo, hi], shape=[n], dtype=types.FLOAT)
 
 
