@@ -20,10 +20,19 @@ N_BATCHES, BATCH = 40, 32  # 1,280 samples per view, 2,560 per global/local grou
 
 @pytest.fixture(scope="module")
 def records(synth_root):
+    return _records(synth_root, "random")
+
+
+@pytest.fixture(scope="module")
+def fixed_records(synth_root):
+    return _records(synth_root, "fixed")
+
+
+def _records(synth_root, order):
     from sslight_dali.config import load_config
     cfg = load_config("configs/dino/resnet18_sslight.yaml", [
         f"data.root={synth_root}", "data.device=cpu", "data.num_threads=2", f"train.batch_size={BATCH}",
-        "recipe.global.size=24", "recipe.local.size=12", "recipe.augment.jitter_order=random"])
+        "recipe.global.size=24", "recipe.local.size=12", f"recipe.augment.jitter_order={order}"])
     views = cfg.recipe.views()
     loader = build_train_loader(cfg, debug=True)
     dali = [[] for _ in views]
@@ -56,8 +65,11 @@ def _rate_ok(x, p):
 
 
 @pytest.mark.slow
-def test_op_rates_match_recipe(records):
-    recipe, views, dali, ref = records
+@pytest.mark.parametrize("order", ["random", "fixed"])
+def test_op_rates_match_recipe(request, order):
+    # Both graphs: the random order's per-view conditionals, and the fixed order's sequences with
+    # per-frame coins and identity parameters (whose records report the coins).
+    recipe, views, dali, ref = request.getfixturevalue("records" if order == "random" else "fixed_records")
     aug = recipe.augment
     for v, view in enumerate(views):
         for name, backend in (("dali", dali[v]), ("torchvision", ref[v])):

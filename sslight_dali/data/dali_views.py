@@ -9,20 +9,27 @@ Semantics follow the torchvision/PIL reference (sslight-reference.md §1.3, §7.
 - flip: folded into crop_mirror_normalize. Every later op is pointwise or a symmetric blur, so
   flipping last equals flipping right after the crop.
 - colour jitter, applied with p: brightness multiplies, contrast blends with the image's mean luma,
-  saturation blends with luma, hue rotates by U(-360h, 360h) degrees; each op rounds and clips to
-  uint8 as PIL does. `jitter_order: fixed` (the default) runs brightness, contrast, then saturation
-  and hue fused into one colour matrix (fn.hsv; they act on the chroma plane only, so fusing them
-  changes pixels only where saturation would have clipped). `jitter_order: random` is torchvision's:
-  a random order per sample, uniform over the n! orders of `jitter_orders`, built from n slots; a
-  slot runs the op the sample's order puts there, chosen with conditionals. The ops commute in exact
-  arithmetic; the order matters where a channel clips, ~12 grey levels MAE between two orders with
-  strong factors (tests/test_data_parity.py). On the GPU the slots' conditionals made the pipeline
-  4.4x slower (bench/README.md), hence the fixed default.
+  saturation blends with luma, hue rotates by U(-360h, 360h) degrees. `jitter_order: fixed` (the
+  default) runs them in that order (group_chain): all views of one size travel as one sequence per
+  image, and jitter and grayscale run on every frame with no conditional, a frame without them
+  getting identity parameters (brightness, contrast, saturation 1, hue 0; grayscale = saturation 0).
+  Brightness and contrast are two uint8 passes that clip and truncate as PIL's blends do (DALI's
+  colour ops round to nearest: a shift of just under half a level before rounding makes it
+  truncate); saturation, hue and grayscale are one colour matrix (fn.hsv) computed in float, clipped
+  to [0, 255] but not rounded, so those frames sit ~0.5 grey level above PIL's truncated saturation
+  blend; fusing saturation and hue changes pixels only where saturation would have clipped.
+  `jitter_order: random` is torchvision's: a random order per sample, uniform over the n! orders of
+  `jitter_orders`, built from n slots, view by view (view_chain); a slot runs the op the sample's
+  order puts there, chosen with conditionals, and each op rounds to nearest. The ops commute in
+  exact arithmetic; the order matters where a channel clips, ~12 grey levels MAE between two orders
+  with strong factors (tests/test_data_parity.py). On the GPU the slots' conditionals made the
+  pipeline 4.4x slower (bench/README.md), hence the fixed default.
 - grayscale: ITU-R 601 luma in 3 channels. Blur: sigma ~ U(blur_sigma), a window of
   2*ceil(3*sigma)+1 taps per sample.
-  Solarize: v >= threshold -> 255 - v.
-Per-sample probabilities use DALI conditionals, so unselected samples skip the op entirely; an op
-with p == 0 is not in the graph and one with p == 1 has no conditional.
+  Solarize: v >= threshold -> 255 - v (fixed order: every sample, threshold 256 when not drawn).
+Blur keeps a per-sample conditional (unselected samples skip it: on the CPU that beat an identity
+kernel on every sample), as do all ops of the random-order chain; an op with p == 0 is not in the
+graph and one with p == 1 has no conditional.
 """
 from __future__ import annotations
 
@@ -173,8 +180,10 @@ def _jitter_fused(img, ops: tuple[int, ...], factors):
 
 
 def _jitter(img, aug: Augment, order, *factors):
-    """Colour jitter on uint8 (each op saturates and rounds like PIL's), in the per-sample `order`
-    (an index into jitter_orders(aug))."""
+    """Colour jitter on uint8, in the per-sample `order` (an index into jitter_orders(aug)). Each op
+    saturates like PIL's but rounds to nearest where PIL truncates: brightness, contrast and
+    saturation together sit 0.7-1.3 grey levels above PIL on tests/test_data_ops.py's photo (the
+    fixed-order colour_pass truncates)."""
     orders = jitter_orders(aug)
     if len(orders) == 1:  # the fixed order, or zero or one op: nothing to permute
         return _jitter_fused(img, orders[0], factors)
