@@ -198,3 +198,20 @@ def test_blur_on_float_frames_matches_pil(photo, sigma):
     # The graph blurs the colour pass's float output.
     got = run_dali(lambda i: dv._blur(fn.cast(i, dtype=types.FLOAT), _c(sigma)), photo)
     assert mae(got, photo.filter(ImageFilter.GaussianBlur(radius=sigma))) < 1.0
+
+
+def test_gpu_contrast_blend_equals_the_cpu_pass(photo):
+    # The GPU graph blends contrast with arithmetic (its mean luma is a GPU tensor, and argument
+    # inputs must be on the CPU); the same expression runs here on the CPU against the CPU pass.
+    params = [(0.6,), (1.0,), (1.4,)]
+
+    def blend(arithmetic):
+        def op(seq, c):
+            center = fn.coord_transform(fn.reductions.mean(seq, axes=[1, 2], keep_dims=True), M=[0.299, 0.587, 0.114])
+            return dv._contrast_frames(seq, c, center, arithmetic)
+        return run_frames(op, photo, params)
+    cpu, gpu_formula = blend(False), blend(True)
+    assert gpu_formula.dtype == np.uint8 and np.array_equal(gpu_formula[1], np.asarray(photo))  # identity exact
+    assert np.abs(cpu.astype(np.int16) - gpu_formula).max() <= 1
+    assert mae(cpu, gpu_formula) < 0.05
+    assert mae(gpu_formula[0], F.adjust_contrast(photo, 0.6)) < 0.6

@@ -312,6 +312,19 @@ def _colour(seq, n: int, aug: Augment):
 TRUNCATE = -0.499 / 255  # brightness_shift is in units of the uint8 range
 
 
+def _contrast_frames(seq, contrast, center, arithmetic: bool):
+    """Blend each frame with its mean luma `center` ([F, 1, 1, 1]), truncating to uint8. On the GPU
+    the mean is a GPU tensor and argument inputs must live on the CPU, so the blend is arithmetic
+    there (a float expression, then a rounding cast: the same truncation by the same shift)."""
+    if not arithmetic:
+        return fn.brightness_contrast(seq, contrast=_pf(contrast), contrast_center=fn.per_frame(center),
+                                      brightness_shift=TRUNCATE)
+    if isinstance(contrast, DataNode):
+        contrast = fn.reshape(contrast, shape=[-1, 1, 1, 1])
+        contrast = contrast.gpu() if seq.device == "gpu" else contrast
+    return fn.cast(center + contrast * (seq - center) + 255 * TRUNCATE, dtype=types.UINT8)
+
+
 def colour_pass(seq, brightness, contrast, saturation, hue_deg):
     """The colour ops on an FHWC uint8 sequence, in torchvision's fixed order; each parameter is a float
     or a per-frame [F] DataNode. Brightness, then contrast (blending with the mean luma of the
@@ -322,8 +335,7 @@ def colour_pass(seq, brightness, contrast, saturation, hue_deg):
     seq = fn.brightness_contrast(seq, brightness=_pf(brightness), brightness_shift=TRUNCATE)
     # mean luma per frame, [F, 1, 1, 1]: one reduction, one 1x3 matrix
     center = fn.coord_transform(fn.reductions.mean(seq, axes=[1, 2], keep_dims=True), M=[0.299, 0.587, 0.114])
-    seq = fn.brightness_contrast(seq, contrast=_pf(contrast), contrast_center=fn.per_frame(center),
-                                 brightness_shift=TRUNCATE)
+    seq = _contrast_frames(seq, contrast, center, arithmetic=seq.device == "gpu")
     out = fn.hsv(seq, saturation=_pf(saturation), hue=_pf(hue_deg), dtype=types.FLOAT)
     return dmath.min(dmath.max(out, 0.0), 255.0)  # 3x cheaper than math.clamp on the CPU
 
@@ -377,7 +389,7 @@ def group_chain(images, shape, views: list[ViewSpec], aug: Augment, *, channels_
         if solarized is not None:
             thr = float(aug.solarize_threshold) if isinstance(solarized, int) else \
                 256.0 - solarized * (256.0 - aug.solarize_threshold)
-            img = _solarize_float(img, thr)
+            img = _solarize_float(img, thr.gpu() if img.device == "gpu" and isinstance(thr, DataNode) else thr)
         flip = fn.random.coin_flip(probability=aug.flip_p, dtype=types.INT32) if aug.flip_p > 0 else 0
         outs.append(fn.crop_mirror_normalize(img, mirror=flip, dtype=dtype, output_layout="HWC" if channels_last else "CHW",
                                              mean=[255 * m for m in aug.mean], std=[255 * s for s in aug.std]))
