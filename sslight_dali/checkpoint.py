@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .files import atomic_write
+
 LATEST = "checkpoint.pt"
 
 
@@ -20,18 +22,7 @@ class CheckpointError(RuntimeError):
 
 
 def save_atomic(obj: dict, path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new file, never half of one
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write(path, lambda f: torch.save(obj, f), fsync=True)
 
 
 def load(path: str | os.PathLike) -> dict:

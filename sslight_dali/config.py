@@ -600,7 +600,5 @@ def dump_config(cfg: Config) -> str:
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(dump_config(cfg))
-    os.replace(tmp, path)
+    from .files import atomic_write
+    atomic_write(path, dump_config(cfg))

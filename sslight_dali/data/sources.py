@@ -18,6 +18,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..files import atomic_write
+
 log = logging.getLogger(__name__)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -199,10 +201,8 @@ def find_bad_samples_cached(samples: Samples, workers: int, cache_dir: str) -> l
         return bad
     bad = find_bad_samples(samples, workers)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"root": samples.root, "files": len(samples), "bad": bad}))
-        os.replace(tmp, path)  # atomic: a reader never sees half a verdict
+        # atomic: a reader never sees half a verdict
+        atomic_write(path, json.dumps({"root": samples.root, "files": len(samples), "bad": bad}))
     except OSError as e:  # a read-only home must not stop training; the next start checks again
         log.warning("file check: could not cache the verdict in %s (%s)", path.parent, e)
     return bad
