@@ -177,7 +177,8 @@ class TrainCfg:
     output_dir: str = "runs/default"
     resume: str = field(default="", metadata={"help": "'' = fresh, 'auto' = latest in output_dir, or a path"})
     seed: int = _f(0, 0)
-    device: Literal["auto", "cuda", "cpu"] = "auto"
+    device: Literal["auto", "gpu", "cpu"] = field(default="auto", metadata={
+        "help": "where the model runs; auto = the GPU if there is one", "aliases": {"cuda": "gpu"}})
 
 
 @dataclass
@@ -189,7 +190,8 @@ class DataCfg:
     recipe: str = field(default="pipelines/cnn_sslight.yaml", metadata={
         "help": "a recipe YAML path, or a shipped recipe's name (cnn_sslight)"})
     backend: Literal["dali", "torchvision"] = "dali"
-    device: Literal["auto", "gpu", "cpu"] = "auto"
+    device: Literal["auto", "gpu", "cpu"] = field(default="auto", metadata={
+        "help": "where view sampling runs; auto = the GPU if there is one", "aliases": {"cuda": "gpu"}})
     num_threads: int = _f(4, 1, 256, help="DALI CPU threads / torchvision workers per process")
     prefetch: int = _f(2, 1, 16, help="DALI prefetch queue depth")
     hw_decoder_load: float = _f(0.65, 0.0, 1.0, "share of JPEGs sent to the hardware decoder (A100/H100)")
@@ -346,6 +348,8 @@ def _check_value(path: str, value, tp, meta):
     origin = typing.get_origin(tp)
     if origin is Literal or "choices" in meta:
         allowed = meta["choices"]() if "choices" in meta else typing.get_args(tp)
+        # An old spelling still read (train.device: cuda, from before devices were named gpu/cpu).
+        value = meta.get("aliases", {}).get(value, value) if isinstance(value, str) else value
         if value not in allowed:
             raise ConfigError(f"{path}: {value!r} is not allowed; choose one of {list(allowed)}")
         return value

@@ -10,6 +10,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .runtime import world_size
+
 
 @torch.no_grad()
 def extract_features(backbone: torch.nn.Module, loader, device: torch.device,
@@ -28,7 +30,7 @@ def extract_features(backbone: torch.nn.Module, loader, device: torch.device,
         indices.append(idx.to(device))
     backbone.train(was_training)
     feats, labels, indices = torch.cat(feats), torch.cat(labels), torch.cat(indices)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if world_size() > 1:
         feats, labels, indices = (_all_gather_varlen(t) for t in (feats, labels, indices))
     # Sharded readers may pad with repeats: keep one row per sample index.
     order = torch.argsort(indices)

@@ -8,13 +8,10 @@ per-step host syncs, atomic checkpoints and exact resume.
 from __future__ import annotations
 
 import logging
-import os
-import random
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -24,55 +21,15 @@ from .config import Config, dump_config, save_config, to_dict
 from .knn import knn_evaluate
 from .logger import RunLogger, StepTimer, setup_logging
 from .optim import OPTIMIZER_SCHEDULES, clip_gradients_
+# Process and device set-up lives in runtime.py (shared with bench, evaluation and the demo).
+from .runtime import (autocast_dtype, init_distributed, is_convnet, resolve_precision,  # noqa: F401
+                      seed_everything, torch_dtype, uses_channels_last)
 
 log = logging.getLogger("sslight")
 
 
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-# ------------------------------------------------------------------------------------------------
-# Process and device set-up
-# ------------------------------------------------------------------------------------------------
-def init_distributed(cfg: Config) -> tuple[int, int, torch.device]:
-    """(rank, world_size, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; NCCL on GPU, gloo on CPU."""
-    use_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
-    if cfg.train.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is visible")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return rank, world, device
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def resolve_precision(cfg: Config, device: torch.device) -> str:
-    p = cfg.train.precision
-    if p == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return p
-
-
-def is_convnet(cfg: Config) -> bool:
-    return not cfg.model.backbone.startswith("vit")
-
-
-def uses_channels_last(cfg: Config) -> bool:
-    """Channels-last pays off for the convnets only (ViT-Tiny gains nothing from it)."""
-    return cfg.train.channels_last and is_convnet(cfg)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -120,10 +77,8 @@ class Trainer:
 
     # -- one optimisation step --------------------------------------------------------------------
     def autocast(self):
-        if self.precision in ("bf16", "fp16"):
-            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-            return torch.autocast(self.device.type, dtype=dtype)
-        return nullcontext()
+        dtype = autocast_dtype(self.precision)
+        return torch.autocast(self.device.type, dtype=dtype) if dtype is not None else nullcontext()
 
     def train_step(self, views: list[torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
         s = min(self.step, len(self.schedules["lr"]) - 1)
@@ -247,9 +202,8 @@ class Trainer:
     def evaluate(self) -> dict:
         """kNN top-1/top-5 of the student backbone (cfg.eval.knn_mode), logged and returned."""
         cfg = self.cfg
-        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-        res, vf, vl = knn_evaluate(cfg, self.method.backbone, self.device, amp, self.rank, self.world,
-                                   self.channels_last)
+        res, vf, vl = knn_evaluate(cfg, self.method.backbone, self.device, autocast_dtype(self.precision),
+                                   self.rank, self.world, self.channels_last)
         rec = {"kind": "eval", "step": self.step, "epoch": self.epoch, "knn_top1": res["top1"], "knn_top5": res["top5"]}
         if self.method.probe is not None:
             # The joint probe on val center crops: the reference's "Linear probe" monitor (§2.7).
@@ -367,7 +321,7 @@ def train(cfg: Config) -> dict:
     precision = resolve_precision(cfg, device)
     loader = build_train_loader(cfg, rank=rank, world_size=world,
                                 channels_last=uses_channels_last(cfg),
-                                dtype=torch.bfloat16 if cfg.data.dtype == "bfloat16" else torch.float32)
+                                dtype=torch_dtype(cfg.data.dtype))
     trainer = Trainer(cfg, loader, rank, world, device, output_dir)
     if state is not None:
         trainer.load_state_dict(state)

@@ -1,0 +1,85 @@
+"""Process and device set-up shared by training, the benchmarks, evaluation and the demo.
+
+Devices are named "gpu", "cpu" or "auto" in configs and on the command line (`train.device`,
+`data.device`, `sslight bench --device`); torch's name for the GPU, "cuda", is accepted as the same
+thing, so older configs and checkpoints still load. Precisions are "bf16", "fp16", "fp32" (and
+"auto"), data dtypes "bfloat16" and "float32"; `torch_dtype` reads either spelling.
+"""
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def torch_dtype(name_or_dtype) -> torch.dtype:
+    """'bf16' / 'bfloat16' -> torch.bfloat16, and so on; a torch.dtype passes through."""
+    if isinstance(name_or_dtype, torch.dtype):
+        return name_or_dtype
+    return _DTYPES[name_or_dtype]
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype of a resolved precision; None for fp32 (no autocast)."""
+    return None if precision == "fp32" else torch_dtype(precision)
+
+
+def is_distributed() -> bool:
+    """Whether a torch.distributed process group is up (every collective is skipped otherwise)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def torch_device(kind: str) -> torch.device:
+    """'gpu' (or 'cuda') -> the current CUDA device; anything else -> the CPU."""
+    return torch.device("cuda") if kind in ("gpu", "cuda") else torch.device("cpu")
+
+
+def init_distributed(cfg) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; NCCL on GPU, gloo on CPU."""
+    use_cuda = cfg.train.device == "gpu" or (cfg.train.device == "auto" and torch.cuda.is_available())
+    if cfg.train.device == "gpu" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=gpu but no CUDA device is visible")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return rank, world, device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_precision(cfg, device: torch.device) -> str:
+    """train.precision with 'auto' resolved: bf16 on a GPU, fp32 on the CPU."""
+    p = cfg.train.precision
+    if p == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return p
+
+
+def is_convnet(cfg) -> bool:
+    return not cfg.model.backbone.startswith("vit")
+
+
+def uses_channels_last(cfg) -> bool:
+    """Channels-last pays off for the convnets only (ViT-Tiny gains nothing from it)."""
+    return cfg.train.channels_last and is_convnet(cfg)
