@@ -1,4 +1,52 @@
-"""What the DALI and the torchvision loaders share: seeding and the epoch/step position."""
+"""What every loader backend shares: the verified samples of a split, the device and dtype, seeding
+and the epoch/step position. Backend-neutral: nothing here (or in sources.py, torch_views.py,
+build.py) imports DALI, so the torchvision backend works where DALI is not installed."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..runtime import torch_dtype, world_size  # noqa: F401  (torch_dtype is used by build.py)
+from .sources import DataError, Samples, drop_bad_samples, find_bad_samples_cached, list_samples
+
+
+def resolve_device(device: str) -> str:
+    """data.device -> 'gpu' | 'cpu': 'auto' is the GPU when CUDA is available; 'cuda' means 'gpu'."""
+    if device == "cuda":
+        device = "gpu"
+    if device == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    if device == "gpu" and not torch.cuda.is_available():
+        raise RuntimeError("data.device=gpu but CUDA is not available; use data.device=cpu or auto")
+    return device
+
+
+def verify_cache_dir(cfg) -> str:
+    """data.verify_cache resolved: auto = $XDG_CACHE_HOME/sslight-dali/verified (~/.cache/...)."""
+    if cfg.data.verify_cache != "auto":
+        return cfg.data.verify_cache
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "sslight-dali", "verified")
+
+
+def load_split(cfg, split: str) -> Samples:
+    """The verified samples of a split. Under torch.distributed only rank 0 reads every file to check
+    it (a full pass over ImageNet is minutes); the others receive its verdict, so all ranks agree.
+    The verdict is cached (data.verify_cache) by the files' paths, sizes and mtimes, so a restart on
+    unchanged data only stats the files."""
+    if not cfg.data.root:
+        raise DataError("data.root is empty: set it to a dataset root (e.g. made by `sslight data synth`)")
+    samples = list_samples(cfg.data.root, split, cfg.data.format, check=False)
+    check = lambda: find_bad_samples_cached(samples, cfg.data.num_threads, verify_cache_dir(cfg))  # noqa: E731
+    if world_size() > 1:
+        import torch.distributed as dist
+        verdict = [check() if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(verdict, src=0)
+        bad = verdict[0]
+    else:
+        bad = check()
+    return drop_bad_samples(samples, bad, cfg.data.skip_bad_files)
 
 
 def mix_seed(seed: int, rank: int) -> int:

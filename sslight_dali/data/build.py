@@ -1,14 +1,28 @@
-"""Loader factories: pick the backend (DALI or torchvision) and device from the config."""
+"""Loader factories: pick the backend (DALI or torchvision) and device from the config.
+
+The DALI loaders are imported only when a DALI loader is built: the torchvision backend needs no DALI."""
 from __future__ import annotations
 
 import copy
 
 import torch
 
-from ..config import Config, Recipe, ViewGroup
-from .loader import DaliEvalLoader, DaliTrainLoader, load_split, resolve_device, torch_dtype
+from ..config import Config, ConfigError, Recipe, ViewGroup
+from .base import load_split, resolve_device, torch_dtype
 from .sources import Samples
 from .torch_views import EvalDataset, MultiViewDataset, TorchLoader
+
+
+def _dali_loaders():
+    """The DALI loader module, imported on first use; a clear error where DALI is not installed."""
+    try:
+        from . import loader
+    except ModuleNotFoundError as e:
+        if not (e.name or "").startswith("nvidia"):
+            raise
+        raise ConfigError("data.backend=dali: NVIDIA DALI is not installed (pip install nvidia-dali-cuda130); "
+                          "install it or use data.backend=torchvision") from None
+    return loader
 
 
 def linear_probe_recipe(recipe: Recipe, crop: int) -> Recipe:
@@ -44,7 +58,7 @@ def build_train_loader(cfg: Config, rank: int = 0, world_size: int = 1, channels
         return TorchLoader(MultiViewDataset(samples, recipe), batch_size, num_workers=cfg.data.num_threads,
                            seed=cfg.train.seed, device=device, shuffle=True, drop_last=drop_last,
                            classes=samples.classes, **common)
-    return DaliTrainLoader(samples, recipe, debug=debug, hw_decoder_load=cfg.data.hw_decoder_load, drop_last=drop_last,
+    return _dali_loaders().DaliTrainLoader(samples, recipe, debug=debug, hw_decoder_load=cfg.data.hw_decoder_load, drop_last=drop_last,
                            batch_size=batch_size, device=device, num_threads=cfg.data.num_threads,
                            prefetch=cfg.data.prefetch, seed=cfg.train.seed, **common)
 
@@ -97,6 +111,6 @@ def build_eval_loader(cfg: Config, split: str = "val", rank: int = 0, world_size
         return TorchLoader(EvalDataset(samples, cfg.eval.resize, cfg.eval.crop, aug.mean, aug.std), batch_size,
                            num_workers=cfg.data.num_threads, seed=cfg.train.seed, device=device, shuffle=False,
                            drop_last=False, classes=samples.classes, **common)
-    return DaliEvalLoader(samples, cfg.eval.resize, cfg.eval.crop, aug.mean, aug.std,
+    return _dali_loaders().DaliEvalLoader(samples, cfg.eval.resize, cfg.eval.crop, aug.mean, aug.std,
                           hw_decoder_load=cfg.data.hw_decoder_load, batch_size=batch_size, device=device,
                           num_threads=cfg.data.num_threads, prefetch=cfg.data.prefetch, seed=cfg.train.seed, **common)

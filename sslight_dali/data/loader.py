@@ -22,64 +22,23 @@ iterator (which accounts for batches already prefetched) plus the epoch and step
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 import weakref
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from ..config import Config, Recipe
+from ..config import Recipe
 from .dali_views import READER, ReaderSpec, eval_pipeline, train_pipeline
-from .base import LoaderPosition, mix_seed
-from .sources import DataError, Samples, drop_bad_samples, find_bad_samples_cached, list_samples, write_wds_index
+# load_split, resolve_device, torch_dtype and verify_cache_dir are backend-neutral (base.py); they are
+# imported here too so that `from sslight_dali.data.loader import load_split` keeps working.
+from .base import LoaderPosition, load_split, mix_seed, resolve_device, torch_dtype, verify_cache_dir  # noqa: F401
+from .sources import DataError, Samples, write_wds_index
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(device: str) -> str:
-    """'gpu' | 'cpu' | 'auto' (GPU when CUDA is available)."""
-    if device == "auto":
-        return "gpu" if torch.cuda.is_available() else "cpu"
-    if device == "gpu" and not torch.cuda.is_available():
-        raise RuntimeError("data.device=gpu but CUDA is not available; use data.device=cpu or auto")
-    return device
-
-
-def torch_dtype(name_or_dtype) -> torch.dtype:
-    if isinstance(name_or_dtype, torch.dtype):
-        return name_or_dtype
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name_or_dtype]
-
-
-def verify_cache_dir(cfg: Config) -> str:
-    """data.verify_cache resolved: auto = $XDG_CACHE_HOME/sslight-dali/verified (~/.cache/...)."""
-    if cfg.data.verify_cache != "auto":
-        return cfg.data.verify_cache
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "sslight-dali", "verified")
-
-
-def load_split(cfg: Config, split: str) -> Samples:
-    """The verified samples of a split. Under torch.distributed only rank 0 reads every file to check
-    it (a full pass over ImageNet is minutes); the others receive its verdict, so all ranks agree.
-    The verdict is cached (data.verify_cache) by the files' paths, sizes and mtimes, so a restart on
-    unchanged data only stats the files."""
-    if not cfg.data.root:
-        raise DataError("data.root is empty: set it to a dataset root (e.g. made by `sslight data synth`)")
-    samples = list_samples(cfg.data.root, split, cfg.data.format, check=False)
-    check = lambda: find_bad_samples_cached(samples, cfg.data.num_threads, verify_cache_dir(cfg))  # noqa: E731
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        verdict = [check() if dist.get_rank() == 0 else None]
-        dist.broadcast_object_list(verdict, src=0)
-        bad = verdict[0]
-    else:
-        bad = check()
-    return drop_bad_samples(samples, bad, cfg.data.skip_bad_files)
 
 
 class _DaliLoader(LoaderPosition):

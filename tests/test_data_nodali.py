@@ -1,0 +1,60 @@
+"""`sslight_dali.data` without DALI: sources, errors and the torchvision backend work when
+`nvidia.dali` cannot be imported (checked in a child process where an import hook hides it)."""
+import json
+import subprocess
+import sys
+
+CHILD = r"""
+import json, sys
+
+class HideDali:
+    def find_spec(self, name, path=None, target=None):
+        if name == "nvidia.dali" or name.startswith("nvidia.dali."):
+            raise ModuleNotFoundError(f"No module named {name!r} (hidden by the test)", name=name)
+        return None
+
+sys.meta_path.insert(0, HideDali())
+try:
+    import nvidia.dali  # noqa: F401
+    raise SystemExit("the hook did not hide nvidia.dali")
+except ModuleNotFoundError:
+    pass
+
+from sslight_dali.config import ConfigError, load_config
+from sslight_dali.data import DataError, build_eval_loader, build_train_loader, list_samples
+
+root = sys.argv[1]
+base = [f"data.root={root}", "data.backend=torchvision", "data.device=cpu", "data.num_threads=1",
+        "train.batch_size=4", "recipe.global.size=32", "recipe.local.size=16", "recipe.local.count=2",
+        "eval.resize=40", "eval.crop=32", "eval.batch_size=4"]
+cfg = load_config("configs/dino/resnet18_sslight.yaml", base)
+out = {}
+loader = build_train_loader(cfg, channels_last=False)
+views, labels, index = next(iter(loader.epoch(0)))
+out["train"] = [list(v.shape) for v in views] + [list(labels.shape), list(index.shape)]
+images, labels, index = next(iter(build_eval_loader(cfg)))
+out["eval"] = list(images.shape)
+out["samples"] = len(list_samples(root, "train", check=False))
+try:
+    list_samples(root, "no_such_split")
+except DataError as e:
+    out["data_error"] = str(e)
+try:
+    build_train_loader(load_config("configs/dino/resnet18_sslight.yaml", base + ["data.backend=dali"]))
+except ConfigError as e:
+    out["dali_error"] = str(e)
+out["dali_loaded"] = sorted(m for m in sys.modules if m.startswith("nvidia.dali"))
+print(json.dumps(out))
+"""
+
+
+def test_data_package_works_without_dali(synth_root):
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(synth_root)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["train"] == [[4, 3, 32, 32]] * 2 + [[4, 3, 16, 16]] * 2 + [[4], [4]]
+    assert out["eval"] == [4, 3, 32, 32]
+    assert out["samples"] == 32
+    assert "no_such_split" in out["data_error"]
+    assert "data.backend=dali" in out["dali_error"] and "DALI is not installed" in out["dali_error"]
+    assert out["dali_loaded"] == []
