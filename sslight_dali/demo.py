@@ -60,8 +60,10 @@ def main(args) -> int:
 
     from .config import load_config
     from .models import build_backbone
+    from .pretrained import load_pretrained
+    from .runtime import seed_everything
     from .synth import synth_dataset
-    from .train import seed_everything, train
+    from .train import train
 
     on_gpu = torch.cuda.is_available()
     data = Path(args.data)
@@ -84,8 +86,7 @@ def main(args) -> int:
     minutes = (time.perf_counter() - t0) / 60
 
     from .checkpoint import LATEST
-    from .pretrained import load_pretrained
-    trained = load_pretrained(Path(args.out) / LATEST).backbone.to(device)
+    trained = load_pretrained(Path(args.out) / LATEST).backbone.to(device)  # the student, as training's kNN
     after = knn_top1(cfg, trained, device)
     probe_after = probe_top1(cfg, trained, device)
 
