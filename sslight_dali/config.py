@@ -554,15 +554,6 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
     return cfg
 
 
-def load_recipe(path: str | os.PathLike) -> Recipe:
-    try:
-        recipe = from_dict(Recipe, read_yaml(path), "recipe.")
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
-    recipe.views()  # checks per-view list lengths
-    return recipe
-
-
 def validate(cfg: Config) -> None:
     """Cross-field checks that the types alone cannot express."""
     r = cfg.recipe

@@ -4,7 +4,6 @@ Every backbone returns pooled features [B, D] (`num_classes=0`) and exposes `.nu
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 BACKBONES = ("mobilenetv2_100", "resnet18", "resnet34", "vit_tiny_patch16_224")
@@ -46,11 +45,3 @@ def build_backbone(name: str, drop_path_rate: float = 0.0) -> nn.Module:
         reference_conv_bn_init_(model)
     return model
 
-
-def feature_dim(model: nn.Module) -> int:
-    return int(model.num_features)
-
-
-@torch.no_grad()
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
