@@ -1,17 +1,18 @@
-"""`sslight` command line. Each subcommand's module is imported only when it runs."""
+"""`sslight` command line. Each subcommand's module is imported only when it runs: `sslight --help`
+imports neither torch nor DALI, and `sslight bench ...` imports the bench module, not the viewer's."""
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import sys
-
-from .config import ConfigError, dump_config, load_config
 
 OVERRIDES_HELP = "overrides as key.sub=value (e.g. train.batch_size=64 data.root=/data/in1k); a bare leaf name works when unambiguous (resume=auto)"
 
 
 def _config_show(args) -> int:
+    from .config import dump_config, load_config
     print(dump_config(load_config(args.config, args.overrides)), end="")
     return 0
 
@@ -31,6 +32,7 @@ def _data_synth(args) -> int:
 
 
 def _train(args) -> int:
+    from .config import load_config
     from .train import train
     cfg = load_config(args.config, args.overrides)
     result = train(cfg)
@@ -54,7 +56,9 @@ def _delegate(module: str):
     return run
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; a delegated subcommand's arguments are added (and its module imported) only when
+    `command` names it, so listing the subcommands imports none of them."""
     p = argparse.ArgumentParser(prog="sslight", description="SSLight self-supervised pre-training with DALI view sampling")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -126,23 +130,20 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module, help_ in (("views", "viewer", "contact sheet of the views a recipe makes from one image"),
                                 ("demo", "demo", "synthetic data -> short DINO-SSLight run -> kNN vs random init"),
                                 ("bench", "bench", "throughput benchmarks (pipeline, model, train, compare)")):
-        try:
-            mod = importlib.import_module(f"sslight_dali.{module}")
-        except ModuleNotFoundError as e:
-            if e.name != f"sslight_dali.{module}":
-                raise
+        if importlib.util.find_spec(f"sslight_dali.{module}") is None:
             continue  # not built yet: never advertise a subcommand that does not work
         sp = sub.add_parser(name, help=help_)
-        mod.add_arguments(sp)
+        if name == command:
+            importlib.import_module(f"sslight_dali.{module}").add_arguments(sp)
         sp.set_defaults(func=_delegate(module))
     return p
 
 
 def _user_errors() -> tuple:
     """Exceptions that mean bad input or a stopped run: printed as one line, not a traceback."""
-    from .checkpoint import CheckpointError
-    errors = [ConfigError, FileNotFoundError, CheckpointError]
-    for module, name in (("sslight_dali.data.sources", "DataError"), ("sslight_dali.train", "NonFiniteLossError"),
+    errors = [FileNotFoundError]
+    for module, name in (("sslight_dali.config", "ConfigError"), ("sslight_dali.checkpoint", "CheckpointError"),
+                         ("sslight_dali.data.sources", "DataError"), ("sslight_dali.train", "NonFiniteLossError"),
                          ("sslight_dali.bench", "BenchError"), ("sslight_dali.export", "ExportError")):
         mod = sys.modules.get(module)  # only those already imported can have been raised
         if mod is not None:
@@ -151,7 +152,9 @@ def _user_errors() -> tuple:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command)
     args, extra = parser.parse_known_args(argv)
     if extra:  # overrides after an option (`eval linear CKPT --out DIR epochs=5`) come back unparsed
         if not hasattr(args, "overrides") or any(x.startswith("-") for x in extra):
@@ -162,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if not isinstance(e, _user_errors()):
             raise
+        from .config import ConfigError
         kind = "config error" if isinstance(e, ConfigError) else "error"
         print(f"sslight: {kind}: {e}", file=sys.stderr)
         return 2
