@@ -75,7 +75,7 @@ class ViewGroup:
 
 @dataclass
 class Augment:
-    """Photometric settings shared by every view (reference §1.3)."""
+    """Photometric settings shared by every view (reference: src/data/transforms.py:45-80)."""
     ratio: list[float] = _list([3 / 4, 4 / 3], "RandomResizedCrop aspect-ratio range")
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"
     flip_p: float = _f(0.5, 0.0, 1.0)

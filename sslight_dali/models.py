@@ -1,4 +1,5 @@
-"""Backbones: timm models configured to match the reference's (reference §3).
+"""Backbones: timm models configured to match the reference's
+(src/sslight/backbone/{mnv2,resnet,vision_transformer}.py).
 
 Every backbone returns pooled features [B, D] (`num_classes=0`) and exposes `.num_features`.
 """

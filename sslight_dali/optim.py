@@ -1,4 +1,5 @@
-"""Parameter groups, LARS, AdamW and the per-iteration schedules (reference §1.4, §2.2, §7.4-7.7).
+"""Parameter groups, LARS, AdamW and the per-iteration schedules, as the reference (saic-fi/SSLight
+src/sslight/utils/param_utils.py:95-125, optimizer.py, scheduler.py:4-17, engine/trainer.py:112-145).
 
 Every iteration the trainer sets, for each group g:
     g["lr"] = sched["lr"][step];  g["weight_decay"] = sched["wd"][step] * g["wd_factor"]
@@ -9,7 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
-# name -> (wd_factor, lars_exclude). Depthwise weights skip WD but keep the trust ratio (§7.6).
+# name -> (wd_factor, lars_exclude). Depthwise weights skip WD but keep the trust ratio (the reference's
+# WD_FACTOR_FOR_DW 0.0 and LARS_EXCLUDE_DW False, src/config/defaults.py:250,254).
 GROUPS = {
     "regularized": (1.0, False),
     "regularized_dw": (0.0, False),

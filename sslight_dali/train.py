@@ -206,7 +206,8 @@ class Trainer:
                                    self.rank, self.world, self.channels_last)
         rec = {"kind": "eval", "step": self.step, "epoch": self.epoch, "knn_top1": res["top1"], "knn_top5": res["top5"]}
         if self.method.probe is not None:
-            # The joint probe on val center crops: the reference's "Linear probe" monitor (§2.7).
+            # The joint probe on val center crops: the reference's "Linear probe" monitor
+            # (src/sslight/engine/trainer.py:304-316).
             with torch.no_grad():
                 pred = self.method.probe(vf.to(self.method.probe.weight.dtype)).argmax(1)
             rec["probe_top1"] = 100.0 * (pred == vl).float().mean().item()

@@ -1,8 +1,8 @@
 """Every reference number of the 20 seed configs, one assertion per number.
 
-The expected values below are an independent transcription of the reference document
-(/work/shared/reference/sslight-reference.md §1.3 view sampling, §1.4 optimisation, §1.5 heads,
-§1.6 baseline -> SSLight diff). They are NOT read from configs/ or pipelines/. The ResNet18/34 rows
+The expected values below are an independent transcription of the reference code (saic-fi/SSLight:
+src/config/defaults.py, the experiment YAMLs src/config/exp_yamls/<method>/*.yaml and the scripts
+src/experiments/<method>/<arch>/*.sh). They are NOT read from configs/ or pipelines/. The ResNet18/34 rows
 for SwAV and MoCo are this project's additions: same recipe and hyper-parameters as the MNv2 row of
 that method (as the reference does for DINO, where the CNN YAMLs are shared across backbones).
 
@@ -31,11 +31,12 @@ RUNS = [(m, b, v) for m, bs in METHOD_BACKBONES.items() for b in bs for v in VAR
 TIMM_NAME = {"mobilenetv2": "mobilenetv2_100", "resnet18": "resnet18", "resnet34": "resnet34",
              "vit_tiny": "vit_tiny_patch16_224"}
 
-# Reference world size: 8 GPUs x TRAIN.BATCH_SIZE 128 = global batch 1024 (§1.1).
+# Reference world size: 8 GPUs x TRAIN.BATCH_SIZE 128 = global batch 1024 (src/main.py:26-40 spawns
+# NUM_GPUS_PER_NODE = 8 processes).
 REFERENCE_GPUS = 8
 
 # ---------------------------------------------------------------------------------------------
-# §1.3 view sampling, first table: (global scale, local scale, #local, local size, LAMBDAS)
+# View sampling (MULTI_VIEWS_TRANSFORMS of the exp_yamls): (global scale, local scale, #local, local size, LAMBDAS)
 # ---------------------------------------------------------------------------------------------
 VIEWS = {
     ("cnn", "baseline"): dict(g_scale=(0.14, 1.0), l_scale=(0.05, 0.14), n_local=6, l_size=96,
@@ -49,7 +50,7 @@ VIEWS = {
 }
 GLOBAL_COUNT, GLOBAL_SIZE = 2, 224
 
-# §1.3 second table: photometric settings per method (same for baseline and SSLight).
+# Photometric settings per method (same for baseline and SSLight; src/data/transforms.py:45-80).
 PHOTO_DINO_MOCO = dict(flip_p=0.5, jitter_p=0.8, jitter=(0.4, 0.4, 0.2, 0.1), grayscale_p=0.2,
                        blur_p=(1.0, 0.1, 0.5), solarize_p=(0.0, 0.2), solarize_threshold=128)
 PHOTO_SWAV = dict(flip_p=0.5, jitter_p=0.8, jitter=(0.8, 0.8, 0.8, 0.2), grayscale_p=0.2,
@@ -60,7 +61,7 @@ MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
 # ---------------------------------------------------------------------------------------------
-# §1.4 optimisation and schedule
+# Optimisation and schedule (SOLVER.* of the exp_yamls)
 # ---------------------------------------------------------------------------------------------
 OPTIM = {
     "dino_cnn": dict(name="lars", base_lr=0.48, peak_lr=1.92, min_lr=0.0048, warmup_epochs=10,
@@ -79,7 +80,7 @@ OPTIM = {
 EPOCHS, BATCH_PER_GPU = 200, 128
 
 # ---------------------------------------------------------------------------------------------
-# §1.5 heads and method hyper-parameters
+# Heads and method hyper-parameters (DINO.*, SWAV.*, MOCO.* of defaults.py and the exp_yamls)
 # ---------------------------------------------------------------------------------------------
 DINO_COMMON = dict(hidden_dim=2048, bottleneck_dim=256, num_layers=3, student_temp=0.1,
                    warmup_teacher_temp=0.04, teacher_temp=0.07, center_momentum=0.9,
@@ -113,7 +114,7 @@ def expected_numbers(method: str, backbone: str, variant: str) -> list[tuple[str
         ("method", method),
         ("model.backbone", TIMM_NAME[backbone]),
         ("model.drop_path_rate", VIT_DROP_PATH if fam == "vit" else 0.0),
-        # §1.3 crops
+        # crops
         ("recipe.global.count", GLOBAL_COUNT),
         ("recipe.global.size", GLOBAL_SIZE),
         ("recipe.global.scale[0]", v["g_scale"][0]),
@@ -127,7 +128,7 @@ def expected_numbers(method: str, backbone: str, variant: str) -> list[tuple[str
         ("recipe.augment.ratio[0]", RATIO[0]),
         ("recipe.augment.ratio[1]", RATIO[1]),
         ("recipe.augment.interpolation", "bicubic"),
-        # §1.3 photometric
+        # photometric
         ("recipe.augment.flip_p", photo["flip_p"]),
         ("recipe.augment.jitter_p", photo["jitter_p"]),
         ("recipe.augment.brightness", photo["jitter"][0]),
@@ -150,7 +151,7 @@ def expected_numbers(method: str, backbone: str, variant: str) -> list[tuple[str
     for i in range(1, v["n_local"] + 1):
         out.append((f"view:local{i}.blur_p", photo["blur_p"][2]))
         out.append((f"view:local{i}.solarize_p", 0.0))  # solarize is for global 2 only
-    # §1.4
+    # optimisation
     for k, val in OPTIM[_optim_key(method, backbone)].items():
         if k == "peak_lr":
             continue  # checked as a derived fact below
@@ -160,7 +161,7 @@ def expected_numbers(method: str, backbone: str, variant: str) -> list[tuple[str
             out.append((f"optim.{k}", val))
     out += [("train.epochs", EPOCHS), ("train.batch_size", BATCH_PER_GPU),
             ("train.joint_linear_probe", True)]
-    # §1.5
+    # heads
     if method == "dino":
         for k, val in {**DINO_COMMON, **(DINO_VIT if fam == "vit" else DINO_CNN)}.items():
             out.append((f"dino.{k}", val))
@@ -242,7 +243,7 @@ def test_reference_number(run, key, expected):
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("run", RUNS, ids=_run_id)
 def test_peak_lr(run):
-    """Peak LR = BASE_LR x global batch / 256 with the reference's 8 x 128 = 1024 (§1.4, §7.4)."""
+    """Peak LR = BASE_LR x global batch / 256 with the reference's 8 x 128 = 1024 (src/sslight/engine/trainer.py:90)."""
     cfg = load(*run)
     global_batch = cfg.train.batch_size * REFERENCE_GPUS
     assert global_batch == 1024
@@ -252,7 +253,7 @@ def test_peak_lr(run):
 
 @pytest.mark.parametrize("run", [r for r in RUNS if r[2] == "baseline"], ids=_run_id)
 def test_baseline_lambdas_reproduce_uniform_pair_mean(run):
-    """§1.6: baseline LAMBDAS = 2/(2+2N), 2N/(2+2N) for N locals."""
+    """Baseline LAMBDAS = 2/(2+2N), 2N/(2+2N) for N locals: the uniform mean over all 2+2N pairs."""
     cfg = load(*run)
     n = cfg.recipe.local.count
     gg, gl = cfg.recipe.loss_weights
@@ -262,7 +263,7 @@ def test_baseline_lambdas_reproduce_uniform_pair_mean(run):
 
 @pytest.mark.parametrize("run", [r for r in RUNS if r[2] == "sslight"], ids=_run_id)
 def test_sslight_pair_weights(run):
-    """§1.6: SSLight gives each gg pair 0.2 and each gl pair 0.6/(2N) (0.05 CNN, 0.03 ViT)."""
+    """SSLight LAMBDAS [0.4, 0.6] give each gg pair 0.2 and each gl pair 0.6/(2N) (0.05 CNN, 0.03 ViT)."""
     cfg = load(*run)
     n = cfg.recipe.local.count
     gg, gl = cfg.recipe.loss_weights
@@ -285,7 +286,8 @@ def _flatten(d, prefix=""):
 
 
 IDENTIFIERS = {"recipe.name", "train.output_dir", "data.recipe"}
-# §1.6: min global scale, max local scale, local size, both LAMBDAS; nothing else.
+# The reference's baseline -> sslight YAML diff: min global scale, max local scale, local size, both
+# LAMBDAS; nothing else.
 SSLIGHT_DIFF = {"recipe.global.scale[0]", "recipe.local.scale[1]", "recipe.local.size",
                 "recipe.loss_weights[0]", "recipe.loss_weights[1]"}
 

@@ -1,4 +1,4 @@
-"""Each method's loss against a plain re-computation from the formulas (reference §1.6, §2.4-2.6).
+"""Each method's loss against a plain re-computation from the formulas (reference src/sslight/utils/loss.py).
 
 The method's networks are replaced by stubs returning fixed random outputs, so the real forward
 (chunking, temperatures, centering, LAMBDAS, queues) runs on known tensors. The expected values are

@@ -1,4 +1,5 @@
-"""Schedules, LARS and parameter groups against the reference's numbers (§1.4, §2.2, §7.4-7.7)."""
+"""Schedules, LARS and parameter groups against the reference's numbers (saic-fi/SSLight
+src/sslight/utils/{optimizer,scheduler,param_utils}.py and src/sslight/engine/trainer.py)."""
 from __future__ import annotations
 
 import math

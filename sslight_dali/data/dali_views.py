@@ -3,7 +3,7 @@ blur, solarize, normalize. The same code builds the CPU and the GPU graph; `devi
 decoder and where the image operators run. Random parameters (coin flips, factors, crop windows) are
 always drawn on the CPU, where DALI's conditionals and argument inputs need them.
 
-Semantics follow the torchvision/PIL reference (sslight-reference.md §1.3, §7.3):
+Semantics follow the torchvision/PIL reference (src/data/transforms.py:10-111):
 - crop: torchvision RandomResizedCrop window (area ~ U(scale), log-aspect ~ U(log ratio)), then a
   bicubic antialiased resize (PIL bicubic is antialiased when downscaling).
 - flip: folded into crop_mirror_normalize. Every later op is pointwise or a symmetric blur, so

@@ -1,6 +1,6 @@
 """The reference backend: the same recipe with PIL/torchvision transforms in DataLoader workers.
 
-This is what the SSLight reference runs (sslight-reference.md §1.3, §6) and the yardstick for the
+This is what the SSLight reference runs (src/data/transforms.py:45-111) and the yardstick for the
 parity tests and the benchmarks. All randomness comes from torch's RNG (blur and solarize included),
 which DataLoader seeds per worker from the loader's generator, so a fixed seed gives fixed views.
 

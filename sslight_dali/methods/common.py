@@ -124,9 +124,9 @@ def momentum_copy(net: MultiCropNet, backbone_name: str) -> MultiCropNet:
 # Losses
 # ------------------------------------------------------------------------------------------
 def lambdas_weighting(gg: list[torch.Tensor], gl: list[torch.Tensor], lambdas):
-    """`alpha * mean(gg) + beta * mean(gl)` (reference §1.6). Weighting is per group mean, so the
-    baseline LAMBDAS [2/(2+2N), 2N/(2+2N)] reproduce the uniform mean over all pairs. An empty
-    group (no local crops) contributes nothing. Returns (loss, gg_mean, gl_mean)."""
+    """`alpha * mean(gg) + beta * mean(gl)` (reference src/sslight/utils/loss.py:56-60). Weighting is
+    per group mean, so the baseline LAMBDAS [2/(2+2N), 2N/(2+2N)] reproduce the uniform mean over all
+    pairs. An empty group (no local crops) contributes nothing. Returns (loss, gg_mean, gl_mean)."""
     alpha, beta = lambdas
     ref = (gg or gl)[0]
     gg_mean = torch.stack(gg).mean() if gg else ref.new_zeros(())
@@ -154,7 +154,7 @@ def swapped_prediction_loss(targets: dict[int, torch.Tensor], log_probs: list[to
 @torch.no_grad()
 def ema_update_(target: nn.Module, source: nn.Module, momentum: float) -> None:
     """target <- m * target + (1 - m) * source over parameters only: BN running stats of the
-    target come from its own train-mode forwards (reference §7.9)."""
+    target come from its own train-mode forwards (reference src/sslight/engine/dino_trainer.py:85-89)."""
     t = list(target.parameters())
     s = list(source.parameters())
     assert len(t) == len(s), "EMA pair must have the same architecture"
@@ -209,7 +209,7 @@ class SSLMethod(nn.Module):
         loss, metrics, probe_feats = self.ssl_forward(views, epoch)
         metrics["ssl_loss"] = loss.detach()
         if self.probe is not None and labels is not None:
-            # Detached features: the probe's CE trains only the classifier (reference §2.7).
+            # Detached features: the probe's CE trains only the classifier (reference src/sslight/model/dino.py:118).
             logits = self.probe(probe_feats.detach())
             probe_loss = F.cross_entropy(logits.float(), labels)
             loss = loss + probe_loss

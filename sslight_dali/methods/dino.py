@@ -1,4 +1,4 @@
-"""DINO with multi-crop and LAMBDAS re-weighting (reference §2.4)."""
+"""DINO with multi-crop and LAMBDAS re-weighting (reference src/sslight/model/dino.py, utils/loss.py:7-76)."""
 from __future__ import annotations
 
 import math
@@ -68,7 +68,7 @@ class DINOHead(nn.Module):
 
 
 def teacher_temp_schedule(c, epochs: int) -> np.ndarray:
-    """Per-EPOCH teacher temperature: linear warmup then constant (reference §7.5)."""
+    """Per-EPOCH teacher temperature: linear warmup then constant (reference src/sslight/utils/loss.py:21-24)."""
     warm = np.linspace(c.warmup_teacher_temp, c.teacher_temp, c.warmup_teacher_temp_epochs)
     return np.concatenate((warm, np.full(max(epochs - len(warm), 0), c.teacher_temp)))
 

@@ -1,4 +1,5 @@
-"""MoCo-v2 with multi-crop queries and LAMBDAS re-weighting (reference §2.6)."""
+"""MoCo-v2 with multi-crop queries and LAMBDAS re-weighting (reference src/sslight/model/moco.py,
+utils/loss.py:170-200)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -59,7 +60,8 @@ class MoCo(SSLMethod):
             # Fixed momentum, applied before the keys are computed (the scheduled one is unused).
             ema_update_(self.encoder_k, self.encoder_q, self.momentum)
             # No ShuffleBN: with SyncBN (or one process) the key BN statistics already span the
-            # global batch, so shuffling samples across GPUs changes nothing (reference §7.8).
+            # global batch, so shuffling samples across GPUs changes nothing (the reference converts the
+            # whole model to SyncBN, src/sslight/engine/trainer.py:172-173, and still shuffles).
             _, k = self.encoder_k(views[:1])
         with float32(q):
             q = F.normalize(q.float(), dim=1)

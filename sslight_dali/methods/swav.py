@@ -1,4 +1,5 @@
-"""SwAV with multi-crop, a feature queue and LAMBDAS re-weighting (reference §2.5)."""
+"""SwAV with multi-crop, a feature queue and LAMBDAS re-weighting (reference src/sslight/model/swav.py,
+utils/loss.py:78-168)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
