@@ -44,7 +44,6 @@ def run_one(args, extra: list[str] = (), label: str | None = None, kind: str | N
     return make_record(kind, cfg, args.config, overrides, result, dataset, label)
 
 
-
 def release_memory() -> None:
     """Free the previous run's loader (DALI threads, DataLoader workers, GPU pools) before the next."""
     gc.collect()
@@ -58,7 +57,9 @@ def release_memory() -> None:
             pass
 
 
-
+# ------------------------------------------------------------------------------------------------
+# Dataset
+# ------------------------------------------------------------------------------------------------
 def resolve_dataset(cfg) -> dict:
     """Point cfg.data.root at an existing dataset (the synthetic bench set if none given); describe it."""
     if cfg.data.root:
@@ -111,7 +112,9 @@ def dataset_info(cfg) -> dict:
             "mean_file_bytes": sum(sizes) / len(sizes) if sizes else 0.0}
 
 
-
+# ------------------------------------------------------------------------------------------------
+# The three benches
+# ------------------------------------------------------------------------------------------------
 def _loader_layout(cfg) -> dict:
     from ..runtime import uses_channels_last
     return {"channels_last": uses_channels_last(cfg)}
@@ -236,7 +239,7 @@ def bench_train(cfg, warmup: int, steps: int, repeats: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------
-# Records and environment
+# The record (the environment comes from environment.py)
 # ------------------------------------------------------------------------------------------------
 def make_record(kind: str, cfg, config_path: str, overrides: list[str], result: dict, dataset: dict | None,
                 label: str | None = None) -> dict:
@@ -267,7 +270,6 @@ def make_record(kind: str, cfg, config_path: str, overrides: list[str], result: 
         "resolved_config": to_dict(cfg),
     }
     return rec
-
 
 
 def write_json(data: dict, path: Path) -> None:
