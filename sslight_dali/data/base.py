@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from ..runtime import torch_dtype, world_size  # noqa: F401  (torch_dtype is used by build.py)
+from ..runtime import world_size
 from .sources import DataError, Samples, drop_bad_samples, find_bad_samples_cached, list_samples
 
 

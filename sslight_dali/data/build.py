@@ -8,7 +8,8 @@ import copy
 import torch
 
 from ..config import Config, ConfigError, Recipe, ViewGroup
-from .base import load_split, resolve_device, torch_dtype
+from ..runtime import torch_dtype
+from .base import load_split, resolve_device
 from .sources import Samples
 from .torch_views import EvalDataset, MultiViewDataset, TorchLoader
 

@@ -33,9 +33,9 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from ..config import Recipe
 from .dali_views import READER, ReaderSpec, eval_pipeline, train_pipeline
-# load_split, resolve_device, torch_dtype and verify_cache_dir are backend-neutral (base.py); they are
-# imported here too so that `from sslight_dali.data.loader import load_split` keeps working.
-from .base import LoaderPosition, load_split, mix_seed, resolve_device, torch_dtype, verify_cache_dir  # noqa: F401
+# load_split, resolve_device and verify_cache_dir are backend-neutral (base.py); they are imported
+# here too so that `from sslight_dali.data.loader import load_split` keeps working.
+from .base import LoaderPosition, load_split, mix_seed, resolve_device, verify_cache_dir  # noqa: F401
 from .sources import DataError, Samples, write_wds_index
 
 log = logging.getLogger(__name__)
