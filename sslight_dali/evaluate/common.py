@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from torch import nn
 
 from .. import checkpoint as ckpt
 from ..config import Config, ConfigError, expand_key, from_dict, parse_overrides, to_dict, validate
+from ..files import atomic_write
 from ..logger import RunLogger, StepTimer, setup_logging
 from ..optim import cosine_schedule
 from ..pretrained import Pretrained, load_pretrained
@@ -92,7 +92,8 @@ class Run:
 def setup(args, kind: str, section: str | None, splits, check=None) -> Run:
     """Everything that can reject the input runs before the output directory is created: the checkpoint,
     the config, the splits the command reads, and the command's own `check(pre, cfg)`."""
-    from ..train import init_distributed, resolve_precision, resolve_resume, seed_everything, uses_channels_last
+    from ..runtime import autocast_dtype, init_distributed, resolve_precision, seed_everything, uses_channels_last
+    from ..train import resolve_resume
     pre = load_pretrained(args.checkpoint, args.weights)
     cfg = eval_config(pre, args.overrides, section)
     out = Path(args.out) if args.out else pre.path.parent / f"eval_{kind}"
@@ -106,16 +107,14 @@ def setup(args, kind: str, section: str | None, splits, check=None) -> Run:
     seed_everything(cfg.train.seed + rank)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(cfg, device))
+    amp = autocast_dtype(resolve_precision(cfg, device))
     log.info(f"eval {kind}: {pre.path} ({pre.cfg.method} / {pre.cfg.model.backbone}, {pre.weights} weights, "
              f"epoch {pre.epoch}) on {world} x {device}; data {cfg.data.root} ({cfg.data.backend})")
     return Run(pre, cfg, out, rank, world, device, amp, uses_channels_last(cfg), resume_from, checked)
 
 
 def write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=2) + "\n")
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
