@@ -29,7 +29,6 @@ class TinyByolCfg:
     momentum_teacher_end: float = setting(1.0, 0.0, 1.0)
 
 
-@register_method("tiny_byol", config=TinyByolCfg)
 class TinyByol(MomentumTeacher):
     """Student crops predict the teacher's projection of the other global crop (2 - 2 cos)."""
     resume_keys = ("dim",)
@@ -68,6 +67,16 @@ class TinyByol(MomentumTeacher):
                     (gg if v < 2 else gl).append((2 - 2 * (pred * target).sum(-1)).mean())
         loss, gg_mean, gl_mean = lambdas_weighting(gg, gl, self.lambdas)
         return loss, dict(gg_loss=gg_mean.detach(), gl_loss=gl_mean.detach()), feats[:bs]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def registered():
+    """Register for this file's tests only (a module-level decorator, as a method module uses, would
+    run at collection and leave the section in every other test's configs, including those handed to
+    spawned processes that never import this file)."""
+    register_method("tiny_byol", config=TinyByolCfg)(TinyByol)
+    yield
+    METHODS.pop("tiny_byol")
 
 
 TINY = ["method=tiny_byol", "tiny_byol.dim=8", "recipe.global.size=32", "recipe.local.size=16",
