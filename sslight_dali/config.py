@@ -172,6 +172,10 @@ class TrainCfg:
     tensorboard: bool = True
     checkpoint_every: int = _f(0, 0, help="steps between checkpoints; 0 = epoch ends only")
     keep_every_epochs: int = _f(20, 0, help="also keep an epoch-tagged copy this often; 0 = never")
+    keep_last: int = _f(2, 1, help="step checkpoints kept (newest first); resume=auto falls back to an older one if the newest is damaged")
+    overwrite: bool = field(default=False, metadata={
+        "help": "a fresh run in an output_dir that holds checkpoints moves the old run aside to <dir>.old-<time> (never deletes); false = refuse"})
+    dist_timeout_s: int = _f(1800, 10, help="seconds a collective waits for the other processes before the run stops (a dead rank)")
     max_steps: int = _f(0, 0, help="stop after this many steps in total (0 = run all epochs)")
     knn_every: int = _f(1, 0, help="epochs between kNN evaluations; 0 = never")
     output_dir: str = "runs/default"

@@ -1,0 +1,162 @@
+"""Fault injection: kills, signals, damaged checkpoints, failed writes and re-runs. What must hold:
+nothing is lost, nothing is silent, and a resumed DALI run equals the uninterrupted one bit for bit.
+
+Runs are `sslight train` subprocesses on the tiny dataset (MobileNetV2, 32 px views, batch 4: 8 steps
+per epoch, 12 steps in all, a checkpoint every 2 steps). Faults are deterministic (SSLIGHT_FAULT, see
+sslight_dali/checkpoint.py: fault_point) at points drawn from a seeded RNG, printed on failure.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import resource
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sslight_dali import checkpoint as ckpt
+from sslight_dali.config import load_config
+from sslight_dali.train import EXIT_PREEMPTED, train
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG = str(REPO / "configs/dino/mobilenetv2_sslight.yaml")
+TINY = ["recipe.global.size=32", "recipe.local.size=16", "recipe.local.count=2", "train.batch_size=4",
+        "dino.out_dim=64", "dino.hidden_dim=32", "dino.bottleneck_dim=16", "data.num_threads=1",
+        "train.knn_every=0", "train.log_every=1", "train.device=cpu", "data.device=cpu",
+        "train.tensorboard=false", "train.max_steps=12", "train.checkpoint_every=2"]
+SEED = int(os.environ.get("SSLIGHT_FAULT_SEED", "20261124"))
+
+
+def run(data, out, *extra, fault: str | None = None, fsize: int | None = None, timeout=180):
+    """`sslight train` in a subprocess; SSLIGHT_FAULT=fault; RLIMIT_FSIZE=fsize bytes."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env.pop("SSLIGHT_FAULT", None)
+    if fault:
+        env["SSLIGHT_FAULT"] = fault
+    limit = (lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))) if fsize else None
+    cmd = [sys.executable, "-m", "sslight_dali.cli", "train", CONFIG, *TINY, f"data.root={data}",
+           f"train.output_dir={out}", *extra]
+    return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=limit)
+
+
+def metrics(out: Path) -> list[dict]:
+    return [r for r in map(json.loads, open(out / "metrics.jsonl")) if r["kind"] == "train"]
+
+
+def assert_same_run(out: Path, ref: Path):
+    """One record per step, every loss bitwise equal, final weights bitwise equal."""
+    got, want = metrics(out), metrics(ref)
+    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, 13))
+    for a, b in zip(got, want):
+        assert a["loss"] == b["loss"], f"step {a['step']}: {a['loss']!r} != {b['loss']!r}"
+    sa, sb = ckpt.load(out / ckpt.LATEST), ckpt.load(ref / ckpt.LATEST)
+    assert sa["step"] == sb["step"] == 12
+    for k, v in sb["model"].items():
+        assert torch.equal(sa["model"][k], v), k
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("faults") / "reference"
+    r = run(tiny_data, out)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+@pytest.mark.slow
+def test_kill9_at_random_points_then_resume_is_bitwise(tiny_data, reference, tmp_path):
+    rng = random.Random(SEED)
+    # Inside a checkpoint write (data written, not yet renamed), between the step file and the
+    # checkpoint.pt link, and after optimizer steps (past the last checkpoint, whose records and
+    # work are lost and redone).
+    faults = [f"checkpoint_write:{rng.randint(1, 2)}", f"step:{rng.randint(1, 3)}", "checkpoint_link:1",
+              f"step:{rng.randint(2, 4)}", "checkpoint_write:1"]
+    rng.shuffle(faults)
+    out = tmp_path / "run"
+    for fault in faults:
+        r = run(tiny_data, out, "resume=auto", fault=fault)
+        assert r.returncode == -9, f"seed {SEED}, fault {fault}: rc {r.returncode}\n{r.stderr[-2000:]}"
+    r = run(tiny_data, out, "resume=auto")
+    assert r.returncode == 0, f"seed {SEED}, faults {faults}\n{r.stderr[-2000:]}"
+    assert_same_run(out, reference)
+    names = sorted(p.name for p in out.iterdir())
+    assert not [n for n in names if n.endswith(".tmp")], names  # partial writes were removed
+    assert [n for n in names if n.startswith("checkpoint_step")] == [ckpt.step_name(10), ckpt.step_name(12)]
+
+
+@pytest.mark.slow
+def test_sigterm_saves_at_that_step_then_resume_is_exact_and_a_write_error_is_one_line(tiny_data, reference,
+                                                                                          tmp_path):
+    step = random.Random(SEED + 1).randint(1, 11)
+    out = tmp_path / "run"
+    r = run(tiny_data, out, fault=f"step:{step}:TERM")
+    assert r.returncode == EXIT_PREEMPTED, r.stderr[-2000:]
+    assert f"stopped by SIGTERM at step {step} " in r.stderr.splitlines()[-1]
+    assert ckpt.load(out / ckpt.LATEST)["step"] == step
+    saved = (out / ckpt.LATEST).read_bytes()
+
+    # The next checkpoint write hits a 1 MiB file size limit: one line naming the directory, exit 2,
+    # the previous checkpoint untouched and no partial file left behind.
+    r = run(tiny_data, out, "resume=auto", "train.checkpoint_every=1", fsize=2 ** 20)
+    assert r.returncode == 2, r.stderr[-2000:]
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"sslight: error: cannot write a checkpoint in {out}:"), err
+    assert (out / ckpt.LATEST).read_bytes() == saved
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+    r = run(tiny_data, out, "resume=auto")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert_same_run(out, reference)
+
+
+def test_damaged_checkpoints_are_refused_and_resume_falls_back(reference, tmp_path, caplog):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    os.unlink(out / ckpt.LATEST)
+    os.link(out / ckpt.step_name(12), out / ckpt.LATEST)  # as written: one file, two names
+    # checkpoint.pt is the step-12 file (a hard link): 4 KiB zeroed in its middle damages both.
+    with open(out / ckpt.LATEST, "r+b") as f:
+        f.seek(os.path.getsize(out / ckpt.LATEST) // 2)
+        f.write(bytes(4096))
+    with pytest.raises(ckpt.CheckpointError, match="damaged|not a complete checkpoint"):
+        ckpt.load(out / ckpt.step_name(12))
+    (out / ".checkpoint_step00000014.pt.123.tmp").write_bytes(b"partial")
+    with caplog.at_level("WARNING"):
+        path, state = ckpt.newest_valid(out)
+    assert path.name == ckpt.step_name(10) and state["step"] == 10
+    assert f"skipping {out / ckpt.LATEST}" in caplog.text and f"skipping {out / ckpt.step_name(12)}" in caplog.text
+
+    (out / ckpt.step_name(10)).write_bytes(b"")
+    with pytest.raises(ckpt.CheckpointError, match=r"empty \(0 bytes"):
+        ckpt.load(out / ckpt.step_name(10))
+    # A checkpoint written before checksums existed still loads.
+    old = {k: v for k, v in ckpt.load(reference / ckpt.LATEST).items()}
+    torch.save(old, out / "old.pt")
+    assert ckpt.load(out / "old.pt")["step"] == 12
+    ckpt.remove_stale_temps(out)
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_a_fresh_run_never_overwrites_an_earlier_one(tiny_data, tmp_path):
+    def cfg(*extra):
+        return load_config(CONFIG, TINY + [f"data.root={tiny_data}", f"train.output_dir={tmp_path / 'run'}",
+                                           "train.max_steps=2", *extra])
+    train(cfg())
+    first = (tmp_path / "run" / ckpt.LATEST).read_bytes()
+    with pytest.raises(ckpt.CheckpointError, match="already holds a run.*resume=auto.*train.overwrite=true"):
+        train(cfg("train.max_steps=1"))
+    assert (tmp_path / "run" / ckpt.LATEST).read_bytes() == first
+    train(cfg("train.max_steps=1", "train.overwrite=true"))
+    (moved,) = tmp_path.glob("run.old-*")
+    assert (moved / ckpt.LATEST).read_bytes() == first and len(metrics(moved)) == 2
+    assert ckpt.load(tmp_path / "run" / ckpt.LATEST)["step"] == 1 and len(metrics(tmp_path / "run")) == 1
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ckpt.CheckpointError, match="train.output_dir .*file/out cannot be used"):
+        train(load_config(CONFIG, TINY + [f"data.root={tiny_data}", f"train.output_dir={tmp_path / 'file' / 'out'}"]))
