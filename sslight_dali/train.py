@@ -14,7 +14,7 @@ import random
 import signal
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -226,23 +226,24 @@ class Trainer:
         while self.step < total_steps:
             self.method.on_epoch_start(self.epoch)
             epoch_end = (self.epoch + 1) * spe
-            for views, labels, _ in _timed(self.loader.epoch(self.epoch), timer, self.world):
-                views = [v.to(self.device, non_blocking=True) for v in views]
-                labels = labels.to(self.device, non_blocking=True)
-                loss, metrics = self.train_step(views, labels)
-                ckpt.fault_point("step")
-                if self.step % cfg.train.log_every == 0 or self.step == total_steps:
-                    last = self._log(loss, metrics, timer, total_steps, run_start, start_step)
-                if self._stop_requested(logged=self.step % cfg.train.log_every == 0):
-                    if self.step == epoch_end:
-                        break  # the epoch-end save below is the stop checkpoint
-                    self.save()
-                    self._preempted()
-                if (cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0
-                        and self.step != epoch_end):  # the epoch-end save below covers that step
-                    self.save()
-                if self.step >= total_steps:
-                    break
+            with self._on_data_error():
+                for views, labels, _ in _timed(self.loader.epoch(self.epoch), timer, self.world):
+                    views = [v.to(self.device, non_blocking=True) for v in views]
+                    labels = labels.to(self.device, non_blocking=True)
+                    loss, metrics = self.train_step(views, labels)
+                    ckpt.fault_point("step")
+                    if self.step % cfg.train.log_every == 0 or self.step == total_steps:
+                        last = self._log(loss, metrics, timer, total_steps, run_start, start_step)
+                    if self._stop_requested(logged=self.step % cfg.train.log_every == 0):
+                        if self.step == epoch_end:
+                            break  # the epoch-end save below is the stop checkpoint
+                        self.save()
+                        self._preempted()
+                    if (cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0
+                            and self.step != epoch_end):  # the epoch-end save below covers that step
+                        self.save()
+                    if self.step >= total_steps:
+                        break
             if self.step < epoch_end and self.step < total_steps:
                 raise RuntimeError(f"the loader ended epoch {self.epoch} after {self.step - self.epoch * spe} "
                                    f"batches; expected {spe}")
@@ -257,6 +258,24 @@ class Trainer:
                 last.update(self.evaluate())
             timer.reset()  # the epoch-end save and kNN are not training throughput
         return last
+
+    @contextmanager
+    def _on_data_error(self):
+        """A file that fails to decode mid-run stops the run with the loader's one line, after a
+        checkpoint at the last completed step (one process only: with several, the others are inside
+        a collective and stop on train.dist_timeout_s instead)."""
+        from .data.sources import DataError  # here: the data package loads DALI
+        try:
+            yield
+        except DataError as e:
+            if self.world > 1:
+                raise
+            try:
+                self.save()
+                saved = f"checkpoint written at step {self.step}"
+            except Exception as e2:  # e.g. a dead DALI pipeline cannot report its position
+                saved = f"no checkpoint at step {self.step} ({ckpt.first_line(e2)}); the newest one is kept"
+            raise DataError(f"{e} [{saved}]") from None
 
     def _stop_requested(self, logged: bool, again: bool = False) -> bool:
         """Has a stop signal arrived? With several processes all ranks must stop at the same step, so

@@ -36,7 +36,8 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 from ..config import Config, Recipe
 from .dali_views import READER, ReaderSpec, eval_pipeline, train_pipeline
 from .base import LoaderPosition, mix_seed
-from .sources import DataError, Samples, drop_bad_samples, find_bad_samples_cached, list_samples, write_wds_index
+from .sources import (DataError, Samples, drop_bad_samples, find_bad_samples, find_bad_samples_cached, list_samples,
+                      write_wds_index)
 
 log = logging.getLogger(__name__)
 
@@ -154,15 +155,36 @@ class _DaliLoader(LoaderPosition):
                         "of reader epoch %d (restore a state_dict for exact resume)", epoch, self._next_epoch,
                         self._next_epoch)
         steps = 0
-        for out in self._it:
-            steps += 1
-            self._step += 1
-            yield out[0]
+        try:
+            for out in self._it:
+                steps += 1
+                self._step += 1
+                yield out[0]
+        except RuntimeError as e:  # the pipeline is dead after an operator error
+            raise self._decode_error(e, epoch) from None
         self._it.reset()
         expected = self.steps_per_epoch - (self._step - steps)
         if steps != expected:
             raise RuntimeError(f"DALI epoch ran {steps} steps, expected {expected}")
         self._next_epoch, self._step = epoch + 1, 0
+
+    def _decode_error(self, e: RuntimeError, epoch: int) -> DataError:
+        """DALI's error does not name the sample and the failed batch never arrives, so the files of
+        this loader are checked again (threads; the up-front check, which knows what DALI cannot
+        decode) to name the culprit."""
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        reason = next((lines[k + 1] for k, ln in enumerate(lines[:-1]) if ln == "encountered:"),
+                      lines[0] if lines else type(e).__name__)
+        bad = find_bad_samples(self.samples, self.num_threads)
+        if bad:
+            named = "; ".join(f"{self.samples.files[i]}: {why}" for i, why in bad[:10])
+            more = f" (and {len(bad) - 10} more)" if len(bad) > 10 else ""
+            what = f"{len(bad)} file(s) no longer pass the file check: {named}{more}"
+        else:
+            what = "no file fails the file check now, so the culprit is not known"
+        return DataError(f"DALI could not decode a sample in epoch {epoch} ({reason}); {what}. The DALI backend "
+                         "cannot replace a sample once training runs (data.skip_bad_files works on the file "
+                         "check at start): remove or fix the file and restart, or use data.backend=torchvision")
 
     def _images(self, t: torch.Tensor) -> torch.Tensor:
         # DALI writes HWC when channels_last is wanted: the permute is a zero-copy view whose strides

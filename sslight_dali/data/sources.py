@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import os
+import re
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,20 +138,60 @@ def _webdataset(root: Path, split: str) -> Samples:
     return Samples(files, labels, [str(i) for i in range(n_cls)], str(root), members)
 
 
+# PIL modes of 32-bit integer and float samples: DALI's decoder cannot read them ("Invalid
+# sample_type"), and there is no one right way to map them to 8 bits.
+_UNSUPPORTED_MODES = {"I": "32-bit integer samples", "F": "32-bit float samples"}
+# In JPEG entropy-coded data 0xFF is followed by 0x00 (stuffing), a restart marker, or 0xFF (fill);
+# any other marker must be one that may follow a scan. Junk written over the middle of a file shows
+# up as a marker that cannot be there. (Damage that keeps the byte structure, e.g. zeroed blocks, is
+# only visible to a full Huffman decode: libjpeg then warns "Corrupt JPEG data" and fills grey.)
+_JPEG_MARKER = re.compile(rb"\xff(?![\x00\xd0-\xd7\xff])(.)", re.S)
+_AFTER_SCAN = set(b"\xc4\xcc\xda\xdb\xdd\xd9\xfe") | set(range(0xE0, 0xF0)) | {0xDC}
+
+
+def _jpeg_scan_problem(data: bytes) -> str | None:
+    sos = data.find(b"\xff\xda")
+    if sos < 0:
+        return "no image data (no start-of-scan marker)"
+    for m in _JPEG_MARKER.finditer(data, sos + 2):
+        code = m.group(1)[0]
+        if code not in _AFTER_SCAN:
+            return f"corrupt JPEG data (marker 0xFF{code:02X} inside the image data at byte {m.start()})"
+        if code == 0xD9:
+            return None
+        if code == 0xDA:  # next scan (progressive): skip its header
+            continue
+    return None
+
+
 def check_image(data: bytes) -> str | None:
-    """Why these encoded bytes are not a usable image, or None if they are."""
+    """Why these encoded bytes are not a usable image, or None if they are. Decodes the image (JPEGs
+    at 1/8 scale, which still reads all of the compressed data), so what PIL cannot decode is caught
+    here and not mid-epoch, plus what DALI cannot decode although PIL can."""
     if not data:
         return "empty (0 bytes)"
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.verify()  # structure and CRCs, no pixel decode
-        if data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[-1024:]:
-            # verify() accepts a JPEG cut short; DALI's decoder fails on it mid-epoch ("Premature end
-            # of JPEG data") and the pipeline is then unusable. Trailing junk after EOI is tolerated.
-            return "truncated JPEG (no end-of-image marker)"
+        if data[:2] == b"\xff\xd8":
+            if b"\xff\xd9" not in data[-1024:]:
+                # verify() accepts a JPEG cut short; DALI's decoder fails on it mid-epoch ("Premature end
+                # of JPEG data") and the pipeline is then unusable. Trailing junk after EOI is tolerated.
+                return "truncated JPEG (no end-of-image marker)"
+            problem = _jpeg_scan_problem(data)
+            if problem:
+                return problem
         with Image.open(io.BytesIO(data)) as im:
             if im.width < 1 or im.height < 1:
                 return "zero-sized image"
+            if im.mode in _UNSUPPORTED_MODES:
+                return (f"{_UNSUPPORTED_MODES[im.mode]} ({im.format}, PIL mode {im.mode}) are not supported; "
+                        "convert the image to 8 or 16 bits per channel")
+            if im.format == "TIFF" and im.mode == "1":
+                return "1-bit TIFF is not supported by DALI's decoder; convert the image to 8 bits"
+            if im.format == "JPEG":
+                im.draft(im.mode, (max(1, im.width // 8), max(1, im.height // 8)))
+            im.load()
     except Exception as e:  # PIL raises many types for junk input
         return f"not a decodable image ({type(e).__name__}: {e})"
     return None
@@ -164,7 +205,7 @@ def find_bad_samples(samples: Samples, workers: int = 8) -> list[tuple[int, str]
         return [(i, why) for i, why in enumerate(reasons) if why is not None]
 
 
-CHECK_VERSION = 1  # bump when check_image changes, so cached verdicts are not trusted
+CHECK_VERSION = 2  # bump when check_image changes, so cached verdicts are not trusted
 
 
 def _source_files(samples: Samples) -> list[str]:
@@ -216,8 +257,8 @@ def drop_bad_samples(samples: Samples, bad: list[tuple[int, str]], skip_bad_file
         i, why = bad[0]
         raise DataError(f"bad image file {samples.files[i]}: {why} (set data.skip_bad_files=true to skip such files)")
     drop = {i for i, _ in bad}
-    log.warning("skipping %d bad image file(s) under %s, e.g. %s", len(bad), samples.root,
-                "; ".join(f"{samples.files[i]}: {why}" for i, why in bad[:3]))
+    log.warning("skipping %d bad image file(s) under %s:\n%s", len(bad), samples.root,
+                "\n".join(f"  {samples.files[i]}: {why}" for i, why in bad))
     keep = [i for i in range(len(samples)) if i not in drop]
     if not keep:
         raise DataError(f"every image under {samples.root} is unreadable")
