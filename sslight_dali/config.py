@@ -187,7 +187,9 @@ class TrainCfg:
 @dataclass
 class DataCfg:
     root: str = field(default="", metadata={"help": "dataset root holding train/ and val/; '' = embedded synthetic data"})
-    format: Literal["imagefolder", "filelist", "webdataset"] = "imagefolder"
+    format: Literal["imagefolder", "folder", "filelist", "webdataset"] = field(default="imagefolder", metadata={
+        "help": "imagefolder (<split>/<class>/*; a split of images without class folders is read as folder), "
+                "folder (unlabeled images anywhere under <split>/ or the root), filelist, webdataset"})
     train_split: str = "train"
     val_split: str = "val"
     recipe: str = field(default="pipelines/cnn_sslight.yaml", metadata={
@@ -202,6 +204,8 @@ class DataCfg:
         "help": "where the up-front file check keeps its verdict, keyed by every file's path, size and mtime "
                 "(auto = $XDG_CACHE_HOME/sslight-dali/verified or ~/.cache/...; '' = read every file at every start)"})
     dtype: Literal["float32", "bfloat16"] = "float32"
+    max_image_pixels: int = _f(89478485, 0, help="PIL's decompression-bomb limit (pixels; refused above twice "
+                               "this); 0 = no limit. Raise it for very large images")
 
 
 @dataclass
@@ -379,6 +383,8 @@ def _check_value(path: str, value, tp, meta):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
         value = float(value)
     elif tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)  # YAML reads `output_dir: 2024` as a number; a path or name is meant
         if not isinstance(value, str):
             raise ConfigError(f"{path}: expected a string, got {value!r}")
     lo, hi = meta.get("range", (None, None))
@@ -426,7 +432,10 @@ def read_yaml(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                          "save the file as UTF-8") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
@@ -546,6 +555,13 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
             raise ConfigError(f"{path or 'defaults'}: data.recipe: {e}") from None
     for key, value in parsed:
         _set_dotted(data, key, value)
+    for key, value in parsed:  # a bad override is the command line's fault, not the file's
+        alone: dict = {}
+        _set_dotted(alone, key, value)
+        try:
+            from_dict(Config, alone)
+        except ConfigError as e:
+            raise ConfigError(f"override {key}={value!r}: {e}") from None
     try:
         cfg = from_dict(Config, data)
     except ConfigError as e:

@@ -519,11 +519,23 @@ def _is_peer_failure(e: BaseException) -> bool:
 
 
 def check_eval_split(cfg: Config) -> None:
-    """Fail at start, not after the first epoch, when kNN is on and the val split is missing."""
+    """Fail at start, not after the first epoch, when kNN is on and the val split is missing. kNN
+    needs labels: without a labelled val split it is turned off with a note when the train split
+    has none either (unlabeled data, nothing to monitor against), and is an error otherwise."""
     if not cfg.train.knn_every or cfg.data.format == "webdataset":
         return
-    from .data import list_samples
-    list_samples(cfg.data.root, cfg.data.val_split, cfg.data.format, check=False)
+    from .data import DataError, list_samples
+    try:
+        val = list_samples(cfg.data.root, cfg.data.val_split, cfg.data.format, check=False)
+    except DataError as e:
+        train_split = list_samples(cfg.data.root, cfg.data.train_split, cfg.data.format, check=False)
+        if train_split.classes:
+            raise DataError(f"{e}; kNN monitoring (train.knn_every={cfg.train.knn_every}) needs a labelled val split: "
+                            "set train.knn_every=0 to train without one") from None
+        val = train_split
+    if not val.classes:
+        log.info(f"no labelled val split ('{cfg.data.val_split}' under {cfg.data.root}): kNN monitoring is off")
+        cfg.train.knn_every = 0
 
 
 def train(cfg: Config) -> dict:
@@ -546,6 +558,8 @@ def train(cfg: Config) -> dict:
     loader = build_train_loader(cfg, rank=rank, world_size=world,
                                 channels_last=uses_channels_last(cfg),
                                 dtype=torch.bfloat16 if cfg.data.dtype == "bfloat16" else torch.float32)
+    if loader.num_classes == 0 and cfg.train.joint_linear_probe and not cfg.train.num_classes:
+        log.info("the train split has no labels: the joint linear probe is off")
     trainer = Trainer(cfg, loader, rank, world, device, output_dir)
     if state is not None:
         trainer.load_state_dict(state)
@@ -568,5 +582,7 @@ def train(cfg: Config) -> dict:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    # The last log record's "epoch" is the 0-based epoch it was logged in; report completed ones only.
+    result = {k: v for k, v in result.items() if k not in ("step", "epoch")}
     result.update({"output_dir": str(output_dir), "steps": trainer.step, "epochs": trainer.epoch})
     return result

@@ -131,3 +131,38 @@ def test_backends_agree_on_exif_orientation_and_16_bit_pixels(tmp_path):
     assert _torch_decode(tmp_path / "exif6.jpg").shape == (10, 20, 3)
     g = _torch_decode(tmp_path / "g16.png")[..., 0].reshape(-1)
     assert g[32768] == 128 and g[65535] == 255 and g[65280] == 254 and g[128] == 0
+
+
+# --- WebDataset shards cut short ---------------------------------------------------------------
+def _shard(path: Path, n: int) -> list[int]:
+    """A tar of n samples (jpg + cls); returns each sample's header offset."""
+    import tarfile
+    starts = []
+    with tarfile.open(path, "w") as tar:
+        for i in range(n):
+            for name, data in ((f"{i:04d}.jpg", _jpeg(i)), (f"{i:04d}.cls", str(i % 3).encode())):
+                if name.endswith(".jpg"):
+                    starts.append(tar.offset)
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return starts
+
+
+@pytest.mark.parametrize("cut", ["between_members", "inside_a_member"])
+def test_a_truncated_webdataset_shard_is_named_or_its_intact_samples_used(tmp_path, cut, caplog):
+    from sslight_dali.data import list_samples
+    from sslight_dali.data.sources import drop_bad_samples
+    (tmp_path / "train").mkdir()
+    shard = tmp_path / "train" / "0000.tar"
+    starts = _shard(shard, 24)
+    data = shard.read_bytes()
+    end = starts[15] if cut == "between_members" else starts[15] + 700  # in sample 15's image data
+    shard.write_bytes(data[:end])
+    samples = list_samples(tmp_path, "train", "webdataset", check=False)
+    with pytest.raises(DataError, match=f"shard {shard} is cut short.*data.skip_bad_files=true"):
+        drop_bad_samples(samples, [], skip_bad_files=False)
+    with caplog.at_level(logging.WARNING):
+        kept = drop_bad_samples(samples, [], skip_bad_files=True)
+    assert len(kept) == 15 and "1 damaged shard(s)" in caplog.text and str(shard) in caplog.text
+    assert all(check_image(kept.read_bytes(i)) is None for i in range(len(kept)))

@@ -160,3 +160,78 @@ def test_a_fresh_run_never_overwrites_an_earlier_one(tiny_data, tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ckpt.CheckpointError, match="train.output_dir .*file/out cannot be used"):
         train(load_config(CONFIG, TINY + [f"data.root={tiny_data}", f"train.output_dir={tmp_path / 'file' / 'out'}"]))
+
+
+# --- a user's own folder and one-line errors --------------------------------------------------------
+def _cfg(data, out, *extra):
+    return load_config(CONFIG, TINY + [f"data.root={data}", f"train.output_dir={out}", *extra])
+
+
+def test_an_unlabeled_folder_trains_with_knn_and_probe_off(tiny_data, tmp_path, capsys):
+    flat = tmp_path / "photos" / "train"
+    flat.mkdir(parents=True)
+    for i, p in enumerate(sorted((tiny_data / "train").rglob("*.jpg"))):
+        shutil.copy(p, flat / f"{i:03d}.jpg")
+    (flat / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    result = train(_cfg(tmp_path / "photos", tmp_path / "out", "train.max_steps=2", "train.knn_every=1"))
+    log = capsys.readouterr().out  # the run's log handler prints to stdout
+    assert result["steps"] == 2 and result["epochs"] == 0 and "epoch" not in result
+    assert "no class folders: using them without labels" in log
+    assert "1 dangling symlink(s)" in log and "gone.jpg" in log
+    assert "kNN monitoring is off" in log and "joint linear probe is off" in log
+    assert "probe_loss" not in metrics(tmp_path / "out")[0]
+    # data.format=folder: nested, no split folder at all.
+    nested = tmp_path / "nested"
+    shutil.copytree(tiny_data / "train", nested / "a" / "b")
+    result = train(_cfg(nested, tmp_path / "out2", "train.max_steps=1", "data.format=folder"))
+    assert result["steps"] == 1
+
+
+def test_user_errors_are_one_line_naming_the_key(tiny_data, tmp_path, capsys):
+    from sslight_dali.cli import main
+
+    def cli(*args):
+        rc = main(["train", CONFIG, *TINY, f"data.root={tiny_data}", *args])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+        return err
+
+    err = cli(f"train.output_dir={tmp_path / 'small'}", "train.batch_size=64")
+    assert "fewer than one batch (train.batch_size=64)" in err
+    assert not (tmp_path / "small" / "train.log").exists()  # no empty log left behind
+    no_val = tmp_path / "noval"
+    shutil.copytree(tiny_data / "train", no_val / "train")
+    err = cli(f"data.root={no_val}", f"train.output_dir={tmp_path / 'o1'}", "train.knn_every=1")
+    assert "split directory not found" in err and "train.knn_every=0" in err
+    err = cli(f"train.output_dir={tmp_path / 'o2'}", "train.max_steps=notanumber")
+    assert err.startswith("sslight: config error: override train.max_steps='notanumber'") and CONFIG not in err
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("method: dino  # caf\xe9\n".encode("latin-1"))
+    rc = main(["train", str(bad)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "not UTF-8" in err and str(bad) in err
+    assert load_config(CONFIG, ["train.output_dir=2024"]).train.output_dir == "2024"
+
+    # Resume after the data set changed: one line saying so.
+    out = tmp_path / "changed"
+    train(_cfg(tiny_data, out, "train.max_steps=1"))
+    fewer = tmp_path / "fewer"
+    shutil.copytree(tiny_data, fewer)
+    next((fewer / "train").rglob("*.jpg")).unlink()
+    err = cli(f"data.root={fewer}", f"train.output_dir={out}", "train.max_steps=2", "resume=auto")
+    assert "written on 32 images and the data now has 31" in err
+
+
+def test_pixel_limit_is_a_setting(tmp_path):
+    from PIL import Image
+    from sslight_dali.data.sources import check_image, set_pixel_limit
+    import io as _io
+    buf = _io.BytesIO()
+    Image.new("L", (300, 200)).save(buf, "PNG")
+    try:
+        set_pixel_limit(20000)  # refused above 2x: 60000 pixels is a "bomb"
+        assert "data.max_image_pixels" in check_image(buf.getvalue())
+        set_pixel_limit(0)
+        assert check_image(buf.getvalue()) is None
+    finally:
+        set_pixel_limit(89478485)

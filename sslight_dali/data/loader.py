@@ -35,9 +35,9 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from ..config import Config, Recipe
 from .dali_views import READER, ReaderSpec, eval_pipeline, train_pipeline
-from .base import LoaderPosition, mix_seed
+from .base import LoaderPosition, mix_seed, too_few_samples
 from .sources import (DataError, Samples, drop_bad_samples, find_bad_samples, find_bad_samples_cached, list_samples,
-                      write_wds_index)
+                      set_pixel_limit, write_wds_index)
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,7 @@ def load_split(cfg: Config, split: str) -> Samples:
     unchanged data only stats the files."""
     if not cfg.data.root:
         raise DataError("data.root is empty: set it to a dataset root (e.g. made by `sslight data synth`)")
+    set_pixel_limit(cfg.data.max_image_pixels)
     samples = list_samples(cfg.data.root, split, cfg.data.format, check=False)
     check = lambda: find_bad_samples_cached(samples, cfg.data.num_threads, verify_cache_dir(cfg))  # noqa: E731
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -98,8 +99,7 @@ class _DaliLoader(LoaderPosition):
         self.num_samples = len(samples)
         shard = -(-self.num_samples // world_size)  # padded shard length, the same on every rank
         if drop_last and shard < batch_size:
-            raise DataError(f"{self.num_samples} samples over {world_size} rank(s) give {shard} per rank, "
-                            f"fewer than one batch of {batch_size}")
+            raise DataError(too_few_samples(self.num_samples, world_size, batch_size, samples.root))
         self.steps_per_epoch = shard // batch_size if drop_last else -(-self._own_shard_len() // batch_size)
         self._torch_device = torch.device("cuda", torch.cuda.current_device()) if device == "gpu" else torch.device("cpu")
         self._labels = torch.tensor(samples.labels, dtype=torch.int64, device=self._torch_device)

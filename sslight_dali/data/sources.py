@@ -37,6 +37,9 @@ class Samples:
     # WebDataset only: (offset, size) of each sample's image bytes inside its tar. Only where the
     # bytes are is kept, so a split of any size costs a few numbers per sample in memory.
     members: list[tuple[int, int]] | None = field(default=None, repr=False)
+    # WebDataset shards that are cut short or unreadable past some point: (shard, why). Their intact
+    # samples are listed; data.skip_bad_files decides whether training may go on without the rest.
+    broken: list[tuple[str, str]] = field(default_factory=list, repr=False)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -65,28 +68,59 @@ def list_samples(root: str | Path, split: str, fmt: str = "imagefolder", skip_ba
                  check: bool = True) -> Samples:
     """List (and by default verify) the samples of `split` under `root` in format `fmt`."""
     root = Path(root)
-    readers = {"imagefolder": _imagefolder, "filelist": _filelist, "webdataset": _webdataset}
+    readers = {"imagefolder": _imagefolder, "folder": _folder, "filelist": _filelist, "webdataset": _webdataset}
     if fmt not in readers:
         raise DataError(f"unknown data format {fmt!r}; choose one of {sorted(readers)}")
     samples = readers[fmt](root, split)
     if not len(samples):
-        raise DataError(f"no images found for split '{split}' under {root} (format {fmt})")
+        raise DataError(f"no images found for split '{split}' under {root} (format {fmt}; image files end in "
+                        f"{', '.join(IMG_EXTENSIONS)})")
     return verify_samples(samples, skip_bad_files) if check else samples
+
+
+def _images_under(d: Path) -> list[str]:
+    """Image files under d, sorted by path. Dangling symlinks are counted and logged, not silently lost."""
+    files, dangling = [], []
+    for p in sorted(d.rglob("*")):
+        if p.suffix.lower() in IMG_EXTENSIONS:
+            if p.is_file():
+                files.append(str(p))
+            elif p.is_symlink() and not p.exists():
+                dangling.append(str(p))
+    if dangling:
+        log.warning("%d dangling symlink(s) under %s skipped (their targets do not exist):\n%s", len(dangling), d,
+                    "\n".join(f"  {p}" for p in dangling))
+    return files
 
 
 def _imagefolder(root: Path, split: str) -> Samples:
     d = root / split
     if not d.is_dir():
-        raise DataError(f"split directory not found: {d}")
+        hint = ""
+        if root.is_dir() and any(p.suffix.lower() in IMG_EXTENSIONS for p in root.iterdir()):
+            hint = f"; {root} itself holds images: set data.format=folder to train on them without labels"
+        raise DataError(f"split directory not found: {d}{hint}")
     # Same order as torchvision ImageFolder: classes sorted by name, files sorted by path.
     classes = sorted(e.name for e in d.iterdir() if e.is_dir())
     files, labels = [], []
     for c, name in enumerate(classes):
-        for p in sorted((d / name).rglob("*")):
-            if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS:
-                files.append(str(p))
-                labels.append(c)
+        found = _images_under(d / name)
+        files += found
+        labels += [c] * len(found)
+    if not files and any(p.suffix.lower() in IMG_EXTENSIONS for p in d.iterdir()):
+        log.info("%s has images but no class folders: using them without labels (data.format=folder)", d)
+        return _folder(root, split)
     return Samples(files, labels, classes, str(d))
+
+
+def _folder(root: Path, split: str) -> Samples:
+    """Unlabeled images anywhere under root/<split> (or under root, if it has no such folder): what
+    self-supervised pre-training needs. No classes, so the joint probe and kNN need a labelled val split."""
+    d = root / split if (root / split).is_dir() else root
+    if not d.is_dir():
+        raise DataError(f"data folder not found: {d}")
+    files = _images_under(d)
+    return Samples(files, [0] * len(files), [], str(d))
 
 
 def _filelist(root: Path, split: str) -> Samples:
@@ -115,18 +149,32 @@ def _webdataset(root: Path, split: str) -> Samples:
     shards = shards or sorted(root.glob(f"{split}-*.tar"))
     if not shards:
         raise DataError(f"no WebDataset shards found: {root / split}/*.tar or {root}/{split}-*.tar")
-    files, labels, members = [], [], []
+    files, labels, members, broken = [], [], [], []
     for shard in shards:
-        images, cls = {}, {}
-        with tarfile.open(shard) as tar:
-            for m in tar:  # headers only; just the tiny .cls members are read
-                if not m.isfile():
-                    continue
-                key, _, ext = m.name.partition(".")
-                if "." + ext.lower() in IMG_EXTENSIONS:
-                    images[key] = (m.name, m.offset_data, m.size)
-                elif ext.lower() == "cls":
-                    cls[key] = int(tar.extractfile(m).read().decode().strip())
+        images, cls, size = {}, {}, os.path.getsize(shard)
+        why = None
+        try:
+            with tarfile.open(shard) as tar:
+                for m in tar:  # headers only; just the tiny .cls members are read
+                    if not m.isfile():
+                        continue
+                    if m.offset_data + m.size > size:
+                        why = f"cut short inside member {m.name}"
+                        break
+                    key, _, ext = m.name.partition(".")
+                    if "." + ext.lower() in IMG_EXTENSIONS:
+                        images[key] = (m.name, m.offset_data, m.size)
+                    elif ext.lower() == "cls":
+                        cls[key] = int(tar.extractfile(m).read().decode().strip())
+                end = tar.offset
+            if why is None and not _has_end_marker(shard, end):
+                # tarfile stops quietly at a header that is not there: a tar cut between members
+                why = "cut short (no end-of-archive marker after its last member)"
+        except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+            why = f"unreadable past byte {max((v[1] + v[2] for v in images.values()), default=0)} ({e})"
+        if why is not None:
+            broken.append((str(shard), why))
+            images = {k: v for k, v in images.items() if k in cls}  # the intact samples
         for key in sorted(images):
             if key not in cls:
                 raise DataError(f"{shard}: sample '{key}' has an image but no .cls label")
@@ -135,7 +183,15 @@ def _webdataset(root: Path, split: str) -> Samples:
             labels.append(cls[key])
             members.append((offset, size))
     n_cls = max(labels) + 1 if labels else 0
-    return Samples(files, labels, [str(i) for i in range(n_cls)], str(root), members)
+    return Samples(files, labels, [str(i) for i in range(n_cls)], str(root), members, broken)
+
+
+def _has_end_marker(shard: Path, offset: int) -> bool:
+    """A complete tar ends with two zero blocks where the next header would be."""
+    with open(shard, "rb") as f:
+        f.seek(offset)
+        tail = f.read(1024)
+    return len(tail) == 1024 and not any(tail)
 
 
 # PIL modes of 32-bit integer and float samples: DALI's decoder cannot read them ("Invalid
@@ -192,9 +248,17 @@ def check_image(data: bytes) -> str | None:
             if im.format == "JPEG":
                 im.draft(im.mode, (max(1, im.width // 8), max(1, im.height // 8)))
             im.load()
+    except Image.DecompressionBombError as e:
+        return f"{e} (raise data.max_image_pixels to accept it)"
     except Exception as e:  # PIL raises many types for junk input
         return f"not a decodable image ({type(e).__name__}: {e})"
     return None
+
+
+def set_pixel_limit(max_pixels: int) -> None:
+    """data.max_image_pixels -> PIL's decompression-bomb limit (0 = none), for the file check and the
+    torchvision loader's workers (forked after this is set)."""
+    Image.MAX_IMAGE_PIXELS = max_pixels or None
 
 
 def find_bad_samples(samples: Samples, workers: int = 8) -> list[tuple[int, str]]:
@@ -251,6 +315,13 @@ def find_bad_samples_cached(samples: Samples, workers: int, cache_dir: str) -> l
 
 def drop_bad_samples(samples: Samples, bad: list[tuple[int, str]], skip_bad_files: bool) -> Samples:
     """Raise DataError naming the first bad file, or drop the bad ones (counted and logged)."""
+    if samples.broken:
+        shard, why = samples.broken[0]
+        if not skip_bad_files:
+            raise DataError(f"WebDataset shard {shard} is {why}; replace it, or set data.skip_bad_files=true to "
+                            "train on the samples before the damage")
+        log.warning("WebDataset: %d damaged shard(s), training on the samples before the damage:\n%s",
+                    len(samples.broken), "\n".join(f"  {s}: {w}" for s, w in samples.broken))
     if not bad:
         return samples
     if not skip_bad_files:
@@ -263,7 +334,8 @@ def drop_bad_samples(samples: Samples, bad: list[tuple[int, str]], skip_bad_file
     if not keep:
         raise DataError(f"every image under {samples.root} is unreadable")
     return Samples([samples.files[i] for i in keep], [samples.labels[i] for i in keep], samples.classes,
-                   samples.root, [samples.members[i] for i in keep] if samples.members is not None else None)
+                   samples.root, [samples.members[i] for i in keep] if samples.members is not None else None,
+                   samples.broken)
 
 
 def verify_samples(samples: Samples, skip_bad_files: bool = False) -> Samples:

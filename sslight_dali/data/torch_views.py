@@ -23,7 +23,7 @@ import torchvision.transforms.functional as F
 from PIL import Image, ImageFilter, ImageOps
 
 from ..config import Augment, Recipe, ViewSpec
-from .base import LoaderPosition, mix_seed
+from .base import LoaderPosition, mix_seed, too_few_samples
 from .sources import DataError, Samples
 
 log = logging.getLogger(__name__)
@@ -200,6 +200,8 @@ class TorchLoader(LoaderPosition):
         # Eval (no drop-last) shards without padding, so each sample is seen exactly once.
         self.sampler = ShardSampler(len(dataset), rank, world_size, seed, shuffle, pad=drop_last)
         n = len(self.sampler.indices())
+        if drop_last and n < batch_size:
+            raise DataError(too_few_samples(len(dataset), world_size, batch_size, dataset.samples.root))
         self.steps_per_epoch = n // batch_size if drop_last else -(-n // batch_size)
         self._torch_device = torch.device("cuda", torch.cuda.current_device()) if device == "gpu" else torch.device("cpu")
         self._next_epoch, self._step = 0, 0
