@@ -235,3 +235,57 @@ def test_pixel_limit_is_a_setting(tmp_path):
         assert check_image(buf.getvalue()) is None
     finally:
         set_pixel_limit(89478485)
+
+
+# --- two processes (gloo): a signal to one rank, a dead rank --------------------------------------
+def run2(data, out, *extra, faults=(None, None), timeout=120):
+    """Two `sslight train` processes (RANK 0/1) as torchrun would start them; returns both results."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "RANK": str(rank), "WORLD_SIZE": "2",
+               "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        env.pop("SSLIGHT_FAULT", None)
+        if faults[rank]:
+            env["SSLIGHT_FAULT"] = faults[rank]
+        cmd = [sys.executable, "-m", "sslight_dali.cli", "train", CONFIG, *TINY, f"data.root={data}",
+               f"train.output_dir={out}", "train.max_steps=6", "train.dist_timeout_s=10", *extra]
+        procs.append(subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    results = []
+    for p in procs:
+        try:
+            _, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise AssertionError(f"a rank did not exit within {timeout} s")
+        results.append((p.returncode, err))
+    return results
+
+
+@pytest.mark.slow
+def test_two_ranks_agree_on_a_signal_and_survive_a_dead_peer(tiny_data, tmp_path):
+    ref = tmp_path / "ref"
+    assert [rc for rc, _ in run2(tiny_data, ref)] == [0, 0]
+    out = tmp_path / "run"
+    # SIGTERM to rank 1 only, after its 3rd step: both ranks stop at step 3 and one checkpoint is written.
+    (rc0, err0), (rc1, err1) = run2(tiny_data, out, faults=(None, "step:3:TERM"))
+    assert (rc0, rc1) == (EXIT_PREEMPTED, EXIT_PREEMPTED), err0[-1500:] + err1[-1500:]
+    assert "stopped by a signal to another rank at step 3 " in err0 and "stopped by SIGTERM at step 3 " in err1
+    assert ckpt.load(out / ckpt.LATEST)["step"] == 3
+    # Rank 1 dies (kill -9) after global step 5: rank 0 stops with one line instead of hanging.
+    (rc0, err0), (rc1, _) = run2(tiny_data, out, "resume=auto", faults=(None, "step:2"))
+    assert rc1 == -9 and rc0 == 2, err0[-1500:]
+    last = err0.strip().splitlines()[-1]
+    assert last.startswith("sslight: error: rank 0: lost contact with another process") and "resume=auto" in last
+    assert ckpt.load(out / ckpt.LATEST)["step"] == 4
+    # The restart resumes exactly: the same weights as the uninterrupted run.
+    assert [rc for rc, _ in run2(tiny_data, out, "resume=auto")] == [0, 0]
+    a, b = ckpt.load(out / ckpt.LATEST), ckpt.load(ref / ckpt.LATEST)
+    assert a["step"] == b["step"] == 6
+    for k, v in b["model"].items():
+        assert torch.equal(a["model"][k], v), k
