@@ -289,3 +289,18 @@ def test_two_ranks_agree_on_a_signal_and_survive_a_dead_peer(tiny_data, tmp_path
     assert a["step"] == b["step"] == 6
     for k, v in b["model"].items():
         assert torch.equal(a["model"][k], v), k
+
+
+def test_metrics_keep_one_record_per_step_after_a_resume(tmp_path):
+    from sslight_dali.logger import RunLogger
+    lines = [json.dumps({"kind": "train", "step": s, "loss": float(s)}) for s in range(1, 7)]
+    lines.insert(4, json.dumps({"kind": "eval", "step": 4, "knn_top1": 1.0}))
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"kind": "train", "st')  # cut by a kill
+    logger = RunLogger(tmp_path, enabled=True, tensorboard=False)
+    logger.start(4)  # resumed from the step-4 checkpoint
+    logger.write({"kind": "train", "step": 5, "loss": -5.0}, 5)
+    logger.close()
+    recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["step"]) for r in recs] == [("train", 1), ("train", 2), ("train", 3), ("train", 4),
+                                                      ("eval", 4), ("train", 5)]
+    assert recs[-1]["loss"] == -5.0
