@@ -305,3 +305,17 @@ def test_metrics_keep_one_record_per_step_after_a_resume(tmp_path):
     assert [(r["kind"], r["step"]) for r in recs] == [("train", 1), ("train", 2), ("train", 3), ("train", 4),
                                                       ("eval", 4), ("train", 5)]
     assert recs[-1]["loss"] == -5.0
+
+
+def test_a_second_signal_exits_at_once():
+    code = ("import os, signal, time\n"
+            "from sslight_dali.train import StopSignals\n"
+            "with StopSignals() as s:\n"
+            "    os.kill(os.getpid(), signal.SIGUSR1); time.sleep(0.2)\n"
+            "    assert s.received == 'SIGUSR1'\n"
+            "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(10)\n"
+            "print('still running')\n")
+    r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)},
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 128 + 15 and "still running" not in r.stdout
+    assert "second signal (SIGTERM): exiting now without writing a checkpoint" in r.stderr
