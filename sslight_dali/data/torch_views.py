@@ -181,9 +181,10 @@ class ShardSampler(torch.utils.data.Sampler):
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
-    """Loader workers leave SIGINT/SIGTERM/SIGUSR1 to the trainer, which finishes its step and saves;
-    a worker killed by them would end the run before the checkpoint is written."""
-    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+    """Loader workers leave SIGINT (Ctrl-C reaches the whole process group) and SIGUSR1 to the trainer,
+    which finishes its step and saves; a worker killed by them would end the run before the checkpoint
+    is written. SIGTERM stays: the DataLoader uses it to stop a worker that does not exit by itself."""
+    for s in (signal.SIGINT, signal.SIGUSR1):
         signal.signal(s, signal.SIG_IGN)
 
 
