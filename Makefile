@@ -25,4 +25,4 @@ demo: $(STAMP)
 	$(PY) -m sslight_dali.cli demo
 
 clean:
-	rm -rf $(VENV) runs/demo data/demo data/synth
+	rm -rf $(VENV) runs/demo runs/demo.old-* data/demo data/synth

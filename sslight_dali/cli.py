@@ -33,9 +33,13 @@ def _data_synth(args) -> int:
 
 def _train(args) -> int:
     from .config import load_config
-    from .train import train
+    from .train import EXIT_PREEMPTED, Preempted, train
     cfg = load_config(args.config, args.overrides)
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    except Preempted as e:  # a checkpoint was written: the job may be requeued and resume
+        print(f"sslight: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
     print(json.dumps(result, indent=2))
     return 0
 
@@ -144,6 +148,7 @@ def _user_errors() -> tuple:
     errors = [FileNotFoundError]
     for module, name in (("sslight_dali.config", "ConfigError"), ("sslight_dali.checkpoint", "CheckpointError"),
                          ("sslight_dali.data.sources", "DataError"), ("sslight_dali.train", "NonFiniteLossError"),
+                         ("sslight_dali.train", "PeerLostError"),
                          ("sslight_dali.bench", "BenchError"), ("sslight_dali.export", "ExportError")):
         mod = sys.modules.get(module)  # only those already imported can have been raised
         if mod is not None:

@@ -172,6 +172,10 @@ class TrainCfg:
     tensorboard: bool = True
     checkpoint_every: int = _f(0, 0, help="steps between checkpoints; 0 = epoch ends only")
     keep_every_epochs: int = _f(20, 0, help="also keep an epoch-tagged copy this often; 0 = never")
+    keep_last: int = _f(2, 1, help="step checkpoints kept (newest first); resume=auto falls back to an older one if the newest is damaged")
+    overwrite: bool = field(default=False, metadata={
+        "help": "a fresh run in an output_dir that holds checkpoints moves the old run aside to <dir>.old-<time> (never deletes); false = refuse"})
+    dist_timeout_s: int = _f(1800, 10, help="seconds a collective waits for the other processes before the run stops (a dead rank)")
     max_steps: int = _f(0, 0, help="stop after this many steps in total (0 = run all epochs)")
     knn_every: int = _f(1, 0, help="epochs between kNN evaluations; 0 = never")
     output_dir: str = "runs/default"
@@ -184,7 +188,9 @@ class TrainCfg:
 @dataclass
 class DataCfg:
     root: str = field(default="", metadata={"help": "dataset root holding train/ and val/; '' = embedded synthetic data"})
-    format: Literal["imagefolder", "filelist", "webdataset"] = "imagefolder"
+    format: Literal["imagefolder", "folder", "filelist", "webdataset"] = field(default="imagefolder", metadata={
+        "help": "imagefolder (<split>/<class>/*; a split of images without class folders is read as folder), "
+                "folder (unlabeled images anywhere under <split>/ or the root), filelist, webdataset"})
     train_split: str = "train"
     val_split: str = "val"
     recipe: str = field(default="pipelines/cnn_sslight.yaml", metadata={
@@ -200,6 +206,8 @@ class DataCfg:
         "help": "where the up-front file check keeps its verdict, keyed by every file's path, size and mtime "
                 "(auto = $XDG_CACHE_HOME/sslight-dali/verified or ~/.cache/...; '' = read every file at every start)"})
     dtype: Literal["float32", "bfloat16"] = "float32"
+    max_image_pixels: int = _f(89478485, 0, help="PIL's decompression-bomb limit (pixels; refused above twice "
+                               "this); 0 = no limit. Raise it for very large images")
 
 
 @dataclass
@@ -379,6 +387,8 @@ def _check_value(path: str, value, tp, meta):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
         value = float(value)
     elif tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)  # YAML reads `output_dir: 2024` as a number; a path or name is meant
         if not isinstance(value, str):
             raise ConfigError(f"{path}: expected a string, got {value!r}")
     lo, hi = meta.get("range", (None, None))
@@ -426,7 +436,10 @@ def read_yaml(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                          "save the file as UTF-8") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
@@ -546,6 +559,13 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
             raise ConfigError(f"{path or 'defaults'}: data.recipe: {e}") from None
     for key, value in parsed:
         _set_dotted(data, key, value)
+    for key, value in parsed:  # a bad override is the command line's fault, not the file's
+        alone: dict = {}
+        _set_dotted(alone, key, value)
+        try:
+            from_dict(Config, alone)
+        except ConfigError as e:
+            raise ConfigError(f"override {key}={value!r}: {e}") from None
     try:
         cfg = from_dict(Config, data)
     except ConfigError as e:

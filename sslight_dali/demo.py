@@ -70,7 +70,9 @@ def main(args) -> int:
     if not (data / "synth.json").is_file():
         print(f"making the demo dataset in {data} ...")
         synth_dataset(data, **DEMO_DATA)
-    overrides = COMMON + (GPU if on_gpu else CPU) + [f"data.root={data}", f"train.output_dir={args.out}"]
+    # A re-run moves the previous demo run aside (to <out>.old-<time>) instead of refusing.
+    overrides = COMMON + (GPU if on_gpu else CPU) + [f"data.root={data}", f"train.output_dir={args.out}",
+                                                   "train.overwrite=true"]
     cfg = load_config(args.config, overrides + list(args.overrides))
     device = torch.device("cuda" if on_gpu else "cpu")
 

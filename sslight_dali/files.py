@@ -13,7 +13,7 @@ def atomic_write(path: str | os.PathLike, data: str | bytes | Callable[[IO[bytes
     checkpoints, which must survive a power cut). The temporary file is removed if writing fails."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = tmp_name(path)
     try:
         with open(tmp, "wb") as f:
             if callable(data):
@@ -28,3 +28,9 @@ def atomic_write(path: str | os.PathLike, data: str | bytes | Callable[[IO[bytes
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def tmp_name(path: Path) -> Path:
+    """The temporary name a write to `path` uses: hidden, per process, ending in .tmp (so a start-up
+    clean-up can find the ones a killed process left)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -18,7 +18,7 @@ def setup_logging(output_dir: Path | None, rank: int, filename: str = "train.log
     handlers = [logging.StreamHandler(sys.stdout)]
     if output_dir is not None and rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(output_dir / filename))
+        handlers.append(logging.FileHandler(output_dir / filename, delay=True))  # no empty log
     logging.basicConfig(level=level, format="[%(asctime)s %(levelname)s] %(message)s", datefmt="%m/%d %H:%M:%S",
                         handlers=handlers, force=True)
 
@@ -28,27 +28,52 @@ def _fmt_eta(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):  # a line cut short by a kill
+        return float("inf")
+
+
 class RunLogger:
-    """Writes metrics.jsonl (every record) and TensorBoard (if enabled) on rank 0; no-op elsewhere."""
+    """Writes metrics.jsonl (every record) and TensorBoard (if enabled) on rank 0; no-op elsewhere.
+
+    `start(step)` opens them for a run that begins at `step`: records of an earlier attempt past that
+    step (a run killed after its last checkpoint) are dropped, so each step has one record."""
 
     def __init__(self, output_dir: Path, enabled: bool, tensorboard: bool):
-        self.enabled = enabled
+        self.output_dir, self.enabled, self.tensorboard = output_dir, enabled, tensorboard
         self.tb = None
         self.jsonl = None
-        if not enabled:
+
+    def start(self, step: int) -> None:
+        if not self.enabled or self.jsonl is not None:
             return
-        output_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(output_dir / "metrics.jsonl", "a", buffering=1)
-        if tensorboard:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        path = self.output_dir / "metrics.jsonl"
+        if path.is_file():
+            lines = path.read_text().splitlines()
+            keep = [line for line in lines if _step_of(line) <= step]
+            dropped = len(lines) - len(keep)
+            if dropped:
+                tmp = path.with_name(path.name + ".tmp")
+                tmp.write_text("".join(line + "\n" for line in keep))
+                tmp.replace(path)
+                log.info(f"metrics.jsonl: dropped {dropped} record(s) past step {step} from an earlier attempt")
+        self.jsonl = open(path, "a", buffering=1)
+        if self.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(str(output_dir / "tensorboard"))
+                # purge_step: TensorBoard hides the earlier attempt's events from this step on.
+                self.tb = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=step + 1 if step else None)
             except ImportError:
                 log.warning("tensorboard is not installed: TensorBoard scalars are off (metrics.jsonl still written)")
 
     def write(self, record: dict, step: int) -> None:
         if not self.enabled:
             return
+        if self.jsonl is None:  # written to without start(): append, drop nothing
+            self.jsonl = open(self.output_dir / "metrics.jsonl", "a", buffering=1)
         self.jsonl.write(json.dumps(record) + "\n")
         if self.tb is not None:
             for k, v in record.items():
@@ -70,6 +95,7 @@ class RunLogger:
             self.jsonl.close()
         if self.tb is not None:
             self.tb.close()
+        self.jsonl = self.tb = None
 
 
 class StepTimer:

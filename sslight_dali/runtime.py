@@ -7,6 +7,7 @@ thing, so older configs and checkpoints still load. Precisions are "bf16", "fp16
 """
 from __future__ import annotations
 
+import datetime
 import os
 import random
 
@@ -58,7 +59,9 @@ def init_distributed(cfg) -> tuple[int, int, torch.device]:
     else:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        # A bounded wait: a dead rank stops the others after dist_timeout_s instead of hanging them.
+        dist.init_process_group("nccl" if use_cuda else "gloo",
+                                timeout=datetime.timedelta(seconds=cfg.train.dist_timeout_s))
     return rank, world, device
 
 

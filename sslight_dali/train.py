@@ -8,8 +8,11 @@ per-step host syncs, atomic checkpoints and exact resume.
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -30,6 +33,49 @@ log = logging.getLogger("sslight")
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+# Exit status of a run stopped by SIGTERM/SIGINT/SIGUSR1 after writing its checkpoint: EX_TEMPFAIL,
+# "try again later". A job script requeues on it (see the README's SLURM example).
+EXIT_PREEMPTED = 75
+
+
+class Preempted(Exception):
+    """Stopped by a signal after writing a checkpoint at the current step; `sslight train` exits 75."""
+
+
+class PeerLostError(RuntimeError):
+    """Another process of the run died or stopped answering (train.dist_timeout_s)."""
+
+
+class StopSignals:
+    """SIGTERM, SIGINT, SIGUSR1: the first asks the loop to stop after the current step and write a
+    checkpoint; a second one exits at once (the last complete checkpoint stays the newest)."""
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # Python handles signals there only
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.received is not None:
+            os.write(2, f"sslight: second signal ({name}): exiting now without writing a checkpoint\n".encode())
+            os._exit(128 + signum)
+        self.received = name
+        log.warning(f"{name} received: finishing this step, then writing a checkpoint and stopping "
+                    "(a second signal exits at once)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -73,6 +119,8 @@ class Trainer:
         self.step = 0          # global step: index into the schedules
         self.epoch = 0
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        self.signals = StopSignals()
+        self._stop_agreed = False
         self.logger = RunLogger(self.output_dir, enabled=rank == 0, tensorboard=cfg.train.tensorboard)
 
     # -- one optimisation step --------------------------------------------------------------------
@@ -118,35 +166,90 @@ class Trainer:
             total_steps = min(total_steps, cfg.train.max_steps)
         timer, last = StepTimer(), {}
         run_start, start_step = time.perf_counter(), self.step
+        self.logger.start(self.step)
         try:
-            while self.step < total_steps:
-                self.method.on_epoch_start(self.epoch)
-                epoch_end = (self.epoch + 1) * spe
+            with self.signals:
+                last = self._loop(total_steps, timer, last, run_start, start_step)
+        finally:
+            self.logger.close()
+        return last
+
+    def _loop(self, total_steps, timer, last, run_start, start_step) -> dict:
+        cfg, spe = self.cfg, self.loader.steps_per_epoch
+        while self.step < total_steps:
+            self.method.on_epoch_start(self.epoch)
+            epoch_end = (self.epoch + 1) * spe
+            with self._on_data_error():
                 for views, labels, _ in _timed(self.loader.epoch(self.epoch), timer, self.world):
                     views = [v.to(self.device, non_blocking=True) for v in views]
                     labels = labels.to(self.device, non_blocking=True)
                     loss, metrics = self.train_step(views, labels)
+                    ckpt.fault_point("step")
                     if self.step % cfg.train.log_every == 0 or self.step == total_steps:
                         last = self._log(loss, metrics, timer, total_steps, run_start, start_step)
+                    if self._stop_requested(logged=self.step % cfg.train.log_every == 0):
+                        if self.step == epoch_end:
+                            break  # the epoch-end save below is the stop checkpoint
+                        self.save()
+                        self._preempted()
                     if (cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0
                             and self.step != epoch_end):  # the epoch-end save below covers that step
                         self.save()
                     if self.step >= total_steps:
                         break
-                if self.step < epoch_end and self.step < total_steps:
-                    raise RuntimeError(f"the loader ended epoch {self.epoch} after {self.step - self.epoch * spe} "
-                                       f"batches; expected {spe}")
-                if self.step < epoch_end:  # stopped by train.max_steps inside the epoch
-                    self.save()
-                    break
-                self.epoch += 1
-                self.save(tag_epoch=True)
-                if cfg.train.knn_every and self.epoch % cfg.train.knn_every == 0:
-                    last.update(self.evaluate())
-                timer.reset()  # the epoch-end save and kNN are not training throughput
-        finally:
-            self.logger.close()
+            if self.step < epoch_end and self.step < total_steps:
+                raise RuntimeError(f"the loader ended epoch {self.epoch} after {self.step - self.epoch * spe} "
+                                   f"batches; expected {spe}")
+            if self.step < epoch_end:  # stopped by train.max_steps inside the epoch
+                self.save()
+                break
+            self.epoch += 1
+            self.save(tag_epoch=True)
+            if self._stop_requested(logged=False, again=True):
+                self._preempted()
+            if cfg.train.knn_every and self.epoch % cfg.train.knn_every == 0:
+                last.update(self.evaluate())
+            timer.reset()  # the epoch-end save and kNN are not training throughput
         return last
+
+    @contextmanager
+    def _on_data_error(self):
+        """A file that fails to decode mid-run stops the run with the loader's one line, after a
+        checkpoint at the last completed step (one process only: with several, the others are inside
+        a collective and stop on train.dist_timeout_s instead)."""
+        from .data.sources import DataError  # here: the data package loads DALI
+        try:
+            yield
+        except DataError as e:
+            if self.world > 1:
+                raise
+            try:
+                self.save()
+                saved = f"checkpoint written at step {self.step}"
+            except Exception as e2:  # e.g. a dead DALI pipeline cannot report its position
+                saved = f"no checkpoint at step {self.step} ({ckpt.first_line(e2)}); the newest one is kept"
+            raise DataError(f"{e} [{saved}]") from None
+
+    def _stop_requested(self, logged: bool, again: bool = False) -> bool:
+        """Has a stop signal arrived? With several processes all ranks must stop at the same step, so
+        they agree by an all-reduce, done on log steps only (a host sync there already): a signal
+        stops the run at the next log step (train.log_every). `again`: the answer already agreed on."""
+        if self.world == 1:
+            return self.signals.received is not None
+        if again:
+            return self._stop_agreed
+        if not logged:
+            return False
+        flag = torch.tensor([int(self.signals.received is not None)], dtype=torch.int32,
+                            device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self._stop_agreed = bool(flag.item())
+        return self._stop_agreed
+
+    def _preempted(self):
+        raise Preempted(f"stopped by {self.signals.received or 'a signal to another rank'} at step {self.step} "
+                        f"(epoch {self.epoch}) after writing a checkpoint in {self.output_dir}; "
+                        "continue with resume=auto")
 
     def _log(self, loss, metrics, timer: StepTimer, total_steps: int, run_start: float, start_step: int) -> dict:
         self.check_finite()
@@ -180,12 +283,20 @@ class Trainer:
     def save(self, tag_epoch: bool = False) -> None:
         self.check_finite()  # never write a NaN checkpoint
         state = gather_per_rank(self.state_dict(), ("loader", "rng"), self.world)  # every rank takes part
-        if self.rank != 0:
-            return
-        ckpt.save_atomic(state, self.output_dir / ckpt.LATEST)
-        keep = self.cfg.train.keep_every_epochs
-        if tag_epoch and keep and self.epoch % keep == 0:
-            ckpt.save_atomic(state, self.output_dir / f"checkpoint_epoch{self.epoch:04d}.pt")
+        error = None
+        if self.rank == 0:
+            keep = self.cfg.train.keep_every_epochs
+            tag = self.epoch if tag_epoch and keep and self.epoch % keep == 0 else None
+            try:
+                ckpt.save_checkpoint(state, self.output_dir, self.step, tag, self.cfg.train.keep_last)
+            except ckpt.CheckpointError as e:
+                error = str(e)
+        if self.world > 1:  # every rank stops when rank 0 cannot write, or the others would hang
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error:
+            raise ckpt.CheckpointError(error)
 
     def load_state_dict(self, state: dict) -> None:
         self.method.load_state_dict(state["model"])
@@ -289,29 +400,106 @@ def check_resumable(saved: dict, cfg: Config, path: Path) -> None:
                                        f"checkpoint's value, or start a new train.output_dir")
 
 
+def claim_output_dir(cfg: Config, output_dir: Path, rank: int, world: int) -> Path | None:
+    """Make sure the run directory can be written and that a fresh run never overwrites an earlier
+    one: refuse, or with train.overwrite=true move the old run aside (returns where to). Rank 0
+    decides and every rank raises the same error, so none is left waiting."""
+    error, moved = None, None
+    if rank == 0:
+        try:
+            if output_dir.exists() and not output_dir.is_dir():
+                raise NotADirectoryError(f"{output_dir} exists and is not a directory")
+            if not cfg.train.resume and ckpt.candidates(output_dir):
+                if not cfg.train.overwrite:
+                    raise ckpt.CheckpointError(
+                        f"train.output_dir {output_dir} already holds a run's checkpoints; continue it with "
+                        "resume=auto, choose a new train.output_dir, or set train.overwrite=true to move the "
+                        "old run aside")
+                moved = ckpt.move_aside(output_dir)
+            output_dir.mkdir(parents=True, exist_ok=True)
+            probe = output_dir / f".write-test.{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except ckpt.CheckpointError as e:
+            error = str(e)
+        except OSError as e:
+            error = f"train.output_dir {output_dir} cannot be used: {e.strerror or e}" + (
+                f" ({e.filename})" if getattr(e, "filename", None) else "")
+    if world > 1:
+        box = [error, moved]
+        dist.broadcast_object_list(box, src=0)
+        error, moved = box
+    if error:
+        raise ckpt.CheckpointError(error)
+    return moved
+
+
 def resolve_resume(cfg: Config, output_dir: Path, rank: int, world: int) -> Path | None:
-    """Rank 0 decides which checkpoint (if any) every rank resumes from, so ranks never disagree."""
-    choice = [str(ckpt.find_resume(output_dir, cfg.train.resume) or "") if rank == 0 else None]
+    """The checkpoint every rank resumes from, or None (see resume_point)."""
+    return resume_point(cfg, output_dir, rank, world)[0]
+
+
+def resume_point(cfg: Config, output_dir: Path, rank: int, world: int) -> tuple[Path | None, dict | None]:
+    """Rank 0 decides which checkpoint (if any) every rank resumes from, so ranks never disagree.
+    resume=auto takes the newest one that loads and verifies. Returns (path, state)."""
+    state, choice = None, [None]
+    if rank == 0:
+        ckpt.remove_stale_temps(output_dir)
+        if cfg.train.resume == "auto":
+            found = ckpt.newest_valid(output_dir)
+            if found is None:
+                log.info(f"resume=auto: no checkpoint in {output_dir}: starting a fresh run")
+            else:
+                choice[0], state = str(found[0]), found[1]
+        else:
+            p = ckpt.find_resume(output_dir, cfg.train.resume)
+            choice[0] = str(p) if p else None
     if world > 1:
         dist.broadcast_object_list(choice, src=0)
-    return Path(choice[0]) if choice[0] else None
+    path = Path(choice[0]) if choice[0] else None
+    if path is not None and state is None:
+        state = ckpt.load(path)
+    return path, state
+
+
+def _is_peer_failure(e: BaseException) -> bool:
+    """A collective that failed because another rank died or timed out (gloo/NCCL word it variously)."""
+    if isinstance(e, getattr(dist, "DistBackendError", ())) or isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    text = str(e).lower()
+    return any(w in text for w in ("connection closed by peer", "connection reset", "timed out", "timeout",
+                                   "gloo", "nccl", "broken pipe"))
 
 
 def check_eval_split(cfg: Config) -> None:
-    """Fail at start, not after the first epoch, when kNN is on and the val split is missing."""
+    """Fail at start, not after the first epoch, when kNN is on and the val split is missing. kNN
+    needs labels: without a labelled val split it is turned off with a note when the train split
+    has none either (unlabeled data, nothing to monitor against), and is an error otherwise."""
     if not cfg.train.knn_every or cfg.data.format == "webdataset":
         return
-    from .data import list_samples
-    list_samples(cfg.data.root, cfg.data.val_split, cfg.data.format, check=False)
+    from .data import DataError, list_samples
+    try:
+        val = list_samples(cfg.data.root, cfg.data.val_split, cfg.data.format, check=False)
+    except DataError as e:
+        train_split = list_samples(cfg.data.root, cfg.data.train_split, cfg.data.format, check=False)
+        if train_split.classes:
+            raise DataError(f"{e}; kNN monitoring (train.knn_every={cfg.train.knn_every}) needs a labelled val split: "
+                            "set train.knn_every=0 to train without one") from None
+        val = train_split
+    if not val.classes:
+        log.info(f"no labelled val split ('{cfg.data.val_split}' under {cfg.data.root}): kNN monitoring is off")
+        cfg.train.knn_every = 0
 
 
 def train(cfg: Config) -> dict:
     from .data import build_train_loader
     rank, world, device = init_distributed(cfg)
     output_dir = Path(cfg.train.output_dir)
+    moved = claim_output_dir(cfg, output_dir, rank, world)
     setup_logging(output_dir, rank)
-    resume_from = resolve_resume(cfg, output_dir, rank, world)
-    state = ckpt.load(resume_from) if resume_from is not None else None
+    if moved is not None:
+        log.warning(f"train.overwrite=true: the previous run in {output_dir} was moved to {moved}")
+    resume_from, state = resume_point(cfg, output_dir, rank, world)
     if state is not None:
         check_resumable(state["config"], cfg, resume_from)
     prepare_data_root(cfg, rank)
@@ -323,6 +511,8 @@ def train(cfg: Config) -> dict:
     loader = build_train_loader(cfg, rank=rank, world_size=world,
                                 channels_last=uses_channels_last(cfg),
                                 dtype=torch_dtype(cfg.data.dtype))
+    if loader.num_classes == 0 and cfg.train.joint_linear_probe and not cfg.train.num_classes:
+        log.info("the train split has no labels: the joint linear probe is off")
     trainer = Trainer(cfg, loader, rank, world, device, output_dir)
     if state is not None:
         trainer.load_state_dict(state)
@@ -336,8 +526,16 @@ def train(cfg: Config) -> dict:
         log.debug(dump_config(cfg))
     try:
         result = trainer.fit()
+    except (RuntimeError, ValueError) as e:
+        if world > 1 and _is_peer_failure(e):
+            raise PeerLostError(f"rank {rank}: lost contact with another process of this run at step "
+                                f"{trainer.step} ({ckpt.first_line(e)}); the newest checkpoint in {output_dir} "
+                                "is intact: restart the job with resume=auto") from None
+        raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    # The last log record's "epoch" is the 0-based epoch it was logged in; report completed ones only.
+    result = {k: v for k, v in result.items() if k not in ("step", "epoch")}
     result.update({"output_dir": str(output_dir), "steps": trainer.step, "epochs": trainer.epoch})
     return result

@@ -8,7 +8,7 @@ import os
 import torch
 
 from ..runtime import world_size
-from .sources import DataError, Samples, drop_bad_samples, find_bad_samples_cached, list_samples
+from .sources import DataError, Samples, drop_bad_samples, find_bad_samples_cached, list_samples, set_pixel_limit
 
 
 def resolve_device(device: str) -> str:
@@ -37,6 +37,7 @@ def load_split(cfg, split: str) -> Samples:
     unchanged data only stats the files."""
     if not cfg.data.root:
         raise DataError("data.root is empty: set it to a dataset root (e.g. made by `sslight data synth`)")
+    set_pixel_limit(cfg.data.max_image_pixels)
     samples = list_samples(cfg.data.root, split, cfg.data.format, check=False)
     check = lambda: find_bad_samples_cached(samples, cfg.data.num_threads, verify_cache_dir(cfg))  # noqa: E731
     if world_size() > 1:
@@ -52,6 +53,13 @@ def load_split(cfg, split: str) -> Samples:
 def mix_seed(seed: int, rank: int) -> int:
     """Per-rank augmentation seed: different views on every rank, reproducible for a given seed."""
     return (seed * 1_000_003 + rank * 7919 + 1) % (2 ** 31 - 1)
+
+
+def too_few_samples(n: int, world_size: int, batch_size: int, root: str) -> str:
+    """The one-line error for a split smaller than one batch per process."""
+    per_rank = -(-n // world_size)
+    return (f"{n} usable images under {root} over {world_size} process(es) give {per_rank} per process, fewer than "
+            f"one batch (train.batch_size={batch_size}): lower train.batch_size or add images")
 
 
 class LoaderPosition:
@@ -71,7 +79,13 @@ class LoaderPosition:
                 "world_size": self.world_size, "rank": self.rank}
 
     def _restore_position(self, state: dict) -> None:
-        for key in ("num_samples", "world_size", "rank"):
+        from .sources import DataError
+        if state["num_samples"] != self.num_samples:
+            raise DataError(f"the checkpoint was written on {state['num_samples']} images and the data now has "
+                            f"{self.num_samples}: the data set changed since. Resume needs the "
+                            "same images; to train on the new set, start a new train.output_dir")
+        for key in ("world_size", "rank"):
             if state[key] != getattr(self, key):
-                raise ValueError(f"loader state was saved with {key}={state[key]}, this loader has {getattr(self, key)}")
+                raise DataError(f"the loader state was saved with {key}={state[key]} and this process has "
+                                f"{getattr(self, key)}: resume with the same number of processes")
         self._next_epoch, self._step = state["epoch"], state["step"]

@@ -56,7 +56,7 @@ def build_train_loader(cfg: Config, rank: int = 0, world_size: int = 1, channels
     device = resolve_device(cfg.data.device)
     common = _common(cfg, rank, world_size, channels_last, dtype)
     if cfg.data.backend == "torchvision":
-        return TorchLoader(MultiViewDataset(samples, recipe), batch_size, num_workers=cfg.data.num_threads,
+        return TorchLoader(MultiViewDataset(samples, recipe, cfg.data.skip_bad_files), batch_size, num_workers=cfg.data.num_threads,
                            seed=cfg.train.seed, device=device, shuffle=True, drop_last=drop_last,
                            classes=samples.classes, **common)
     return _dali_loaders().DaliTrainLoader(samples, recipe, debug=debug, hw_decoder_load=cfg.data.hw_decoder_load, drop_last=drop_last,
@@ -109,7 +109,8 @@ def build_eval_loader(cfg: Config, split: str = "val", rank: int = 0, world_size
     device = resolve_device(cfg.data.device)
     aug, common = cfg.recipe.augment, _common(cfg, rank, world_size, channels_last, dtype)
     if cfg.data.backend == "torchvision":
-        return TorchLoader(EvalDataset(samples, cfg.eval.resize, cfg.eval.crop, aug.mean, aug.std), batch_size,
+        return TorchLoader(EvalDataset(samples, cfg.eval.resize, cfg.eval.crop, aug.mean, aug.std,
+                                       cfg.data.skip_bad_files), batch_size,
                            num_workers=cfg.data.num_threads, seed=cfg.train.seed, device=device, shuffle=False,
                            drop_last=False, classes=samples.classes, **common)
     return _dali_loaders().DaliEvalLoader(samples, cfg.eval.resize, cfg.eval.crop, aug.mean, aug.std,

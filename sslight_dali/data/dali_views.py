@@ -99,11 +99,20 @@ def _read_webdataset(spec: ReaderSpec):
 
 
 def _decode(jpegs, device: str, hw_decoder_load: float):
+    # adjust_orientation=False: pixels as stored, EXIF orientation ignored, as PIL's Image.open (the
+    # torchvision backend and the reference) does. 16-bit samples become round(v * 255 / 65535), which
+    # the torchvision backend matches (torch_views.load_rgb).
     if device == "gpu":
         # Padding hints avoid reallocations while nvJPEG's buffers grow to the largest image.
         return fn.decoders.image(jpegs, device="mixed", output_type=types.RGB, hw_decoder_load=hw_decoder_load,
-                                 device_memory_padding=211025920, host_memory_padding=140544512)
-    return fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
+                                 device_memory_padding=211025920, host_memory_padding=140544512,
+                                 adjust_orientation=False)
+    return fn.decoders.image(jpegs, device="cpu", output_type=types.RGB, adjust_orientation=False)
+
+
+def _shape(jpegs):
+    """H, W, C of each encoded image on the CPU (for the crop windows), orientation as decoded."""
+    return fn.peek_image_shape(jpegs, adjust_orientation=False)
 
 
 def _coin(p: float):
@@ -416,7 +425,7 @@ def train_pipeline(reader: ReaderSpec, recipe: Recipe, device: str, channels_las
     random order needs a per-sample conditional per op slot, so it runs view by view (view_chain)."""
     jpegs, index = _read(reader)
     images = _decode(jpegs, device, hw_decoder_load)
-    shape = fn.peek_image_shape(jpegs)  # H, W, C on the CPU, for the crop windows
+    shape = _shape(jpegs)
     views, records = [], []
     if recipe.augment.jitter_order == "fixed":
         for group in _groups(recipe.views()):

@@ -35,8 +35,8 @@ from ..config import Recipe
 from .dali_views import READER, ReaderSpec, eval_pipeline, train_pipeline
 # load_split, resolve_device and verify_cache_dir are backend-neutral (base.py); they are imported
 # here too so that `from sslight_dali.data.loader import load_split` keeps working.
-from .base import LoaderPosition, load_split, mix_seed, resolve_device, verify_cache_dir  # noqa: F401
-from .sources import DataError, Samples, write_wds_index
+from .base import LoaderPosition, load_split, mix_seed, resolve_device, too_few_samples, verify_cache_dir  # noqa: F401
+from .sources import DataError, Samples, find_bad_samples, write_wds_index
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +56,7 @@ class _DaliLoader(LoaderPosition):
         self.num_samples = len(samples)
         shard = -(-self.num_samples // world_size)  # padded shard length, the same on every rank
         if drop_last and shard < batch_size:
-            raise DataError(f"{self.num_samples} samples over {world_size} rank(s) give {shard} per rank, "
-                            f"fewer than one batch of {batch_size}")
+            raise DataError(too_few_samples(self.num_samples, world_size, batch_size, samples.root))
         self.steps_per_epoch = shard // batch_size if drop_last else -(-self._own_shard_len() // batch_size)
         self._torch_device = torch.device("cuda", torch.cuda.current_device()) if device == "gpu" else torch.device("cpu")
         self._labels = torch.tensor(samples.labels, dtype=torch.int64, device=self._torch_device)
@@ -113,15 +112,36 @@ class _DaliLoader(LoaderPosition):
                         "of reader epoch %d (restore a state_dict for exact resume)", epoch, self._next_epoch,
                         self._next_epoch)
         steps = 0
-        for out in self._it:
-            steps += 1
-            self._step += 1
-            yield out[0]
+        try:
+            for out in self._it:
+                steps += 1
+                self._step += 1
+                yield out[0]
+        except RuntimeError as e:  # the pipeline is dead after an operator error
+            raise self._decode_error(e, epoch) from None
         self._it.reset()
         expected = self.steps_per_epoch - (self._step - steps)
         if steps != expected:
             raise RuntimeError(f"DALI epoch ran {steps} steps, expected {expected}")
         self._next_epoch, self._step = epoch + 1, 0
+
+    def _decode_error(self, e: RuntimeError, epoch: int) -> DataError:
+        """DALI's error does not name the sample and the failed batch never arrives, so the files of
+        this loader are checked again (threads; the up-front check, which knows what DALI cannot
+        decode) to name the culprit."""
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        reason = next((lines[k + 1] for k, ln in enumerate(lines[:-1]) if ln == "encountered:"),
+                      lines[0] if lines else type(e).__name__)
+        bad = find_bad_samples(self.samples, self.num_threads)
+        if bad:
+            named = "; ".join(f"{self.samples.files[i]}: {why}" for i, why in bad[:10])
+            more = f" (and {len(bad) - 10} more)" if len(bad) > 10 else ""
+            what = f"{len(bad)} file(s) no longer pass the file check: {named}{more}"
+        else:
+            what = "no file fails the file check now, so the culprit is not known"
+        return DataError(f"DALI could not decode a sample in epoch {epoch} ({reason}); {what}. The DALI backend "
+                         "cannot replace a sample once training runs (data.skip_bad_files works on the file "
+                         "check at start): remove or fix the file and restart, or use data.backend=torchvision")
 
     def _images(self, t: torch.Tensor) -> torch.Tensor:
         # DALI writes HWC when channels_last is wanted: the permute is a zero-copy view whose strides

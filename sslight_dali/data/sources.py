@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import os
+import re
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,9 @@ class Samples:
     # WebDataset only: (offset, size) of each sample's image bytes inside its tar. Only where the
     # bytes are is kept, so a split of any size costs a few numbers per sample in memory.
     members: list[tuple[int, int]] | None = field(default=None, repr=False)
+    # WebDataset shards that are cut short or unreadable past some point: (shard, why). Their intact
+    # samples are listed; data.skip_bad_files decides whether training may go on without the rest.
+    broken: list[tuple[str, str]] = field(default_factory=list, repr=False)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -66,28 +70,59 @@ def list_samples(root: str | Path, split: str, fmt: str = "imagefolder", skip_ba
                  check: bool = True) -> Samples:
     """List (and by default verify) the samples of `split` under `root` in format `fmt`."""
     root = Path(root)
-    readers = {"imagefolder": _imagefolder, "filelist": _filelist, "webdataset": _webdataset}
+    readers = {"imagefolder": _imagefolder, "folder": _folder, "filelist": _filelist, "webdataset": _webdataset}
     if fmt not in readers:
         raise DataError(f"unknown data format {fmt!r}; choose one of {sorted(readers)}")
     samples = readers[fmt](root, split)
     if not len(samples):
-        raise DataError(f"no images found for split '{split}' under {root} (format {fmt})")
+        raise DataError(f"no images found for split '{split}' under {root} (format {fmt}; image files end in "
+                        f"{', '.join(IMG_EXTENSIONS)})")
     return verify_samples(samples, skip_bad_files) if check else samples
+
+
+def _images_under(d: Path) -> list[str]:
+    """Image files under d, sorted by path. Dangling symlinks are counted and logged, not silently lost."""
+    files, dangling = [], []
+    for p in sorted(d.rglob("*")):
+        if p.suffix.lower() in IMG_EXTENSIONS:
+            if p.is_file():
+                files.append(str(p))
+            elif p.is_symlink() and not p.exists():
+                dangling.append(str(p))
+    if dangling:
+        log.warning("%d dangling symlink(s) under %s skipped (their targets do not exist):\n%s", len(dangling), d,
+                    "\n".join(f"  {p}" for p in dangling))
+    return files
 
 
 def _imagefolder(root: Path, split: str) -> Samples:
     d = root / split
     if not d.is_dir():
-        raise DataError(f"split directory not found: {d}")
+        hint = ""
+        if root.is_dir() and any(p.suffix.lower() in IMG_EXTENSIONS for p in root.iterdir()):
+            hint = f"; {root} itself holds images: set data.format=folder to train on them without labels"
+        raise DataError(f"split directory not found: {d}{hint}")
     # Same order as torchvision ImageFolder: classes sorted by name, files sorted by path.
     classes = sorted(e.name for e in d.iterdir() if e.is_dir())
     files, labels = [], []
     for c, name in enumerate(classes):
-        for p in sorted((d / name).rglob("*")):
-            if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS:
-                files.append(str(p))
-                labels.append(c)
+        found = _images_under(d / name)
+        files += found
+        labels += [c] * len(found)
+    if not files and any(p.suffix.lower() in IMG_EXTENSIONS for p in d.iterdir()):
+        log.info("%s has images but no class folders: using them without labels (data.format=folder)", d)
+        return _folder(root, split)
     return Samples(files, labels, classes, str(d))
+
+
+def _folder(root: Path, split: str) -> Samples:
+    """Unlabeled images anywhere under root/<split> (or under root, if it has no such folder): what
+    self-supervised pre-training needs. No classes, so the joint probe and kNN need a labelled val split."""
+    d = root / split if (root / split).is_dir() else root
+    if not d.is_dir():
+        raise DataError(f"data folder not found: {d}")
+    files = _images_under(d)
+    return Samples(files, [0] * len(files), [], str(d))
 
 
 def _filelist(root: Path, split: str) -> Samples:
@@ -116,18 +151,32 @@ def _webdataset(root: Path, split: str) -> Samples:
     shards = shards or sorted(root.glob(f"{split}-*.tar"))
     if not shards:
         raise DataError(f"no WebDataset shards found: {root / split}/*.tar or {root}/{split}-*.tar")
-    files, labels, members = [], [], []
+    files, labels, members, broken = [], [], [], []
     for shard in shards:
-        images, cls = {}, {}
-        with tarfile.open(shard) as tar:
-            for m in tar:  # headers only; just the tiny .cls members are read
-                if not m.isfile():
-                    continue
-                key, _, ext = m.name.partition(".")
-                if "." + ext.lower() in IMG_EXTENSIONS:
-                    images[key] = (m.name, m.offset_data, m.size)
-                elif ext.lower() == "cls":
-                    cls[key] = int(tar.extractfile(m).read().decode().strip())
+        images, cls, size = {}, {}, os.path.getsize(shard)
+        why = None
+        try:
+            with tarfile.open(shard) as tar:
+                for m in tar:  # headers only; just the tiny .cls members are read
+                    if not m.isfile():
+                        continue
+                    if m.offset_data + m.size > size:
+                        why = f"cut short inside member {m.name}"
+                        break
+                    key, _, ext = m.name.partition(".")
+                    if "." + ext.lower() in IMG_EXTENSIONS:
+                        images[key] = (m.name, m.offset_data, m.size)
+                    elif ext.lower() == "cls":
+                        cls[key] = int(tar.extractfile(m).read().decode().strip())
+                end = tar.offset
+            if why is None and not _has_end_marker(shard, end):
+                # tarfile stops quietly at a header that is not there: a tar cut between members
+                why = "cut short (no end-of-archive marker after its last member)"
+        except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+            why = f"unreadable past byte {max((v[1] + v[2] for v in images.values()), default=0)} ({e})"
+        if why is not None:
+            broken.append((str(shard), why))
+            images = {k: v for k, v in images.items() if k in cls}  # the intact samples
         for key in sorted(images):
             if key not in cls:
                 raise DataError(f"{shard}: sample '{key}' has an image but no .cls label")
@@ -136,26 +185,82 @@ def _webdataset(root: Path, split: str) -> Samples:
             labels.append(cls[key])
             members.append((offset, size))
     n_cls = max(labels) + 1 if labels else 0
-    return Samples(files, labels, [str(i) for i in range(n_cls)], str(root), members)
+    return Samples(files, labels, [str(i) for i in range(n_cls)], str(root), members, broken)
+
+
+def _has_end_marker(shard: Path, offset: int) -> bool:
+    """A complete tar ends with two zero blocks where the next header would be."""
+    with open(shard, "rb") as f:
+        f.seek(offset)
+        tail = f.read(1024)
+    return len(tail) == 1024 and not any(tail)
+
+
+# PIL modes of 32-bit integer and float samples: DALI's decoder cannot read them ("Invalid
+# sample_type"), and there is no one right way to map them to 8 bits.
+_UNSUPPORTED_MODES = {"I": "32-bit integer samples", "F": "32-bit float samples"}
+# In JPEG entropy-coded data 0xFF is followed by 0x00 (stuffing), a restart marker, or 0xFF (fill);
+# any other marker must be one that may follow a scan. Junk written over the middle of a file shows
+# up as a marker that cannot be there. (Damage that keeps the byte structure, e.g. zeroed blocks, is
+# only visible to a full Huffman decode: libjpeg then warns "Corrupt JPEG data" and fills grey.)
+_JPEG_MARKER = re.compile(rb"\xff(?![\x00\xd0-\xd7\xff])(.)", re.S)
+_AFTER_SCAN = set(b"\xc4\xcc\xda\xdb\xdd\xd9\xfe") | set(range(0xE0, 0xF0)) | {0xDC}
+
+
+def _jpeg_scan_problem(data: bytes) -> str | None:
+    sos = data.find(b"\xff\xda")
+    if sos < 0:
+        return "no image data (no start-of-scan marker)"
+    for m in _JPEG_MARKER.finditer(data, sos + 2):
+        code = m.group(1)[0]
+        if code not in _AFTER_SCAN:
+            return f"corrupt JPEG data (marker 0xFF{code:02X} inside the image data at byte {m.start()})"
+        if code == 0xD9:
+            return None
+        if code == 0xDA:  # next scan (progressive): skip its header
+            continue
+    return None
 
 
 def check_image(data: bytes) -> str | None:
-    """Why these encoded bytes are not a usable image, or None if they are."""
+    """Why these encoded bytes are not a usable image, or None if they are. Decodes the image (JPEGs
+    at 1/8 scale, which still reads all of the compressed data), so what PIL cannot decode is caught
+    here and not mid-epoch, plus what DALI cannot decode although PIL can."""
     if not data:
         return "empty (0 bytes)"
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.verify()  # structure and CRCs, no pixel decode
-        if data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[-1024:]:
-            # verify() accepts a JPEG cut short; DALI's decoder fails on it mid-epoch ("Premature end
-            # of JPEG data") and the pipeline is then unusable. Trailing junk after EOI is tolerated.
-            return "truncated JPEG (no end-of-image marker)"
+        if data[:2] == b"\xff\xd8":
+            if b"\xff\xd9" not in data[-1024:]:
+                # verify() accepts a JPEG cut short; DALI's decoder fails on it mid-epoch ("Premature end
+                # of JPEG data") and the pipeline is then unusable. Trailing junk after EOI is tolerated.
+                return "truncated JPEG (no end-of-image marker)"
+            problem = _jpeg_scan_problem(data)
+            if problem:
+                return problem
         with Image.open(io.BytesIO(data)) as im:
             if im.width < 1 or im.height < 1:
                 return "zero-sized image"
+            if im.mode in _UNSUPPORTED_MODES:
+                return (f"{_UNSUPPORTED_MODES[im.mode]} ({im.format}, PIL mode {im.mode}) are not supported; "
+                        "convert the image to 8 or 16 bits per channel")
+            if im.format == "TIFF" and im.mode == "1":
+                return "1-bit TIFF is not supported by DALI's decoder; convert the image to 8 bits"
+            if im.format == "JPEG":
+                im.draft(im.mode, (max(1, im.width // 8), max(1, im.height // 8)))
+            im.load()
+    except Image.DecompressionBombError as e:
+        return f"{e} (raise data.max_image_pixels to accept it)"
     except Exception as e:  # PIL raises many types for junk input
         return f"not a decodable image ({type(e).__name__}: {e})"
     return None
+
+
+def set_pixel_limit(max_pixels: int) -> None:
+    """data.max_image_pixels -> PIL's decompression-bomb limit (0 = none), for the file check and the
+    torchvision loader's workers (forked after this is set)."""
+    Image.MAX_IMAGE_PIXELS = max_pixels or None
 
 
 def find_bad_samples(samples: Samples, workers: int = 8) -> list[tuple[int, str]]:
@@ -166,7 +271,7 @@ def find_bad_samples(samples: Samples, workers: int = 8) -> list[tuple[int, str]
         return [(i, why) for i, why in enumerate(reasons) if why is not None]
 
 
-CHECK_VERSION = 1  # bump when check_image changes, so cached verdicts are not trusted
+CHECK_VERSION = 2  # bump when check_image changes, so cached verdicts are not trusted
 
 
 def _source_files(samples: Samples) -> list[str]:
@@ -210,19 +315,27 @@ def find_bad_samples_cached(samples: Samples, workers: int, cache_dir: str) -> l
 
 def drop_bad_samples(samples: Samples, bad: list[tuple[int, str]], skip_bad_files: bool) -> Samples:
     """Raise DataError naming the first bad file, or drop the bad ones (counted and logged)."""
+    if samples.broken:
+        shard, why = samples.broken[0]
+        if not skip_bad_files:
+            raise DataError(f"WebDataset shard {shard} is {why}; replace it, or set data.skip_bad_files=true to "
+                            "train on the samples before the damage")
+        log.warning("WebDataset: %d damaged shard(s), training on the samples before the damage:\n%s",
+                    len(samples.broken), "\n".join(f"  {s}: {w}" for s, w in samples.broken))
     if not bad:
         return samples
     if not skip_bad_files:
         i, why = bad[0]
         raise DataError(f"bad image file {samples.files[i]}: {why} (set data.skip_bad_files=true to skip such files)")
     drop = {i for i, _ in bad}
-    log.warning("skipping %d bad image file(s) under %s, e.g. %s", len(bad), samples.root,
-                "; ".join(f"{samples.files[i]}: {why}" for i, why in bad[:3]))
+    log.warning("skipping %d bad image file(s) under %s:\n%s", len(bad), samples.root,
+                "\n".join(f"  {samples.files[i]}: {why}" for i, why in bad))
     keep = [i for i in range(len(samples)) if i not in drop]
     if not keep:
         raise DataError(f"every image under {samples.root} is unreadable")
     return Samples([samples.files[i] for i in keep], [samples.labels[i] for i in keep], samples.classes,
-                   samples.root, [samples.members[i] for i in keep] if samples.members is not None else None)
+                   samples.root, [samples.members[i] for i in keep] if samples.members is not None else None,
+                   samples.broken)
 
 
 def verify_samples(samples: Samples, skip_bad_files: bool = False) -> Samples:

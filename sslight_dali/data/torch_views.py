@@ -12,16 +12,21 @@ from __future__ import annotations
 
 import io
 import itertools
+import logging
+import signal
 from typing import Iterator
 
+import numpy as np
 import torch
 import torchvision.transforms as T
 import torchvision.transforms.functional as F
 from PIL import Image, ImageFilter, ImageOps
 
 from ..config import Augment, Recipe, ViewSpec
-from .base import LoaderPosition, mix_seed
-from .sources import Samples
+from .base import LoaderPosition, mix_seed, too_few_samples
+from .sources import DataError, Samples
+
+log = logging.getLogger(__name__)
 
 BICUBIC = T.InterpolationMode.BICUBIC
 ORDERS = list(itertools.permutations(range(4)))  # jitter_order indexes this, as in the DALI records
@@ -84,27 +89,62 @@ class ViewTransform:
         return img
 
 
+def to_rgb(im: Image.Image) -> Image.Image:
+    """8-bit RGB as the DALI decoder makes it: 16-bit samples scaled by 255/65535 and rounded (PIL's
+    own conversion clips them to 255 instead); EXIF orientation ignored (as DALI is told to)."""
+    if im.mode.startswith("I;16"):
+        v = np.asarray(im).astype(np.uint32)
+        im = Image.fromarray(((v * 255 + 32767) // 65535).astype(np.uint8), "L")
+    return im.convert("RGB")  # grayscale, palette, CMYK and RGBA all become RGB
+
+
 def load_rgb(samples: Samples, i: int) -> Image.Image:
     with Image.open(io.BytesIO(samples.read_bytes(i))) as im:
-        return im.convert("RGB")  # grayscale, palette, CMYK and RGBA all become RGB
+        return to_rgb(im)
+
+
+def load_or_replace(samples: Samples, i: int, replace_bad: bool) -> tuple[Image.Image, int]:
+    """(image, index) of sample i, decoded at run time. A file that passed the up-front check but does
+    not decode now (changed since, or damage only a full decode finds) stops the run with a DataError
+    naming it; with replace_bad (data.skip_bad_files) the next sample that decodes takes its place,
+    logged with the count of files replaced so far (per loader process)."""
+    for k in range(len(samples)):
+        j = (i + k) % len(samples)
+        try:
+            img = load_rgb(samples, j)
+        except Exception as e:  # PIL raises many types for bad data
+            if not replace_bad:
+                raise DataError(f"cannot decode {samples.files[j]} ({type(e).__name__}: {e}); it passed the up-front "
+                                "check, so it changed since or is damaged where only a full decode sees it; remove "
+                                "it, or set data.skip_bad_files=true to replace such files by others") from None
+            _REPLACED.add(samples.files[j])
+            continue
+        if k:
+            log.warning("data.skip_bad_files: %s does not decode; replaced by %s (%d file(s) replaced so far)",
+                        samples.files[i], samples.files[j], len(_REPLACED))
+        return img, j
+    raise DataError(f"no image under {samples.root} decodes")
+
+
+_REPLACED: set[str] = set()  # files replaced at run time in this process
 
 
 class MultiViewDataset(torch.utils.data.Dataset):
-    def __init__(self, samples: Samples, recipe: Recipe):
-        self.samples = samples
+    def __init__(self, samples: Samples, recipe: Recipe, replace_bad: bool = False):
+        self.samples, self.replace_bad = samples, replace_bad
         self.views = [ViewTransform(v, recipe.augment) for v in recipe.views()]
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, i):
-        img = load_rgb(self.samples, i)
+        img, i = load_or_replace(self.samples, i, self.replace_bad)
         return [t(img) for t in self.views], self.samples.labels[i], i
 
 
 class EvalDataset(torch.utils.data.Dataset):
-    def __init__(self, samples: Samples, resize: int, crop: int, mean, std):
-        self.samples = samples
+    def __init__(self, samples: Samples, resize: int, crop: int, mean, std, replace_bad: bool = False):
+        self.samples, self.replace_bad = samples, replace_bad
         self.transform = T.Compose([T.Resize(resize, interpolation=BICUBIC), T.CenterCrop(crop), T.ToTensor(),
                                     T.Normalize(mean, std)])
 
@@ -112,7 +152,8 @@ class EvalDataset(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, i):
-        return self.transform(load_rgb(self.samples, i)), self.samples.labels[i], i
+        img, i = load_or_replace(self.samples, i, self.replace_bad)
+        return self.transform(img), self.samples.labels[i], i
 
 
 class ShardSampler(torch.utils.data.Sampler):
@@ -139,6 +180,14 @@ class ShardSampler(torch.utils.data.Sampler):
         return len(self.indices()) - self.start
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave SIGINT (Ctrl-C reaches the whole process group) and SIGUSR1 to the trainer,
+    which finishes its step and saves; a worker killed by them would end the run before the checkpoint
+    is written. SIGTERM stays: the DataLoader uses it to stop a worker that does not exit by itself."""
+    for s in (signal.SIGINT, signal.SIGUSR1):
+        signal.signal(s, signal.SIG_IGN)
+
+
 class TorchLoader(LoaderPosition):
     """Same interface as the DALI loaders, on a torch DataLoader."""
 
@@ -152,6 +201,8 @@ class TorchLoader(LoaderPosition):
         # Eval (no drop-last) shards without padding, so each sample is seen exactly once.
         self.sampler = ShardSampler(len(dataset), rank, world_size, seed, shuffle, pad=drop_last)
         n = len(self.sampler.indices())
+        if drop_last and n < batch_size:
+            raise DataError(too_few_samples(len(dataset), world_size, batch_size, dataset.samples.root))
         self.steps_per_epoch = n // batch_size if drop_last else -(-n // batch_size)
         self._torch_device = torch.device("cuda", torch.cuda.current_device()) if device == "gpu" else torch.device("cpu")
         self._next_epoch, self._step = 0, 0
@@ -168,16 +219,19 @@ class TorchLoader(LoaderPosition):
             self._dl = torch.utils.data.DataLoader(
                 self.dataset, self.batch_size, sampler=self.sampler, num_workers=self.num_workers,
                 drop_last=self.drop_last, generator=g, pin_memory=self._torch_device.type == "cuda",
-                persistent_workers=self.num_workers > 0)
+                persistent_workers=self.num_workers > 0, worker_init_fn=_ignore_stop_signals)
         return self._dl
 
     def _batches(self, epoch: int):
         if epoch != self._next_epoch:
             self._step = 0
         self.sampler.epoch, self.sampler.start = epoch, self._step * self.batch_size
-        for batch in self._dataloader():
-            self._step += 1
-            yield batch
+        try:
+            for batch in self._dataloader():
+                self._step += 1
+                yield batch
+        except DataError as e:  # from a worker: torch wraps the message in the worker's traceback
+            raise DataError(str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
         self._next_epoch, self._step = epoch + 1, 0
 
     def epoch(self, epoch: int):
