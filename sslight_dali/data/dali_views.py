@@ -440,15 +440,40 @@ def train_pipeline(reader: ReaderSpec, recipe: Recipe, device: str, channels_las
     return (*views, index, *records) if debug else (*views, index)
 
 
+def _resize_shorter_like_torchvision(shape, size: int):
+    """[H, W] of torchvision's Resize(size): the shorter side becomes `size`, the longer
+    int(size * long / short) (truncated; DALI's resize_shorter rounds it, 347 px instead of 346 for
+    a 363x492 image). Integer arithmetic: size * long // short is that truncation exactly."""
+    h, w = shape[0], shape[1]
+    portrait = h > w
+    return fn.stack(_float(portrait * (size * h // w) + (1 - portrait) * size),
+                    _float(portrait * size + (1 - portrait) * (size * w // h)))
+
+
+def _center_crop_pos(side, crop: int):
+    """crop_pos (0-1) that puts the crop at torchvision CenterCrop's anchor round((side - crop) / 2)
+    with Python's round (half to even: 72.5 -> 72), where crop_pos=0.5 rounds half up (73). DALI's
+    anchor is round(crop_pos * (side - crop)), exact here because the ratio times its denominator
+    lands within float rounding of an integer."""
+    d = side - crop
+    q = d // 2
+    anchor = q + (d - 2 * q) * (q - 2 * (q // 2))  # q, plus 1 when d is odd and q odd (half to even)
+    return _float(anchor) / _float(fn.cast(d > 0, dtype=types.INT64) * (d - 1) + 1)
+
+
 @pipeline_def(enable_checkpointing=True)
 def eval_pipeline(reader: ReaderSpec, resize: int, crop: int, mean, std, device: str, channels_last: bool,
                   hw_decoder_load: float):
-    """Resize the shorter side (bicubic, antialiased), centre crop, normalize."""
+    """torchvision's Resize(resize, bicubic) + CenterCrop(crop) + Normalize: the same resized size
+    and crop anchor per sample (bicubic, antialiased)."""
     jpegs, index = _read(reader)
     images = _decode(jpegs, device, hw_decoder_load)
-    images = fn.resize(images, resize_shorter=resize, interp_type=types.INTERP_CUBIC, antialias=True,
-                       dtype=types.UINT8)
-    out = fn.crop_mirror_normalize(images, crop=(crop, crop), crop_pos_x=0.5, crop_pos_y=0.5, dtype=types.FLOAT,
+    shape = fn.cast(fn.peek_image_shape(jpegs), dtype=types.INT64)  # H, W, C on the CPU
+    hw = _resize_shorter_like_torchvision(shape, resize)
+    images = fn.resize(images, size=hw, interp_type=types.INTERP_CUBIC, antialias=True, dtype=types.UINT8)
+    side = fn.cast(hw, dtype=types.INT64)
+    out = fn.crop_mirror_normalize(images, crop=(crop, crop), crop_pos_y=_center_crop_pos(side[0], crop),
+                                   crop_pos_x=_center_crop_pos(side[1], crop), dtype=types.FLOAT,
                                    output_layout="HWC" if channels_last else "CHW",
                                    mean=[255 * m for m in mean], std=[255 * s for s in std])
     return out, index
