@@ -278,11 +278,13 @@ class Trainer:
             "config": to_dict(self.cfg),
             "rng": ckpt.rng_state(),
             "loader": self.loader.state_dict(),
+            "method_rank": self.method.rank_state(),  # per-rank buffers (SwAV queue); empty for the others
         }
 
     def save(self, tag_epoch: bool = False) -> None:
         self.check_finite()  # never write a NaN checkpoint
-        state = gather_per_rank(self.state_dict(), ("loader", "rng"), self.world)  # every rank takes part
+        # Every rank takes part: the loader, RNG and method_rank entries are per rank.
+        state = gather_per_rank(self.state_dict(), ("loader", "rng", "method_rank"), self.world)
         error = None
         if self.rank == 0:
             keep = self.cfg.train.keep_every_epochs
@@ -303,6 +305,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        if "method_rank" in state:  # older checkpoints: every rank resumes rank 0's buffers from "model"
+            self.method.load_rank_state(self._own(state["method_rank"]))
         self.loader.load_state_dict(self._own(state["loader"]))
         ckpt.set_rng_state(self._own(state["rng"]))
 

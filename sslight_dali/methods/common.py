@@ -35,6 +35,20 @@ def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def broadcast_from_rank0_(t: torch.Tensor) -> torch.Tensor:
+    """Overwrite `t` with rank 0's copy. For buffers that every rank must hold equal from the start:
+    the trainer's DDP runs with broadcast_buffers=False, which also skips DDP's start-up buffer sync."""
+    if not dist_on():
+        return t
+    # NCCL moves only CUDA tensors; methods are built on the CPU before `.to(device)`.
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else t.device
+    buf = t.to(dev)
+    dist.broadcast(buf, src=0)
+    t.copy_(buf)
+    return t
+
+
+@torch.no_grad()
 def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     """Concatenate `t` from every rank along dim 0 (no gradient flows back)."""
     if not dist_on():
@@ -191,6 +205,9 @@ class SSLMethod(nn.Module):
     resume_keys: tuple[str, ...] = ()
     backbone_keys: dict[str, str] = {}
     frozen: tuple[str, int] | None = None
+    # Buffers that differ by rank (SwAV's queue holds this rank's own embeddings): the trainer's
+    # checkpoint keeps one copy per rank, beside the loader and RNG states.
+    per_rank_buffers: tuple[str, ...] = ()
 
     def __init__(self, cfg, num_classes: int, feat_dim: int):
         super().__init__()
@@ -216,6 +233,22 @@ class SSLMethod(nn.Module):
             metrics["probe_loss"] = probe_loss.detach()
             metrics["probe_acc"] = (logits.argmax(-1) == labels).float().mean().detach()
         return loss, metrics
+
+    def rank_state(self) -> dict:
+        """This rank's per-rank buffers by name (CPU copies, for gathering into a checkpoint). With
+        several processes and plain BatchNorm (SyncBatchNorm is CUDA-only) the BN statistics are
+        per rank too."""
+        names = list(self.per_rank_buffers)
+        if world_size() > 1:
+            for prefix, m in self.named_modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, nn.SyncBatchNorm):
+                    names += [f"{prefix}.{n}" for n, _ in m.named_buffers(recurse=False)]
+        return {k: self.get_buffer(k).detach().cpu().clone() for k in names}
+
+    @torch.no_grad()
+    def load_rank_state(self, state: dict) -> None:
+        for k, v in state.items():
+            self.get_buffer(k).copy_(v)
 
     def after_backward(self, epoch: int) -> None:
         if self.frozen is not None and epoch < self.frozen[1]:

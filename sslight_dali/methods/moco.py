@@ -11,8 +11,8 @@ from torch import nn
 
 from ..config import setting
 from ..models import build_backbone
-from .common import (HeadCfg, MultiCropNet, SSLMethod, all_gather_cat, build_mlp, ema_update_, float32,
-                     lambdas_weighting, momentum_copy, trunc_normal_init_)
+from .common import (HeadCfg, MultiCropNet, SSLMethod, all_gather_cat, broadcast_from_rank0_, build_mlp,
+                     ema_update_, float32, lambdas_weighting, momentum_copy, trunc_normal_init_)
 from .registry import register_method
 
 
@@ -42,7 +42,11 @@ class MoCo(SSLMethod):
         trunc_normal_init_(head)
         self.encoder_q = MultiCropNet(backbone, head)
         self.encoder_k = momentum_copy(self.encoder_q, cfg.model.backbone)
-        self.register_buffer("queue", F.normalize(torch.randn(c.out_dim, c.queue_length), dim=0))
+        # Random unit keys until real ones replace them, the same on every rank (rank 0's draw, as
+        # the reference's DDP start-up copy gives): ranks are seeded differently, and the gathered
+        # keys written later keep equal queues equal only if they start equal.
+        queue = F.normalize(torch.randn(c.out_dim, c.queue_length), dim=0)
+        self.register_buffer("queue", broadcast_from_rank0_(queue))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
         self.temperature = c.temperature
         self.momentum = c.momentum

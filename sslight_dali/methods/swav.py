@@ -107,6 +107,8 @@ class SwAV(SSLMethod):
         self.register_buffer("queue_filled", torch.full((), -1, dtype=torch.long))
         self._filled: int | None = -1
 
+    per_rank_buffers = ("queue", "queue_filled")
+
     @property
     def backbone(self) -> nn.Module:
         return self.network.backbone
@@ -114,6 +116,10 @@ class SwAV(SSLMethod):
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
         self._filled = None  # re-read from the loaded buffer on next use
+
+    def load_rank_state(self, state: dict) -> None:
+        super().load_rank_state(state)
+        self._filled = None
 
     @property
     def filled(self) -> int:
