@@ -123,17 +123,3 @@ def test_jitter_factor_ranges(records):
         # Both draw the op order uniformly from the 24 (chi-square, 23 dof, alpha = 0.001).
         counts = np.bincount(backend["jitter_order"][on].astype(int), minlength=24)
         assert len(counts) == 24 and (((counts - on.sum() / 24) ** 2) / (on.sum() / 24)).sum() < 49.7, (name, counts)
-
-
-def test_torchvision_jitter_order_effect_is_small():
-    # Why the order is drawn per sample (both backends do): without clipping the four ops commute;
-    # with it they do not. Measured on this image with strong factors: ~12 grey levels MAE between
-    # two orders (see dali_views.py). The bounds pin the measurement.
-    import torchvision.transforms.functional as F
-    from sslight_dali.synth import make_image
-    img = make_image("disc", np.random.default_rng(1), 120, 120)
-    b, c, s = 1.4, 0.6, 1.2
-    fixed = F.adjust_saturation(F.adjust_contrast(F.adjust_brightness(img, b), c), s)
-    other = F.adjust_brightness(F.adjust_saturation(F.adjust_contrast(img, c), s), b)
-    diff = np.abs(np.asarray(fixed, np.float32) - np.asarray(other, np.float32)).mean()
-    assert 5 < diff < 20, diff  # grey levels
