@@ -45,3 +45,48 @@ def test_trainer_logs_knn_and_probe_each_epoch(tiny_data, tmp_path):
     assert [r["epoch"] for r in evals] == [1, 2]
     assert all(0 <= r["knn_top1"] <= r["knn_top5"] <= 100 and 0 <= r["probe_top1"] <= 100 for r in evals)
     assert result["knn_top1"] == evals[-1]["knn_top1"]
+
+
+def test_knn_evaluate_tells_a_working_feature_from_a_broken_one(tmp_path):
+    """End to end through the eval loader: on data whose class is the image's colour, mean-colour
+    features classify (nearly) every image, features that ignore the image stay near chance (25%).
+    A misaligned feature/label pairing, a wrong split or a loader returning other images than its
+    labels say drops the first to chance too."""
+    import numpy as np
+    from PIL import Image
+
+    from sslight_dali.config import load_config
+    from sslight_dali.knn import knn_evaluate
+
+    rng = np.random.default_rng(0)
+    colours = [(200, 40, 40), (40, 180, 60), (50, 70, 210), (220, 200, 40)]
+    for split, n in (("train", 10), ("val", 6)):
+        for c, rgb in enumerate(colours):
+            (tmp_path / split / f"c{c}").mkdir(parents=True)
+            for i in range(n):
+                h, w = rng.integers(40, 65, 2)
+                img = np.clip(np.array(rgb) + rng.normal(0, 40, (h, w, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(tmp_path / split / f"c{c}" / f"{i}.png")
+
+    class MeanColour(torch.nn.Module):
+        def forward(self, x):
+            return x.float().mean(dim=(2, 3))
+
+    class IgnoresImage(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.g = torch.Generator().manual_seed(1)
+
+        def forward(self, x):
+            return torch.randn(len(x), 3, generator=self.g)
+
+    for mode in ("val_loo", "train_val"):
+        cfg = load_config("configs/dino/resnet18_sslight.yaml", [
+            f"data.root={tmp_path}", "data.device=cpu", "data.num_threads=1", "eval.resize=36", "eval.crop=32",
+            "eval.batch_size=5", f"eval.knn_mode={mode}", "eval.knn_k=5"])
+        good = knn_evaluate(cfg, MeanColour(), torch.device("cpu"), channels_last=False)[0]
+        bad = knn_evaluate(cfg, IgnoresImage(), torch.device("cpu"), channels_last=False)[0]
+        assert good["n"] == bad["n"] == 24
+        # Measured: 100% and 12.5% (val_loo), 100% and 20.8% (train_val).
+        assert good["top1"] >= 95, (mode, good)
+        assert bad["top1"] <= 50, (mode, bad)
