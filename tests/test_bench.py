@@ -5,6 +5,7 @@ No timing is asserted: only that the figures are computed from what was measured
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,15 @@ def check_record(rec: dict, bench_name: str, repeats: int = 2) -> None:
     assert hw["hw_decoder_used"] is False  # no GPU here
     for o in TINY:
         assert o in rec["overrides"]
+    check_measured(rec["per_repeat"])
+
+
+def check_measured(per_repeat: list[dict], steps: int = 1, batch: int = 4) -> None:
+    """Each repeat counted the images it timed and divided by the time it took."""
+    for r in per_repeat:
+        assert r["images"] == steps * batch
+        assert r["seconds"] > 0 and r["images_per_sec"] == pytest.approx(r["images"] / r["seconds"], rel=1e-12)
+        assert 0.0 <= r["data_wait_fraction"] <= 1.0
 
 
 def test_summarize_matches_numpy():
@@ -88,6 +98,7 @@ def test_train_record_has_model_beside_it(tmp_path, data):
     model = rec["model"]
     assert len(model["per_repeat"]) == 2
     assert rec["ratio_to_model"] == pytest.approx(rec["images_per_sec"] / model["images_per_sec"])
+    check_measured(model["per_repeat"])
     assert 0.0 <= rec["data_wait_fraction"] <= 1.0
 
 
@@ -138,3 +149,45 @@ def test_import_is_cheap():
     code = "import sys, sslight_dali.bench; print([m for m in ('torch', 'nvidia.dali', 'matplotlib') if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+# --- the figures follow what was timed ------------------------------------------------------------
+STEP_S = 0.5  # a step of known duration; the timed loop must contain it, once per batch
+
+
+def test_model_bench_follows_a_step_of_known_duration(tmp_path, monkeypatch):
+    calls = []
+
+    def sleeping_step(trainer, device):
+        def run(views, labels):
+            calls.append(labels.shape[0])
+            time.sleep(STEP_S)
+        return run
+
+    monkeypatch.setattr(bench, "trainer_step", sleeping_step)
+    rec = run(tmp_path, "model", "--steps", "2")
+    assert calls == [4] * (1 + 2 * 2)  # warmup 1, then 2 repeats of 2 steps
+    for r in rec["per_repeat"]:
+        # The timed loop holds the two sleeps and little else (a loop that skips the step, or times
+        # something else, is far off).
+        assert 2 * STEP_S <= r["seconds"] < 2 * STEP_S + 1.0
+        assert r["images_per_sec"] <= 8 / (2 * STEP_S)
+    check_measured(rec["per_repeat"], steps=2)
+
+
+def test_pipeline_bench_counts_time_spent_waiting_for_batches(tmp_path, data, monkeypatch):
+    real = bench.endless
+
+    def slow_batches(loader):
+        for batch in real(loader):
+            time.sleep(STEP_S)
+            yield batch
+
+    monkeypatch.setattr(bench, "endless", slow_batches)
+    rec = run(tmp_path, "pipeline", "--backend", "dali", "--device", "cpu", "--steps", "2", data=data)
+    for r in rec["per_repeat"]:
+        assert 2 * STEP_S <= r["seconds"] < 2 * STEP_S + 3.0
+        # No step: all of the repeat is data wait, the sleeps included.
+        assert r["data_wait_fraction"] > 0.95
+        assert r["images_per_sec"] <= 8 / (2 * STEP_S)
+    check_measured(rec["per_repeat"], steps=2)
