@@ -132,8 +132,9 @@ def test_eval_dali_matches_torchvision_pixels(make_cfg):
     a = next(iter(build_eval_loader(make_cfg("data.backend=dali"))))
     b = next(iter(build_eval_loader(make_cfg("data.backend=torchvision", "data.num_threads=1"))))
     assert torch.equal(a[2], b[2])
-    # Normalized units; 0.1 ~ 6/255 grey levels: ±1 px centre-crop and bicubic rounding differences.
-    assert (a[0] - b[0]).abs().mean() < 0.1
+    # Per image, normalized units: 0.01 ~ 0.6 grey levels (measured 0.002: the same resized size and
+    # crop anchor, cubic weights and rounding left); the previous rounded size and anchor: up to 0.14.
+    assert (a[0] - b[0]).abs().mean(dim=(1, 2, 3)).max() < 0.01
 
 
 def test_linear_probe_loader(make_cfg):
