@@ -63,13 +63,23 @@ def _setup_worker(rank, world, port, out):
         trainer = Trainer(cfg, loader, rank, world, torch.device("cpu"), Path(out) / method)
         states[method] = {k: v.detach().clone() for k, v in trainer.method.state_dict().items()}
     torch.save(states, Path(out) / f"setup{rank}.pt")
+    from sslight_dali.methods import build_method
+    from sslight_dali.methods.swav import distributed_sinkhorn
+    torch.save(_stats(build_method, distributed_sinkhorn, rank, world), Path(out) / f"stats{rank}.pt")
     torch.distributed.destroy_process_group()
 
 
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """One 2-process spawn for the set-up states and the statistics (it costs most of the time)."""
+    out = tmp_path_factory.mktemp("two_ranks")
+    _spawn(_setup_worker, str(out))
+    return out
+
+
 @pytest.mark.slow
-def test_every_rank_starts_from_the_same_method_state(tmp_path):
-    _spawn(_setup_worker, str(tmp_path))
-    r0, r1 = (torch.load(tmp_path / f"setup{r}.pt", weights_only=True) for r in (0, 1))
+def test_every_rank_starts_from_the_same_method_state(two_ranks):
+    r0, r1 = (torch.load(two_ranks / f"setup{r}.pt", weights_only=True) for r in (0, 1))
     for method in ("dino", "swav", "moco"):
         assert r0[method].keys() == r1[method].keys()
         # Parameters (DDP's start-up broadcast) and every buffer: DINO center, SwAV queue, MoCo queue,
@@ -82,17 +92,6 @@ def test_every_rank_starts_from_the_same_method_state(tmp_path):
 # --- distributed statistics against one process on the whole batch --------------------------------
 def _global_batch(seed, *shape):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).float()
-
-
-def _stats_worker(rank, world, port, out):
-    _join(rank, world, port)
-    import torch.distributed as dist
-    from sslight_dali.methods import build_method
-    from sslight_dali.methods.swav import distributed_sinkhorn
-    dist.init_process_group("gloo")
-    res = _stats(build_method, distributed_sinkhorn, rank, world)
-    torch.save(res, Path(out) / f"stats{rank}.pt")
-    dist.destroy_process_group()
 
 
 def _stats(build_method, distributed_sinkhorn, rank, world):
@@ -114,12 +113,11 @@ def _stats(build_method, distributed_sinkhorn, rank, world):
 
 
 @pytest.mark.slow
-def test_dino_center_sinkhorn_and_moco_queue_with_two_processes_equal_one(tmp_path):
+def test_dino_center_sinkhorn_and_moco_queue_with_two_processes_equal_one(two_ranks):
     from sslight_dali.methods import build_method
     from sslight_dali.methods.swav import distributed_sinkhorn
     one = _stats(build_method, distributed_sinkhorn, 0, 1)
-    _spawn(_stats_worker, str(tmp_path))
-    two = [torch.load(tmp_path / f"stats{r}.pt", weights_only=True) for r in (0, 1)]
+    two = [torch.load(two_ranks / f"stats{r}.pt", weights_only=True) for r in (0, 1)]
     for r in (0, 1):
         # Sums of 8 float32 rows in another order: equal to a few ulps, not bitwise.
         torch.testing.assert_close(two[r]["center"], one["center"], rtol=1e-6, atol=1e-7)
