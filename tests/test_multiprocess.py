@@ -186,7 +186,8 @@ def test_two_process_swav_and_moco_resume_exactly_on_every_rank(tiny_data, tmp_p
             assert full["step"] == split["step"] == 7
             _assert_equal_states(full, split, f"{method} rank {rank}")
         if method == "swav":
-            q0, q1 = (torch.load(tmp_path / method / "full" / f"final{r}.pt", weights_only=True)["model"] for r in (0, 1))
+            q0, q1 = (torch.load(tmp_path / method / "full" / f"final{r}.pt", weights_only=True)["model"]
+                      for r in (0, 1))
             assert int(q0["queue_filled"]) == 8 and q0["queue"].abs().sum() > 0
             assert not torch.equal(q0["queue"], q1["queue"])  # per-rank queues: the test above can tell them apart
         saved = ckpt.load(tmp_path / method / "split" / "checkpoint.pt")
