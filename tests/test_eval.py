@@ -23,7 +23,7 @@ TINY = ["recipe.global.size=32", "recipe.local.size=16", "recipe.local.count=2",
         "data.device=cpu", "train.tensorboard=false", "train.max_steps=1"]
 
 
-def _supervised_backbone(cfg, steps: int = 60):
+def _supervised_backbone(cfg, steps: int = 120):
     """A backbone trained with labels for a few dozen steps: obviously better features than at init."""
     from sslight_dali.data import build_eval_loader
     from sslight_dali.models import build_backbone
@@ -82,7 +82,7 @@ def test_fast_linear_probe_ranks_a_trained_backbone_above_random_init(eval_ckpts
         assert res["feature_dim"] == 512 and res["train_images"] == 96 and res["val_images"] == 32
         assert len(res["history"]) == 30 and res["top1_best"] == max(r["top1"] for r in res["history"])
         top1[name] = res["top1_best"]
-    assert top1["trained"] >= top1["random"] + 15, top1  # measured 68.8% vs 50.0% (32 val images)
+    assert top1["trained"] >= top1["random"] + 15, top1  # measured 62.5% vs 37.5% (32 val images)
 
 
 def test_reference_linear_protocol(eval_ckpts, tmp_path, monkeypatch):
@@ -115,7 +115,7 @@ def test_reference_linear_protocol(eval_ckpts, tmp_path, monkeypatch):
             want = 1e-6 + 0.5 * (res["peak_lr"] - 1e-6) * (1 + math.cos(math.pi * e / epochs))
             assert r["lr"] == pytest.approx(want, rel=1e-9), (r["step"], r["lr"], want)
         assert [r["epoch"] for r in _metrics(out, "eval")] == list(range(1, epochs + 1))
-    assert top1["trained"] >= top1["random"] + 10, top1  # measured 46.9% vs 28.1% (32 val images)
+    assert top1["trained"] >= top1["random"] + 10, top1  # measured 50.0% vs 28.1% (32 val images)
 
 
 def test_frozen_linear_keeps_bn_statistics_in_train_mode():
