@@ -22,7 +22,7 @@ Semantics follow the torchvision/PIL reference (src/data/transforms.py:10-111):
   `jitter_orders`, built from n slots, view by view (view_chain); a slot runs the op the sample's
   order puts there, chosen with conditionals, and each op rounds to nearest. The ops commute in
   exact arithmetic; the order matters where a channel clips, ~12 grey levels MAE between two orders
-  with strong factors (tests/test_data_parity.py). On the GPU the slots' conditionals made the
+  with strong factors (measured with torchvision's ops). On the GPU the slots' conditionals made the
   pipeline 4.4x slower (bench/README.md), hence the fixed default.
 - grayscale: ITU-R 601 luma in 3 channels. Blur: sigma ~ U(blur_sigma), a window of
   2*ceil(3*sigma)+1 taps per sample.
