@@ -22,6 +22,8 @@ import torch.multiprocessing as mp
 from sslight_dali import checkpoint as ckpt
 from sslight_dali.config import load_config
 
+from conftest import assert_same_state
+
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["recipe.global.size=32", "recipe.local.size=16", "recipe.local.count=2", "train.batch_size=4",
         "dino.out_dim=64", "dino.hidden_dim=32", "dino.bottleneck_dim=16",
@@ -161,21 +163,6 @@ def _resume_worker(rank, world, port, data_root, out, ports):
         T.train(_cfg(method, *overrides))
 
 
-def _assert_equal_states(a, b, where):
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            _assert_equal_states(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_equal_states(x, y, f"{where}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), f"{where} differs"
-    else:
-        assert a == b, where
-
-
 @pytest.mark.slow
 def test_two_process_swav_and_moco_resume_exactly_on_every_rank(tiny_data, tmp_path):
     _spawn(_resume_worker, str(tiny_data), str(tmp_path), [_free_port() for _ in range(3 * len(RESUME_RUNS))])
@@ -184,7 +171,7 @@ def test_two_process_swav_and_moco_resume_exactly_on_every_rank(tiny_data, tmp_p
             full = torch.load(tmp_path / method / "full" / f"final{rank}.pt", weights_only=True)
             split = torch.load(tmp_path / method / "split" / f"final{rank}.pt", weights_only=True)
             assert full["step"] == split["step"] == 7
-            _assert_equal_states(full, split, f"{method} rank {rank}")
+            assert_same_state(full, split, f"{method} rank {rank}")
         if method == "swav":
             q0, q1 = (torch.load(tmp_path / method / "full" / f"final{r}.pt", weights_only=True)["model"]
                       for r in (0, 1))

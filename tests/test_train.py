@@ -16,6 +16,8 @@ from sslight_dali import checkpoint as ckpt
 from sslight_dali.config import load_config
 from sslight_dali.train import NonFiniteLossError, Trainer, train
 
+from conftest import assert_same_state
+
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = sorted(glob.glob(str(REPO / "configs/*/*.yaml")))
 
@@ -73,22 +75,6 @@ RESUME_CASES = {
     "swav-resnet18-queue": ("swav/resnet18_sslight", ["swav.epoch_queue_starts=0", "swav.queue_length=8"]),
     "moco-resnet18": ("moco/resnet18_sslight", []),
 }
-
-
-def assert_same_state(a, b, where=""):
-    """torch.equal on every tensor of nested dicts/lists; == on everything else."""
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            assert_same_state(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same_state(x, y, f"{where}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), f"{where} differs"
-    else:
-        assert a == b, where
 
 
 @pytest.mark.parametrize("case", RESUME_CASES)
