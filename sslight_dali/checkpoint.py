@@ -19,11 +19,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
 import signal
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -189,8 +191,14 @@ def load(path: str | os.PathLike) -> dict:
     if path.stat().st_size == 0:
         raise CheckpointError(f"cannot load checkpoint {path}: the file is empty (0 bytes; a write that never "
                               "finished, or a full disk)")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip whose directory is at the end
+        raise CheckpointError(f"cannot load checkpoint {path}: not a complete checkpoint file (not a torch.save "
+                              "archive, or one cut short)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's message is a paragraph about weights_only
+        raise CheckpointError(f"cannot load checkpoint {path}: it holds Python objects beyond tensors and plain "
+                              "containers, so it was not written by sslight-dali") from None
     except Exception as e:  # torch raises several types for corrupt or foreign files
         raise CheckpointError(f"cannot load checkpoint {path}: not a complete checkpoint file ({first_line(e)})") from None
     if isinstance(state, dict) and "checksum" in state:

@@ -182,8 +182,10 @@ def _check_out(out: Path, source: Path, with_sidecar: bool) -> None:
             raise ExportError(f"--out {out}: would overwrite the input {source}")
     if out.is_dir():
         raise ExportError(f"--out {out}: is a directory")
-    if not out.parent.is_dir():
-        raise ExportError(f"--out {out}: directory {out.parent} does not exist")
+    try:  # create the folder as `cp`-like tools do not, but as users of `--out` expect
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ExportError(f"--out {out}: cannot create directory {out.parent} ({e.strerror})") from None
 
 
 def _first_line(e: Exception) -> str:

@@ -197,7 +197,7 @@ def test_bad_export_inputs_exit_2_with_one_line_and_write_nothing(checkpoints, t
     before = {p: p.read_bytes() for p in (junk, foreign)}
     for src, out, needle in ((junk, tmp_path / "o.pth", str(junk)), (foreign, tmp_path / "o.pth", str(foreign)),
                              (tmp_path / "missing.pt", tmp_path / "o.pth", "missing.pt"),
-                             (good, tmp_path / "no_dir" / "o.pth", "--out"),
+                             (good, junk / "o.pth", "--out"),             # its folder would be a file
                              (good, "/proc/sslight_export.pth", "--out"),  # a directory no one can create files in
                              (junk, junk, "--out")):                      # would replace its own input
         assert run("export", src, "--out", out, "--format", "timm") == 2
@@ -205,6 +205,8 @@ def test_bad_export_inputs_exit_2_with_one_line_and_write_nothing(checkpoints, t
         assert len(err.splitlines()) == 1 and err.startswith("sslight: ") and needle in err, err
     assert sorted(before) == sorted(tmp_path.iterdir())
     assert all(p.read_bytes() == b for p, b in before.items())
+    assert run("export", good, "--out", tmp_path / "new" / "o.pth", "--format", "timm") == 0  # a missing folder is made
+    assert (tmp_path / "new" / "o.pth").is_file() and (tmp_path / "new" / "o.pth.json").is_file()
     with pytest.raises(SystemExit) as e:  # an unknown format is argparse's choice error
         run("export", good, "--out", tmp_path / "o.pth", "--format", "onnx")
     assert e.value.code == 2 and "--format" in capsys.readouterr().err
