@@ -15,19 +15,12 @@ from torch import nn
 from ..config import setting
 from ..models import build_backbone
 from ..optim import cosine_schedule, group_of
+from ..runtime import is_distributed as dist_on, world_size  # noqa: F401 (world_size: methods use it)
 
 
 # ------------------------------------------------------------------------------------------
 # Distributed helpers (every one is a no-op in a single process)
 # ------------------------------------------------------------------------------------------
-def dist_on() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist_on() else 1
-
-
 def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
     if dist_on():
         dist.all_reduce(t)
