@@ -25,6 +25,8 @@ from typing import Any, Literal
 
 import yaml
 
+from .augment import knob_field, knobs
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_ROOT = PACKAGE_DIR.parent
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -55,14 +57,28 @@ _f, _list = setting, setting_list  # short names for the tables below
 # --------------------------------------------------------------------------------------------
 # View-sampling recipe (the paper's contribution, as data)
 # --------------------------------------------------------------------------------------------
-@dataclass
+def _add_knobs(cls, scope: str, before: str | None = None, frozen: bool = False):
+    """Make `cls` a dataclass with the op table's knobs of `scope` (sslight_dali/augment.py) added to
+    its own fields, before the field `before` (at the end if None). A frozen class (ViewSpec) gets
+    them without defaults; a per-view knob's class default is its local-view default."""
+    own = dict(cls.__annotations__)
+    names = list(own)
+    at = names.index(before) if before else len(names)
+    added = knobs(scope)
+    cls.__annotations__ = {**{n: own[n] for n in names[:at]}, **{k.name: k.type for k in added},
+                           **{n: own[n] for n in names[at:]}}
+    if not frozen:
+        for k in added:
+            setattr(cls, k.name, knob_field(k, "local"))
+    return dataclass(frozen=frozen)(cls)
+
+
 class ViewGroup:
-    """`count` crops of one resolution; blur/solarize probabilities per view or one for all."""
+    """`count` crops of one resolution; the ops' per-view probabilities (blur_p, solarize_p, ...), one
+    per view or one for all."""
     count: int = _f(2, 0, 64)
     size: int = _f(224, 8, 1024, "output side in pixels")
     scale: list[float] = _list([0.3, 1.0], "RandomResizedCrop area fraction range [min, max]")
-    blur_p: list[float] = _list([0.5], "Gaussian-blur probability: one per view, or one for all")
-    solarize_p: list[float] = _list([0.0], "solarize probability: one per view, or one for all")
 
     def per_view(self, values: list[float], name: str) -> list[float]:
         if len(values) == 1:
@@ -73,32 +89,43 @@ class ViewGroup:
         return list(values)
 
 
-@dataclass
 class Augment:
-    """Photometric settings shared by every view (reference: src/data/transforms.py:45-80)."""
+    """Settings shared by every view (reference: src/data/transforms.py:45-80): the crop's aspect ratios
+    and resampling, each op's knobs (from the op table, sslight_dali/augment.py), the normalization."""
     ratio: list[float] = _list([3 / 4, 4 / 3], "RandomResizedCrop aspect-ratio range")
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"
-    flip_p: float = _f(0.5, 0.0, 1.0)
-    jitter_p: float = _f(0.8, 0.0, 1.0)
-    brightness: float = _f(0.4, 0.0, 10.0)
-    contrast: float = _f(0.4, 0.0, 10.0)
-    saturation: float = _f(0.2, 0.0, 10.0)
-    hue: float = _f(0.1, 0.0, 0.5, "torchvision hue factor; DALI gets U(-360h, 360h) degrees")
-    jitter_order: Literal["random", "fixed"] = field(default="fixed", metadata={
-        "help": "fixed = brightness, contrast, saturation, hue; random = a per-sample order, as torchvision "
-                "(4.4x slower DALI GPU pipeline on H100: per-slot conditionals)"})
-    grayscale_p: float = _f(0.2, 0.0, 1.0)
-    blur_sigma: list[float] = _list([0.1, 2.0], "sigma ~ U(min, max), PIL GaussianBlur radius")
-    solarize_threshold: int = _f(128, 0, 256)
     mean: list[float] = _list(IMAGENET_MEAN)
     std: list[float] = _list(IMAGENET_STD)
+
+
+class ViewSpec:
+    """One output view: its group's geometry and, for each op with per-view probabilities, this view's
+    (e.g. blur_p). The settings shared by all views are in `Recipe.augment`."""
+    kind: Literal["global", "local"]
+    index: int
+    size: int
+    scale: tuple
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}{self.index + 1}"
+
+
+ViewGroup = _add_knobs(ViewGroup, "view")
+Augment = _add_knobs(Augment, "augment", before="mean")
+ViewSpec = _add_knobs(ViewSpec, "view", frozen=True)
+
+
+def _group(kind: str, count: int, size: int, scale: list[float]) -> ViewGroup:
+    """A view group with the op table's per-view defaults for `kind` (global or local)."""
+    return ViewGroup(count, size, scale, **{k.name: list(k.default[kind]) for k in knobs("view")})
 
 
 @dataclass
 class Recipe:
     name: str = "unnamed"
-    global_: ViewGroup = field(default_factory=lambda: ViewGroup(2, 224, [0.3, 1.0], [1.0, 0.1], [0.0, 0.2]))
-    local: ViewGroup = field(default_factory=lambda: ViewGroup(6, 128, [0.05, 0.3], [0.5], [0.0]))
+    global_: ViewGroup = field(default_factory=lambda: _group("global", 2, 224, [0.3, 1.0]))
+    local: ViewGroup = field(default_factory=lambda: _group("local", 6, 128, [0.05, 0.3]))
     augment: Augment = field(default_factory=Augment)
     loss_weights: list[float] = _list([0.4, 0.6], "LAMBDAS: weight of mean(global-global) and "
                                       "mean(global-local) pair losses")
@@ -107,27 +134,12 @@ class Recipe:
         """Every view in output order: [global 1, global 2, local 1..N]."""
         out = []
         for kind, group in (("global", self.global_), ("local", self.local)):
-            blur = group.per_view(group.blur_p, f"recipe.{_yaml_key(kind)}.blur_p")
-            sol = group.per_view(group.solarize_p, f"recipe.{_yaml_key(kind)}.solarize_p")
+            probs = {k.name: group.per_view(getattr(group, k.name), f"recipe.{_yaml_key(kind)}.{k.name}")
+                     for k in knobs("view")}
             for i in range(group.count):
                 out.append(ViewSpec(kind=kind, index=i, size=group.size, scale=tuple(group.scale),
-                                    blur_p=blur[i], solarize_p=sol[i]))
+                                    **{name: p[i] for name, p in probs.items()}))
         return out
-
-
-@dataclass(frozen=True)
-class ViewSpec:
-    """One output view; the photometric settings shared by all views are in `Recipe.augment`."""
-    kind: Literal["global", "local"]
-    index: int
-    size: int
-    scale: tuple
-    blur_p: float
-    solarize_p: float
-
-    @property
-    def name(self) -> str:
-        return f"{self.kind}{self.index + 1}"
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,24 +13,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .augment import ops_label
 from .config import load_config
 
 PAD, LABEL_H = 6, 24
 
 
 def _ops_label(name: str, r: dict) -> str:
-    ops = []
-    if r["flip"]:
-        ops.append("flip")
-    if r["jitter"]:
-        ops.append("jit")
-    if r["gray"]:
-        ops.append("gray")
-    if r["blur_sigma"] > 0:
-        ops.append(f"blur{r['blur_sigma']:.1f}")
-    if r["solarize"]:
-        ops.append("sol")
-    return f"{name}\n{' '.join(ops) or '-'}"
+    return f"{name}\n{ops_label(r)}"
 
 
 def sample_views(cfg, image_path: str | Path, samples: int = 4, seed: int | None = None):

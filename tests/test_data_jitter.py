@@ -37,7 +37,7 @@ def jitter(photo, aug, orders, factors=FACTORS):
         else:
             k = fn.external_source(source=lambda: [np.int32(o) for o in orders], batch=True)
         consts = [types.Constant(f, dtype=types.FLOAT, device="cpu") for f in factors]
-        return dv._jitter(img, aug, k, *consts), k
+        return dv.jitter_random_order(img, aug, k, *consts), k
 
     p = pipe()
     p.build()

@@ -124,7 +124,7 @@ def test_blur_matches_pil_gaussian(photo, sigma):
 
 
 def test_solarize(photo):
-    assert mae(run_dali(lambda i: dv._solarize(i, 128), photo), ImageOps.solarize(photo, 128)) == 0.0
+    assert mae(run_dali(lambda i: dv.solarize(i, 128), photo), ImageOps.solarize(photo, 128)) == 0.0
 
 
 def test_normalize_and_mirror(photo):
@@ -187,9 +187,9 @@ def test_colour_pass_hue_in_degrees(photo, h):
 
 def test_solarize_float_with_per_sample_threshold(photo):
     ref = np.asarray(ImageOps.solarize(photo, 128), np.float32)
-    got = run_frames(lambda s, t: dv._solarize_float(fn.cast(s, dtype=types.FLOAT), t), photo, [(128.0,)])
+    got = run_frames(lambda s, t: dv.solarize(fn.cast(s, dtype=types.FLOAT), t), photo, [(128.0,)])
     assert np.array_equal(got[0], ref)
-    off = run_dali(lambda i: dv._solarize_float(fn.cast(i, dtype=types.FLOAT), 256.0), photo)
+    off = run_dali(lambda i: dv.solarize(fn.cast(i, dtype=types.FLOAT), 256.0), photo)
     assert np.array_equal(off, np.asarray(photo, np.float32))  # threshold 256: off
 
 

@@ -3,19 +3,14 @@ from __future__ import annotations
 
 import os
 
+from ..augment import OPS, ablations
 from .runs import flag_overrides, release_memory, run_one
 from .timing import BenchError
 
 # Ops removed one at a time by --profile-ops: name -> overrides that take the op out of the graph
 # (the DALI graph leaves out an op whose probability is 0, so this measures the op's full cost).
-ABLATIONS = {
-    "flip": ["recipe.augment.flip_p=0"],
-    "color_jitter": ["recipe.augment.jitter_p=0"],
-    "grayscale": ["recipe.augment.grayscale_p=0"],
-    "gaussian_blur": ["recipe.global.blur_p=[0]", "recipe.local.blur_p=[0]"],
-    "solarize": ["recipe.global.solarize_p=[0]", "recipe.local.solarize_p=[0]"],
-    "local_views": ["recipe.local.count=0"],
-}
+# Every op of the table (sslight_dali/augment.py), and the local views.
+ABLATIONS = {**ablations(), "local_views": ["recipe.local.count=0"]}
 
 
 def run_sweep(args) -> dict:
@@ -81,11 +76,9 @@ def run_profile(args) -> dict:
 
 
 def op_in_recipe(recipe, op: str) -> bool:
-    a, groups = recipe.augment, (recipe.global_, recipe.local)
-    return {"flip": a.flip_p > 0, "color_jitter": a.jitter_p > 0, "grayscale": a.grayscale_p > 0,
-            "gaussian_blur": any(p > 0 for g in groups if g.count for p in g.blur_p),
-            "solarize": any(p > 0 for g in groups if g.count for p in g.solarize_p),
-            "local_views": recipe.local.count > 0}[op]
+    if op == "local_views":
+        return recipe.local.count > 0
+    return next(o for o in OPS if o.name == op).used(recipe)
 
 
 def op_costs(runs: list[dict], ops: list[str], threads: int) -> dict:

@@ -7,6 +7,7 @@ import copy
 
 import torch
 
+from ..augment import OPS
 from ..config import Config, ConfigError, Recipe, ViewGroup
 from ..runtime import torch_dtype
 from .base import load_split, resolve_device
@@ -30,10 +31,11 @@ def linear_probe_recipe(recipe: Recipe, crop: int) -> Recipe:
     """Supervised linear-probe training views: RandomResizedCrop(crop, 0.08-1, bicubic) + flip only."""
     probe = copy.deepcopy(recipe)
     probe.name = "linear_probe"
-    probe.global_ = ViewGroup(count=1, size=crop, scale=[0.08, 1.0], blur_p=[0.0], solarize_p=[0.0])
-    probe.local = ViewGroup(count=0, size=crop, scale=[0.08, 1.0], blur_p=[0.0], solarize_p=[0.0])
-    probe.augment.jitter_p = 0.0
-    probe.augment.grayscale_p = 0.0
+    probe.global_ = ViewGroup(count=1, size=crop, scale=[0.08, 1.0])
+    probe.local = ViewGroup(count=0, size=crop, scale=[0.08, 1.0])
+    for op in OPS:
+        if op.name != "flip":
+            op.disable(probe)
     return probe
 
 

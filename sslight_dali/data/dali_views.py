@@ -41,16 +41,15 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
 from nvidia.dali.data_node import DataNode
 
+from ..augment import IDENTITY, OPS, jitter_ops, jitter_orders, record_fields
 from ..config import Augment, Recipe, ViewSpec
 from .sources import IMG_EXTENSIONS
 
 READER = "Reader"
 IMAGE_EXTS = ";".join(e.lstrip(".") for e in IMG_EXTENSIONS)  # WebDataset image members (any case)
-# Per-view debug record (float32): what the viewer and the parity tests need to know.
-# jitter_order indexes jitter_orders(recipe.augment).
-JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
-FLAG_FIELDS = ("flip", "jitter", "brightness", "contrast", "saturation", "hue_deg", "gray", "blur_sigma",
-               "solarize", "crop_y", "crop_x", "crop_h", "crop_w", "image_h", "image_w", "jitter_order")
+# Per-view debug record (float32), by name: what the viewer and the parity tests need to know. Each op
+# of the table (sslight_dali/augment.py) owns its fields; jitter_order indexes jitter_orders(aug).
+FLAG_FIELDS = record_fields()
 
 
 @dataclass
@@ -119,10 +118,84 @@ def _coin(p: float):
     return fn.random.coin_flip(probability=p, dtype=types.BOOL)
 
 
-def _uniform(lo: float, hi: float):
-    return fn.random.uniform(range=[lo, hi], dtype=types.FLOAT)
+def _const(v: float):
+    return types.Constant(v, dtype=types.FLOAT, device="cpu")  # a DataNode, so it can be stacked
 
 
+def _float(x):
+    return fn.cast(x, dtype=types.FLOAT)
+
+
+# --- helpers for the ops' DALI implementations (sslight_dali/augment.py) ----------------------------
+def coins(p: float, n: int | None):
+    """Per-frame coins [n] (per-sample scalars when n is None), INT32 0/1 with probability p; None when
+    p == 0, 1 when p == 1."""
+    if p <= 0:
+        return None
+    if p >= 1:
+        return 1
+    return fn.random.coin_flip(probability=p, shape=[] if n is None else [n], dtype=types.INT32)
+
+
+def draw_uniform(lo: float, hi: float, n: int | None):
+    """U(lo, hi) per frame [n] (per sample when n is None)."""
+    if hi <= lo:  # an op switched off (amount 0): DALI refuses an empty range
+        return _const(lo) if n is None else types.Constant(np.full(n, lo, np.float32), device="cpu")
+    return fn.random.uniform(range=[lo, hi], shape=[] if n is None else [n], dtype=types.FLOAT)
+
+
+def gate(factor, coin, identity: float):
+    """`factor` where coin is 1, `identity` (1 or 0) where it is 0; coin None: never, 1: always."""
+    if coin is None:
+        return identity
+    if isinstance(coin, int):
+        return factor
+    return factor ** coin if identity == 1.0 else factor * coin
+
+
+def apply_with_p(p: float, op, img, *extra):
+    """Run `op(img, *extra)` on a per-sample coin with probability p (a conditional when 0 < p < 1).
+    Returns (img, applied flag)."""
+    if p <= 0:
+        return img, 0.0
+    if p >= 1:
+        return op(img, *extra), 1.0
+    coin = _coin(p)
+    if coin:
+        img = op(img, *extra)
+    return img, _float(coin)
+
+
+def _blur(img, sigma):
+    # DALI's default window, 2*ceil(3*sigma)+1 taps per sample (3 to 13 for sigma in [0.1, 2]), sums
+    # all but 0.3% of the kernel. A fixed 13-tap window cost 1.4x the CPU time for the same images
+    # within 0.1 grey level (tests/test_data_ops.py).
+    return fn.gaussian_blur(img, sigma=sigma)
+
+
+def blur_with_p(img, p: float, lo: float, hi: float):
+    """Blur with probability p, sigma ~ U(lo, hi) drawn only for the blurred samples (a per-sample
+    conditional when 0 < p < 1). Returns (image, sigma applied, 0 where not blurred)."""
+    if p <= 0:
+        return img, 0.0
+    if p >= 1:
+        sigma = draw_uniform(lo, hi, None)
+        return _blur(img, sigma), sigma
+    if _coin(p):
+        sigma = draw_uniform(lo, hi, None)
+        img = _blur(img, sigma)
+    else:
+        sigma = _const(0.0)
+    return img, sigma
+
+
+def solarize(img, threshold):
+    """v >= threshold -> 255 - v, as |255 m - v| with m the 0/1 mask (4 passes, float out; exact on
+    integers, so a uint8 input gives PIL's values; threshold 256 = off)."""
+    return dmath.abs((img >= threshold) * 255.0 - img)
+
+
+# --- colour jitter, random order (the per-view chain) ---------------------------------------------
 def _mean_luma(img):
     """Mean ITU-R 601 luma per sample, from the per-channel means (one read of the image, no grey
     copy). PIL averages per-pixel rounded luma and rounds the mean: within 0.5 grey level of this."""
@@ -138,20 +211,6 @@ def _contrast(img, factor):
         return fn.cast(img * factor.gpu() + mean * (1.0 - factor).gpu(), dtype=types.UINT8)
     # One pass: out = center + factor * (in - center), rounded and saturated to uint8.
     return fn.brightness_contrast(img, contrast=factor, contrast_center=mean)
-
-
-def jitter_ops(aug: Augment) -> list[int]:
-    """The enabled jitter ops, as indices into JITTER_OPS."""
-    return [k for k, amount in enumerate((aug.brightness, aug.contrast, aug.saturation, aug.hue)) if amount > 0]
-
-
-def jitter_orders(aug: Augment) -> list[tuple[int, ...]]:
-    """Every order of the enabled ops; a sample's `jitter_order` indexes this list. With all four
-    enabled this is torchvision's randperm(4) space, in lexicographic order. `jitter_order: fixed`
-    keeps only the identity order."""
-    if aug.jitter_order == "fixed":
-        return [tuple(jitter_ops(aug))]
-    return list(itertools.permutations(jitter_ops(aug)))
 
 
 def _jitter_op(img, k: int, factors):
@@ -188,13 +247,13 @@ def _jitter_fused(img, ops: tuple[int, ...], factors):
     return img
 
 
-def _jitter(img, aug: Augment, order, *factors):
+def jitter_random_order(img, aug: Augment, order, *factors):
     """Colour jitter on uint8, in the per-sample `order` (an index into jitter_orders(aug)). Each op
     saturates like PIL's but rounds to nearest where PIL truncates: brightness, contrast and
     saturation together sit 0.7-1.3 grey levels above PIL on tests/test_data_ops.py's photo (the
     fixed-order colour_pass truncates)."""
     orders = jitter_orders(aug)
-    if len(orders) == 1:  # the fixed order, or zero or one op: nothing to permute
+    if len(orders) == 1:  # zero or one op: nothing to permute
         return _jitter_fused(img, orders[0], factors)
     for slot in range(len(orders[0])):
         slot_op = fn.lookup_table(order, keys=list(range(len(orders))), values=[o[slot] for o in orders],
@@ -203,116 +262,9 @@ def _jitter(img, aug: Augment, order, *factors):
     return img
 
 
-def _blur(img, sigma):
-    # DALI's default window, 2*ceil(3*sigma)+1 taps per sample (3 to 13 for sigma in [0.1, 2]), sums
-    # all but 0.3% of the kernel. A fixed 13-tap window cost 1.4x the CPU time for the same images
-    # within 0.1 grey level (tests/test_data_ops.py).
-    return fn.gaussian_blur(img, sigma=sigma)
-
-
-def _solarize(img, threshold: int):
-    return fn.cast(img + (img >= threshold) * (255 - 2 * img), dtype=types.UINT8)
-
-
-def _const(v: float):
-    return types.Constant(v, dtype=types.FLOAT, device="cpu")  # a DataNode, so it can be stacked
-
-
-def _float(x):
-    return fn.cast(x, dtype=types.FLOAT)
-
-
-def _apply(p: float, op, img, *extra):
-    """Run `op(img, *extra)` on a per-sample coin with probability p. Returns (img, applied flag)."""
-    if p <= 0:
-        return img, _const(0.0)
-    if p >= 1:
-        return op(img, *extra), _const(1.0)
-    coin = _coin(p)
-    if coin:
-        img = op(img, *extra)
-    return img, _float(coin)
-
-
-def view_chain(images, shape, view: ViewSpec, aug: Augment, *, channels_last: bool, dtype=types.FLOAT):
-    """One view of every image in the batch; returns (view, debug record)."""
-    anchor, size = fn.random_crop_generator(shape, random_area=list(view.scale), random_aspect_ratio=list(aug.ratio))
-    interp = types.INTERP_CUBIC if aug.interpolation == "bicubic" else types.INTERP_LINEAR
-    start = _float(anchor)
-    img = fn.resize(images, roi_start=start, roi_end=start + _float(size), size=[view.size, view.size],
-                    interp_type=interp, antialias=True, dtype=types.UINT8)
-
-    # Factors are drawn for every sample (cheap) so the debug record can report them.
-    factors = (_uniform(max(0.0, 1 - aug.brightness), 1 + aug.brightness),
-               _uniform(max(0.0, 1 - aug.contrast), 1 + aug.contrast),
-               _uniform(max(0.0, 1 - aug.saturation), 1 + aug.saturation),
-               _uniform(-360.0 * aug.hue, 360.0 * aug.hue))
-    order = fn.random.uniform(values=list(range(len(jitter_orders(aug)))), dtype=types.INT32)
-    img, jittered = _apply(aug.jitter_p, _jitter, img, aug, order, *factors)
-    img, gray = _apply(aug.grayscale_p, lambda x: fn.saturation(x, saturation=0.0), img)
-    lo, hi = aug.blur_sigma
-    sigma = _uniform(lo, hi)
-    img, blurred = _apply(view.blur_p, _blur, img, sigma)
-    img, solarized = _apply(view.solarize_p, _solarize, img, aug.solarize_threshold)
-
-    flip = fn.random.coin_flip(probability=aug.flip_p, dtype=types.INT32) if aug.flip_p > 0 else 0
-    out = fn.crop_mirror_normalize(img, mirror=flip, dtype=dtype, output_layout="HWC" if channels_last else "CHW",
-                                   mean=[255 * m for m in aug.mean], std=[255 * s for s in aug.std])
-    record = fn.stack(_float(flip) if aug.flip_p > 0 else _const(0.0), jittered, *factors, gray,
-                      sigma * blurred, solarized, *(_float(t[k]) for t in (anchor, size, shape) for k in (0, 1)),
-                      _float(order))
-    return out, record
-
-
-def _frames(p: float, n: int | None):
-    """Per-frame coins [n] (per-sample scalars when n is None), INT32 0/1 with probability p; None when
-    p == 0, 1 when p == 1."""
-    if p <= 0:
-        return None
-    if p >= 1:
-        return 1
-    return fn.random.coin_flip(probability=p, shape=[] if n is None else [n], dtype=types.INT32)
-
-
-def _frames_uniform(lo: float, hi: float, n: int):
-    if hi <= lo:  # an op switched off (amount 0): DALI refuses an empty range
-        return types.Constant(np.full(n, lo, np.float32), device="cpu")
-    return fn.random.uniform(range=[lo, hi], shape=[n], dtype=types.FLOAT)
-
-
-def _gate(factor, coin, identity: float):
-    """`factor` where coin is 1, `identity` (1 or 0) where it is 0; coin None: never, 1: always."""
-    if coin is None:
-        return identity
-    if isinstance(coin, int):
-        return factor
-    return factor ** coin if identity == 1.0 else factor * coin
-
-
+# --- the fixed-order colour pass (a group of same-size views as one sequence) ----------------------
 def _pf(x):
     return fn.per_frame(x) if isinstance(x, DataNode) else x
-
-
-def _colour(seq, n: int, aug: Augment):
-    """Colour jitter (fixed order) and grayscale on an FHWC uint8 sequence with per-frame parameters
-    and no conditionals: a frame without jitter gets brightness, contrast, saturation 1 and hue 0;
-    grayscale is saturation 0. Returns (sequence, factors [b, c, s, hue_deg], jitter coins,
-    colour-kept coins); see colour_pass."""
-    factors = (_frames_uniform(max(0.0, 1 - aug.brightness), 1 + aug.brightness, n),
-               _frames_uniform(max(0.0, 1 - aug.contrast), 1 + aug.contrast, n),
-               _frames_uniform(max(0.0, 1 - aug.saturation), 1 + aug.saturation, n),
-               _frames_uniform(-360.0 * aug.hue, 360.0 * aug.hue, n))
-    ops = jitter_ops(aug)
-    jit = _frames(aug.jitter_p, n) if ops else None
-    keep = _frames(1 - aug.grayscale_p, n)  # grayscale with probability grayscale_p
-    if jit is None and isinstance(keep, int):
-        return seq, factors, jit, keep  # nothing to apply: stay uint8
-    b, c, s, h = (_gate(f, jit if k in ops else None, 0.0 if k == 3 else 1.0) for k, f in enumerate(factors))
-    if keep is None:
-        s = 0.0
-    elif not isinstance(keep, int):
-        s = s * keep if isinstance(s, DataNode) else fn.cast(keep, dtype=types.FLOAT)
-    return colour_pass(seq, b, c, s, h), factors, jit, keep
 
 
 # PIL's blends truncate to uint8 (100 x 1.009 -> 100); DALI's colour ops round to nearest. Shifting
@@ -334,80 +286,108 @@ def _contrast_frames(seq, contrast, center, arithmetic: bool):
     return fn.cast(center + contrast * (seq - center) + 255 * TRUNCATE, dtype=types.UINT8)
 
 
-def colour_pass(seq, brightness, contrast, saturation, hue_deg):
+def colour_pass(seq, brightness, contrast, saturation, hue):
     """The colour ops on an FHWC uint8 sequence, in torchvision's fixed order; each parameter is a float
-    or a per-frame [F] DataNode. Brightness, then contrast (blending with the mean luma of the
-    brightened frame), each rounding and clipping to uint8 as PIL does (truncating); then saturation
-    and hue as one colour matrix (fn.hsv; it differs from the two ops only where saturation clips),
-    in float and clipped to [0, 255] but not rounded: converting back to uint8 cost more than the
-    matrix itself on the CPU. Float out."""
+    or a per-frame [F] DataNode (hue in degrees). Brightness, then contrast (blending with the mean
+    luma of the brightened frame), each rounding and clipping to uint8 as PIL does (truncating); then
+    saturation and hue as one colour matrix (fn.hsv; it differs from the two ops only where
+    saturation clips), in float and clipped to [0, 255] but not rounded: converting back to uint8
+    cost more than the matrix itself on the CPU. Float out."""
     seq = fn.brightness_contrast(seq, brightness=_pf(brightness), brightness_shift=TRUNCATE)
     # mean luma per frame, [F, 1, 1, 1]: one reduction, one 1x3 matrix
     center = fn.coord_transform(fn.reductions.mean(seq, axes=[1, 2], keep_dims=True), M=[0.299, 0.587, 0.114])
     seq = _contrast_frames(seq, contrast, center, arithmetic=seq.device == "gpu")
-    out = fn.hsv(seq, saturation=_pf(saturation), hue=_pf(hue_deg), dtype=types.FLOAT)
+    out = fn.hsv(seq, saturation=_pf(saturation), hue=_pf(hue), dtype=types.FLOAT)
     return dmath.min(dmath.max(out, 0.0), 255.0)  # 3x cheaper than math.clamp on the CPU
 
 
-def _solarize_float(img, threshold):
-    """v >= threshold -> 255 - v, as |255 m - v| with m the 0/1 mask (4 passes; threshold 256 = off)."""
-    return dmath.abs((img >= threshold) * 255.0 - img)
+def _combine(params: dict, extra: dict) -> dict:
+    """Fold one op's colour parameters into the pass's: hue adds, the others multiply; an identity
+    factor adds no operator."""
+    out = dict(params)
+    for k, v in extra.items():
+        if isinstance(out[k], float) and out[k] == IDENTITY[k]:
+            out[k] = v
+        elif not (isinstance(v, float) and v == IDENTITY[k]):
+            out[k] = out[k] + v if k == "hue" else out[k] * v
+    return out
 
 
-def _blur_view(img, p: float, lo: float, hi: float):
-    """Blur with probability p, sigma ~ U(lo, hi) drawn only for the blurred samples (a per-sample
-    conditional when 0 < p < 1). Returns (image, sigma applied, 0 where not blurred)."""
-    if p <= 0:
-        return img, _const(0.0)
-    if p >= 1:
-        sigma = _uniform(lo, hi)
-        return _blur(img, sigma), sigma
-    if _coin(p):
-        sigma = _uniform(lo, hi)
-        img = _blur(img, sigma)
-    else:
-        sigma = _const(0.0)
-    return img, sigma
+def _is_identity(params: dict) -> bool:
+    return all(isinstance(v, (int, float)) and v == IDENTITY[k] for k, v in params.items())
+
+
+# --- a view's chain -----------------------------------------------------------------------------------
+def _crop(images, shape, view: ViewSpec, aug: Augment):
+    """torchvision RandomResizedCrop's window, bicubic (antialiased) resize to the view's size, uint8.
+    Returns (crop, record of the window)."""
+    anchor, size = fn.random_crop_generator(shape, random_area=list(view.scale), random_aspect_ratio=list(aug.ratio))
+    interp = types.INTERP_CUBIC if aug.interpolation == "bicubic" else types.INTERP_LINEAR
+    start = anchor + 0.0  # float, as resize's ROI wants it
+    img = fn.resize(images, roi_start=start, roi_end=start + size, size=[view.size, view.size],
+                    interp_type=interp, antialias=True, dtype=types.UINT8)
+    window = dict(zip(("crop_y", "crop_x", "crop_h", "crop_w", "image_h", "image_w"),
+                      (t[k] for t in (anchor, size, shape) for k in (0, 1))))
+    return img, window
+
+
+def _finish(img, view: ViewSpec, aug: Augment, record: dict, *, channels_last: bool, dtype):
+    """The pixel ops of the table, then flip + normalize in one crop_mirror_normalize; returns
+    (view, stacked debug record)."""
+    for op in OPS:
+        if op.stage == "pixel":
+            img, r = op.dali(img, view, aug)
+            record.update(r)
+    mirror = 0
+    for op in OPS:
+        if op.stage == "mirror":
+            mirror, r = op.dali(aug)
+            record.update(r)
+    out = fn.crop_mirror_normalize(img, mirror=mirror, dtype=dtype, output_layout="HWC" if channels_last else "CHW",
+                                   mean=[255 * m for m in aug.mean], std=[255 * s for s in aug.std])
+    missing = [k for k in FLAG_FIELDS if k not in record]
+    if missing:  # an op table entry lists a record field its DALI implementation does not fill
+        raise RuntimeError(f"no op filled the record fields {missing}")
+    return out, fn.stack(*(_float(v) if isinstance(v, DataNode) else _const(float(v)) for v in
+                           (record[k] for k in FLAG_FIELDS)))
+
+
+def view_chain(images, shape, view: ViewSpec, aug: Augment, *, channels_last: bool, dtype=types.FLOAT):
+    """One view of every image in the batch, each op applying itself per sample (the random jitter
+    order); returns (view, debug record)."""
+    img, record = _crop(images, shape, view, aug)
+    for op in OPS:
+        if op.stage == "colour":
+            img, r = op.dali_view(img, aug)
+            record.update(r)
+    return _finish(img, view, aug, record, channels_last=channels_last, dtype=dtype)
 
 
 def group_chain(images, shape, views: list[ViewSpec], aug: Augment, *, channels_last: bool, dtype=types.FLOAT):
     """Views of one size (the globals, or the locals), fixed jitter order; returns ([view], [record]).
 
     Each view gets its own crop; the crops travel as one FHWC sequence per image through the colour
-    ops (_colour: two passes for the group, per-frame parameters). Blur stays a per-view conditional:
-    on the CPU skipping the unselected samples beat an identity kernel on every sample (a 1-tap blur
-    costs 0.44 of a real one; bench figures in bench/README.md). Solarize uses a per-sample threshold,
-    256 = off."""
+    ops, which give per-frame parameters to one colour pass for the group (no conditionals: a frame
+    without an op gets its identity parameters). The pixel ops and the flip then run view by view."""
     n = len(views)
-    interp = types.INTERP_CUBIC if aug.interpolation == "bicubic" else types.INTERP_LINEAR
-    crops, windows = [], []
-    for view in views:
-        anchor, size = fn.random_crop_generator(shape, random_area=list(view.scale),
-                                                random_aspect_ratio=list(aug.ratio))
-        start = anchor + 0.0  # float, as resize's ROI wants it
-        crops.append(fn.resize(images, roi_start=start, roi_end=start + size, size=[view.size, view.size],
-                               interp_type=interp, antialias=True, dtype=types.UINT8))
-        windows.append((anchor, size))
+    crops, windows = zip(*(_crop(images, shape, view, aug) for view in views))
+    params, frames = dict(IDENTITY), {}
+    for op in OPS:
+        if op.stage == "colour":
+            p, r = op.dali(aug, n)
+            params = _combine(params, p)
+            frames.update(r)
     seq = fn.stack(*crops, axis_name="F")
-    seq, factors, jit, keep = _colour(seq, n, aug)
+    if not _is_identity(params):  # nothing to apply: stay uint8
+        seq = colour_pass(seq, **params)
 
     outs, records = [], []
     for i, view in enumerate(views):
-        img, sigma = _blur_view(seq[i], view.blur_p, *aug.blur_sigma)
-        solarized = _frames(view.solarize_p, None)
-        if solarized is not None:
-            thr = float(aug.solarize_threshold) if isinstance(solarized, int) else \
-                256.0 - solarized * (256.0 - aug.solarize_threshold)
-            img = _solarize_float(img, thr.gpu() if img.device == "gpu" and isinstance(thr, DataNode) else thr)
-        flip = fn.random.coin_flip(probability=aug.flip_p, dtype=types.INT32) if aug.flip_p > 0 else 0
-        outs.append(fn.crop_mirror_normalize(img, mirror=flip, dtype=dtype, output_layout="HWC" if channels_last else "CHW",
-                                             mean=[255 * m for m in aug.mean], std=[255 * s for s in aug.std]))
-        pick = lambda x: _float(x[i]) if isinstance(x, DataNode) else _const(0.0 if x is None else 1.0)
-        anchor, size = windows[i]
-        records.append(fn.stack(
-            _float(flip) if aug.flip_p > 0 else _const(0.0), pick(jit), *(_float(f[i]) for f in factors),
-            _const(1.0) - pick(keep), sigma, _float(solarized) if isinstance(solarized, DataNode) else pick(solarized),
-            *(_float(t[k]) for t in (anchor, size, shape) for k in (0, 1)), _const(0.0)))
+        record = dict(windows[i])
+        record.update({k: v[i] if isinstance(v, DataNode) else v for k, v in frames.items()})
+        out, rec = _finish(seq[i], view, aug, record, channels_last=channels_last, dtype=dtype)
+        outs.append(out)
+        records.append(rec)
     return outs, records
 
 

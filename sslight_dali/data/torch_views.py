@@ -11,7 +11,6 @@ an uninterrupted run (worker RNG streams restart).
 from __future__ import annotations
 
 import io
-import itertools
 import logging
 import signal
 from typing import Iterator
@@ -20,8 +19,9 @@ import numpy as np
 import torch
 import torchvision.transforms as T
 import torchvision.transforms.functional as F
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image
 
+from ..augment import OPS
 from ..config import Augment, Recipe, ViewSpec
 from .base import LoaderPosition, mix_seed, too_few_samples
 from .sources import DataError, Samples
@@ -29,23 +29,14 @@ from .sources import DataError, Samples
 log = logging.getLogger(__name__)
 
 BICUBIC = T.InterpolationMode.BICUBIC
-ORDERS = list(itertools.permutations(range(4)))  # jitter_order indexes this, as in the DALI records
-
-
-def _rand() -> float:
-    return torch.rand(()).item()
-
-
-def _uniform(lo: float, hi: float) -> float:
-    return lo + (hi - lo) * _rand()
 
 
 class ViewTransform:
-    """One view of the recipe on a PIL image. `record`, if given, receives the parameters drawn."""
+    """One view of the recipe on a PIL image: the crop, each op of the table (sslight_dali/augment.py)
+    in order, normalize. `record`, if given, receives the parameters drawn."""
 
     def __init__(self, view: ViewSpec, aug: Augment):
         self.view, self.aug = view, aug
-        self.jitter = T.ColorJitter(aug.brightness, aug.contrast, aug.saturation, aug.hue)
         self.interp = BICUBIC if aug.interpolation == "bicubic" else T.InterpolationMode.BILINEAR
 
     def __call__(self, img: Image.Image, record: dict | None = None) -> torch.Tensor:
@@ -53,40 +44,11 @@ class ViewTransform:
         i, j, h, w = T.RandomResizedCrop.get_params(img, list(view.scale), list(aug.ratio))
         rec.update(crop_y=i, crop_x=j, crop_h=h, crop_w=w, image_h=img.height, image_w=img.width)
         img = F.resized_crop(img, i, j, h, w, [view.size, view.size], self.interp)
-        rec["flip"] = _rand() < aug.flip_p
-        if rec["flip"]:
-            img = F.hflip(img)
-        rec["jitter"] = _rand() < aug.jitter_p
-        if rec["jitter"]:
-            img = self._color_jitter(img, rec)
-        rec["gray"] = _rand() < aug.grayscale_p
-        if rec["gray"]:
-            img = F.rgb_to_grayscale(img, num_output_channels=3)
-        rec["blur_sigma"] = 0.0
-        if _rand() < view.blur_p:
-            rec["blur_sigma"] = _uniform(*aug.blur_sigma)
-            img = img.filter(ImageFilter.GaussianBlur(radius=rec["blur_sigma"]))
-        rec["solarize"] = _rand() < view.solarize_p
-        if rec["solarize"]:
-            img = ImageOps.solarize(img, threshold=aug.solarize_threshold)
+        for op in OPS:
+            img = op.torch(img, view, aug, rec)
         if record is not None:
             record.update(rec)
         return F.normalize(F.to_tensor(img), aug.mean, aug.std)
-
-    def _color_jitter(self, img, rec):
-        # torchvision ColorJitter: the four ops in a random order, each with its own factor.
-        j = self.jitter
-        order, b, c, s, h = T.ColorJitter.get_params(j.brightness, j.contrast, j.saturation, j.hue)
-        if self.aug.jitter_order == "fixed":
-            order = torch.arange(4)
-        rec.update(brightness=b, contrast=c, saturation=s, hue_deg=None if h is None else 360.0 * h,
-                   jitter_order=ORDERS.index(tuple(order.tolist())))
-        ops = {0: (F.adjust_brightness, b), 1: (F.adjust_contrast, c), 2: (F.adjust_saturation, s), 3: (F.adjust_hue, h)}
-        for k in order.tolist():
-            fn, factor = ops[k]
-            if factor is not None:
-                img = fn(img, factor)
-        return img
 
 
 def to_rgb(im: Image.Image) -> Image.Image:

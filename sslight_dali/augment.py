@@ -1,0 +1,312 @@
+"""The augmentation-op table: every optional op of a view, one entry each.
+
+A view is always a random resized crop, then the ops below in table order (each applied with its own
+probability), then normalization. An entry holds everything about its op:
+- `knobs`: its recipe fields, with defaults, ranges and help. `config.py` builds the recipe's
+  `augment` section (scope "augment": one value for all views) and the per-view probability lists of
+  `recipe.global` / `recipe.local` (scope "view") from them;
+- `record`: the debug-record fields it fills (`sslight views`, the parity tests), by name;
+- `name`: its ablation name (`sslight bench pipeline --profile-ops` measures the recipe without it);
+- `torch`: the torchvision/PIL implementation (the reference backend, src/data/transforms.py:45-111);
+- `dali`: the DALI implementation; its signature depends on `stage`, which says where the DALI graph
+  runs it (sslight_dali/data/dali_views.py):
+    "mirror": folded into the final crop_mirror_normalize (the ops between are pointwise or
+              symmetric, so flipping last equals flipping first). dali(aug) -> (mirror, record).
+    "colour": a parameter of the one colour pass a group of same-size views shares (brightness and
+              contrast blends, then a colour matrix; brightness, contrast and saturation multiply, hue
+              adds; 1, 1, 1, 0 is the identity). dali(aug, n) -> (params, record) for n frames, each
+              value a float or a per-frame [n] DataNode. With `jitter_order: random` the views run one
+              by one and the op applies itself: dali_view(img, aug) -> (img, record).
+    "pixel":  on each view after the colour pass. dali(img, view, aug) -> (img, record); img is
+              uint8 or float, one sample per image of the batch.
+  A record value is a float or a DataNode (per sample, or per frame [n] for colour ops).
+
+Adding an op: one entry in OPS (the knobs appear in every config and in `sslight config show`, the op
+in both backends, the viewer and bench's ablations) plus its parity test. DALI is imported only inside
+the DALI implementations, so importing this module (config.py does) needs neither DALI nor torch.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+# A view's record fields that no op owns: its crop window and source size.
+FRAME_FIELDS = ("crop_y", "crop_x", "crop_h", "crop_w", "image_h", "image_w")
+JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
+IDENTITY = {"brightness": 1.0, "contrast": 1.0, "saturation": 1.0, "hue": 0.0}
+
+
+@dataclass(frozen=True)
+class Knob:
+    """A recipe field of an op. scope "augment": one value for every view, `default` a value; scope
+    "view": a list with one probability per view (or one for all), `default` {"global": [...],
+    "local": [...]}. `prob`: a probability that switches the op off at 0 (ablations set it so)."""
+    name: str
+    type: Any
+    default: Any
+    lo: float | None = None
+    hi: float | None = None
+    help: str = ""
+    scope: Literal["augment", "view"] = "augment"
+    prob: bool = False
+
+
+@dataclass(frozen=True)
+class Op:
+    name: str
+    stage: Literal["mirror", "colour", "pixel"]
+    knobs: tuple[Knob, ...]
+    record: tuple[str, ...]
+    torch: Callable
+    dali: Callable
+    label: Callable[[dict], str | None]
+    dali_view: Callable | None = None
+
+    def off(self) -> list[str]:
+        """Config overrides that take the op out (an op with probability 0 is not in the DALI graph)."""
+        out = []
+        for k in self.knobs:
+            if k.prob:
+                out += [f"recipe.augment.{k.name}=0"] if k.scope == "augment" else \
+                    [f"recipe.global.{k.name}=[0]", f"recipe.local.{k.name}=[0]"]
+        return out
+
+    def disable(self, recipe) -> None:
+        """Set the op's probabilities in `recipe` to 0, in place (the object form of off())."""
+        for k in self.knobs:
+            if k.prob and k.scope == "augment":
+                setattr(recipe.augment, k.name, 0.0)
+            elif k.prob:
+                for g in (recipe.global_, recipe.local):
+                    setattr(g, k.name, [0.0])
+
+    def used(self, recipe) -> bool:
+        """Whether any view of `recipe` may apply the op."""
+        for k in self.knobs:
+            if k.prob and k.scope == "augment" and getattr(recipe.augment, k.name) <= 0:
+                return False
+            if k.prob and k.scope == "view" and not any(
+                    p > 0 for g in (recipe.global_, recipe.local) if g.count for p in getattr(g, k.name)):
+                return False
+        return True
+
+
+# --- torchvision/PIL implementations (the reference's order: crop, flip, jitter, gray, blur, solarize) ---
+def _rand() -> float:
+    import torch
+    return torch.rand(()).item()
+
+
+def _uniform(lo: float, hi: float) -> float:
+    return lo + (hi - lo) * _rand()
+
+
+def _flip_torch(img, view, aug, rec):
+    import torchvision.transforms.functional as F
+    rec["flip"] = _rand() < aug.flip_p
+    return F.hflip(img) if rec["flip"] else img
+
+
+ORDERS = list(itertools.permutations(range(4)))  # torchvision's randperm(4) space; jitter_order indexes it
+
+
+def _jitter_torch(img, view, aug, rec):
+    """torchvision ColorJitter: the four ops in a random order (or the fixed one), each its own factor."""
+    import torch
+    import torchvision.transforms as T
+    import torchvision.transforms.functional as F
+    rec["jitter"] = _rand() < aug.jitter_p
+    if not rec["jitter"]:
+        return img
+    j = T.ColorJitter(aug.brightness, aug.contrast, aug.saturation, aug.hue)
+    order, b, c, s, h = T.ColorJitter.get_params(j.brightness, j.contrast, j.saturation, j.hue)
+    if aug.jitter_order == "fixed":
+        order = torch.arange(4)
+    rec.update(brightness=b, contrast=c, saturation=s, hue_deg=None if h is None else 360.0 * h,
+               jitter_order=ORDERS.index(tuple(order.tolist())))
+    ops = {0: (F.adjust_brightness, b), 1: (F.adjust_contrast, c), 2: (F.adjust_saturation, s), 3: (F.adjust_hue, h)}
+    for k in order.tolist():
+        fn, factor = ops[k]
+        if factor is not None:
+            img = fn(img, factor)
+    return img
+
+
+def _gray_torch(img, view, aug, rec):
+    import torchvision.transforms.functional as F
+    rec["gray"] = _rand() < aug.grayscale_p
+    return F.rgb_to_grayscale(img, num_output_channels=3) if rec["gray"] else img
+
+
+def _blur_torch(img, view, aug, rec):
+    from PIL import ImageFilter
+    rec["blur_sigma"] = 0.0
+    if _rand() < view.blur_p:
+        rec["blur_sigma"] = _uniform(*aug.blur_sigma)
+        img = img.filter(ImageFilter.GaussianBlur(radius=rec["blur_sigma"]))
+    return img
+
+
+def _solarize_torch(img, view, aug, rec):
+    from PIL import ImageOps
+    rec["solarize"] = _rand() < view.solarize_p
+    return ImageOps.solarize(img, threshold=aug.solarize_threshold) if rec["solarize"] else img
+
+
+# --- DALI implementations -------------------------------------------------------------------------
+def _flip_dali(aug):
+    from .data import dali_views as dv
+    if aug.flip_p <= 0:
+        return 0, {"flip": 0.0}
+    coin = dv.fn.random.coin_flip(probability=aug.flip_p, dtype=dv.types.INT32)
+    return coin, {"flip": coin}
+
+
+def jitter_ops(aug) -> list[int]:
+    """The enabled jitter ops, as indices into JITTER_OPS."""
+    return [k for k, name in enumerate(JITTER_OPS) if getattr(aug, name) > 0]
+
+
+def jitter_orders(aug) -> list[tuple[int, ...]]:
+    """Every order of the enabled ops; a sample's `jitter_order` indexes this list. With all four
+    enabled this is torchvision's randperm(4) space, in lexicographic order. `jitter_order: fixed`
+    keeps only the identity order."""
+    if aug.jitter_order == "fixed":
+        return [tuple(jitter_ops(aug))]
+    return list(itertools.permutations(jitter_ops(aug)))
+
+
+def _jitter_factors(dv, aug, n):
+    """brightness, contrast, saturation factors and hue in degrees, drawn for every sample or frame
+    (cheap), so the record reports them even where the op is off."""
+    return (dv.draw_uniform(max(0.0, 1 - aug.brightness), 1 + aug.brightness, n),
+            dv.draw_uniform(max(0.0, 1 - aug.contrast), 1 + aug.contrast, n),
+            dv.draw_uniform(max(0.0, 1 - aug.saturation), 1 + aug.saturation, n),
+            dv.draw_uniform(-360.0 * aug.hue, 360.0 * aug.hue, n))
+
+
+def _jitter_dali(aug, n):
+    """Fixed order: each enabled factor where the frame's coin says jitter, the identity elsewhere."""
+    from .data import dali_views as dv
+    factors = _jitter_factors(dv, aug, n)
+    ops = jitter_ops(aug)
+    coin = dv.coins(aug.jitter_p, n) if ops else None
+    params = {name: dv.gate(f, coin if k in ops else None, IDENTITY[name])
+              for k, (name, f) in enumerate(zip(JITTER_OPS, factors))}
+    record = dict(zip(("brightness", "contrast", "saturation", "hue_deg"), factors))
+    record.update(jitter=0.0 if coin is None else coin, jitter_order=0.0)
+    return params, record
+
+
+def _jitter_dali_view(img, aug):
+    """Random order: one per-sample order, applied slot by slot (dali_views.jitter_random_order)."""
+    from .data import dali_views as dv
+    factors = _jitter_factors(dv, aug, None)
+    order = dv.fn.random.uniform(values=list(range(len(jitter_orders(aug)))), dtype=dv.types.INT32)
+    img, applied = dv.apply_with_p(aug.jitter_p, dv.jitter_random_order, img, aug, order, *factors)
+    record = dict(zip(("brightness", "contrast", "saturation", "hue_deg"), factors))
+    record.update(jitter=applied, jitter_order=order)
+    return img, record
+
+
+def _gray_dali(aug, n):
+    """Grayscale is saturation 0, drawn with probability grayscale_p."""
+    from .data import dali_views as dv
+    keep = dv.coins(1 - aug.grayscale_p, n)
+    if keep is None:
+        return {"saturation": 0.0}, {"gray": 1.0}
+    if isinstance(keep, int):
+        return {}, {"gray": 0.0}
+    return {"saturation": dv.fn.cast(keep, dtype=dv.types.FLOAT)}, {"gray": 1 - keep}
+
+
+def _gray_dali_view(img, aug):
+    from .data import dali_views as dv
+    img, applied = dv.apply_with_p(aug.grayscale_p, lambda x: dv.fn.saturation(x, saturation=0.0), img)
+    return img, {"gray": applied}
+
+
+def _blur_dali(img, view, aug):
+    """Blur with probability p, sigma ~ U(blur_sigma) drawn only for the blurred samples. A per-sample
+    conditional: on the CPU skipping the unselected samples beat an identity kernel on every sample
+    (a 1-tap blur costs 0.44 of a real one; bench/README.md)."""
+    from .data import dali_views as dv
+    img, sigma = dv.blur_with_p(img, view.blur_p, *aug.blur_sigma)
+    return img, {"blur_sigma": sigma}
+
+
+def _solarize_dali(img, view, aug):
+    """v >= threshold -> 255 - v, with a per-sample threshold (256 where not drawn): no conditional."""
+    from .data import dali_views as dv
+    coin = dv.coins(view.solarize_p, None)
+    if coin is None:
+        return img, {"solarize": 0.0}
+    if isinstance(coin, int):
+        return dv.solarize(img, float(aug.solarize_threshold)), {"solarize": 1.0}
+    thr = 256.0 - coin * (256.0 - aug.solarize_threshold)
+    return dv.solarize(img, thr.gpu() if img.device == "gpu" else thr), {"solarize": coin}
+
+
+# --- the table ------------------------------------------------------------------------------------
+OPS: list[Op] = [
+    Op("flip", "mirror",
+       (Knob("flip_p", float, 0.5, 0.0, 1.0, "horizontal flip probability", prob=True),),
+       record=("flip",), torch=_flip_torch, dali=_flip_dali, label=lambda r: "flip" if r["flip"] else None),
+    Op("color_jitter", "colour", (
+        Knob("jitter_p", float, 0.8, 0.0, 1.0, "colour-jitter probability", prob=True),
+        Knob("brightness", float, 0.4, 0.0, 10.0),
+        Knob("contrast", float, 0.4, 0.0, 10.0),
+        Knob("saturation", float, 0.2, 0.0, 10.0),
+        Knob("hue", float, 0.1, 0.0, 0.5, "torchvision hue factor; DALI gets U(-360h, 360h) degrees"),
+        Knob("jitter_order", Literal["random", "fixed"], "fixed",
+             help="fixed = brightness, contrast, saturation, hue; random = a per-sample order, as torchvision "
+                  "(4.4x slower DALI GPU pipeline on H100: per-slot conditionals)")),
+       record=("jitter", "brightness", "contrast", "saturation", "hue_deg", "jitter_order"),
+       torch=_jitter_torch, dali=_jitter_dali, dali_view=_jitter_dali_view,
+       label=lambda r: "jit" if r["jitter"] else None),
+    Op("grayscale", "colour",
+       (Knob("grayscale_p", float, 0.2, 0.0, 1.0, "grayscale probability (ITU-R 601 luma)", prob=True),),
+       record=("gray",), torch=_gray_torch, dali=_gray_dali, dali_view=_gray_dali_view,
+       label=lambda r: "gray" if r["gray"] else None),
+    Op("gaussian_blur", "pixel", (
+        Knob("blur_p", list[float], {"global": [1.0, 0.1], "local": [0.5]},
+             help="Gaussian-blur probability: one per view, or one for all", scope="view", prob=True),
+        Knob("blur_sigma", list[float], [0.1, 2.0], help="sigma ~ U(min, max), PIL GaussianBlur radius")),
+       record=("blur_sigma",), torch=_blur_torch, dali=_blur_dali,
+       label=lambda r: f"blur{r['blur_sigma']:.1f}" if r["blur_sigma"] > 0 else None),
+    Op("solarize", "pixel", (
+        Knob("solarize_p", list[float], {"global": [0.0, 0.2], "local": [0.0]},
+             help="solarize probability: one per view, or one for all", scope="view", prob=True),
+        Knob("solarize_threshold", int, 128, 0, 256, "pixels >= threshold are inverted")),
+       record=("solarize",), torch=_solarize_torch, dali=_solarize_dali,
+       label=lambda r: "sol" if r["solarize"] else None),
+]
+
+
+def record_fields() -> tuple[str, ...]:
+    """A view's debug record, in order: every op's fields, then the crop window."""
+    return tuple(f for op in OPS for f in op.record) + FRAME_FIELDS
+
+
+def knobs(scope: str) -> list[Knob]:
+    return [k for op in OPS for k in op.knobs if k.scope == scope]
+
+
+def ablations() -> dict[str, list[str]]:
+    """Ablation name -> the overrides that take that op out, for every op in the table."""
+    return {op.name: op.off() for op in OPS}
+
+
+def ops_label(rec: dict) -> str:
+    """The ops a view's record says were applied, short (the viewer's caption)."""
+    return " ".join(s for s in (op.label(rec) for op in OPS) if s) or "-"
+
+
+def knob_field(k: Knob, group: str):
+    """The dataclass field for a knob (config.py); `group` picks a per-view knob's default."""
+    meta = {"range": (k.lo, k.hi), "help": k.help}
+    default = k.default[group] if k.scope == "view" else k.default
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
