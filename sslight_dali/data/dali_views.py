@@ -1,7 +1,8 @@
-"""The DALI graph of a view-sampling recipe: read -> decode once -> per view: crop, flip, jitter, gray,
-blur, solarize, normalize. The same code builds the CPU and the GPU graph; `device` only switches the
-decoder and where the image operators run. Random parameters (coin flips, factors, crop windows) are
-always drawn on the CPU, where DALI's conditionals and argument inputs need them.
+"""The DALI graph of a view-sampling recipe: read -> decode once -> per view: crop, the ops of the op
+table (sslight_dali/augment.py: flip, jitter, grayscale, blur, solarize), normalize. The same code
+builds the CPU and the GPU graph; `device` only switches the decoder and where the image operators
+run. Random parameters (coin flips, factors, crop windows) are always drawn on the CPU, where DALI's
+conditionals and argument inputs need them.
 
 Semantics follow the torchvision/PIL reference (src/data/transforms.py:10-111):
 - crop: torchvision RandomResizedCrop window (area ~ U(scale), log-aspect ~ U(log ratio)), then a
@@ -11,13 +12,14 @@ Semantics follow the torchvision/PIL reference (src/data/transforms.py:10-111):
 - colour jitter, applied with p: brightness multiplies, contrast blends with the image's mean luma,
   saturation blends with luma, hue rotates by U(-360h, 360h) degrees. `jitter_order: fixed` (the
   default) runs them in that order (group_chain): all views of one size travel as one sequence per
-  image, and jitter and grayscale run on every frame with no conditional, a frame without them
-  getting identity parameters (brightness, contrast, saturation 1, hue 0; grayscale = saturation 0).
-  Brightness and contrast are two uint8 passes that clip and truncate as PIL's blends do (DALI's
-  colour ops round to nearest: a shift of just under half a level before rounding makes it
-  truncate); saturation, hue and grayscale are one colour matrix (fn.hsv) computed in float, clipped
-  to [0, 255] but not rounded, so those frames sit ~0.5 grey level above PIL's truncated saturation
-  blend; fusing saturation and hue changes pixels only where saturation would have clipped.
+  image, and the colour ops (jitter, grayscale) give per-frame parameters to one colour pass with no
+  conditional, a frame without them getting identity parameters (brightness, contrast, saturation 1,
+  hue 0; grayscale = saturation 0). Brightness and contrast are two uint8 passes that clip and
+  truncate as PIL's blends do (DALI's colour ops round to nearest: a shift of just under half a
+  level before rounding makes it truncate); saturation, hue and grayscale are one colour matrix
+  (fn.hsv) computed in float, clipped to [0, 255] but not rounded, so those frames sit ~0.5 grey
+  level above PIL's truncated saturation blend; fusing saturation and hue changes pixels only where
+  saturation would have clipped.
   `jitter_order: random` is torchvision's: a random order per sample, uniform over the n! orders of
   `jitter_orders`, built from n slots, view by view (view_chain); a slot runs the op the sample's
   order puts there, chosen with conditionals, and each op rounds to nearest. The ops commute in
@@ -25,11 +27,11 @@ Semantics follow the torchvision/PIL reference (src/data/transforms.py:10-111):
   with strong factors (measured with torchvision's ops). On the GPU the slots' conditionals made the
   pipeline 4.4x slower (bench/README.md), hence the fixed default.
 - grayscale: ITU-R 601 luma in 3 channels. Blur: sigma ~ U(blur_sigma), a window of
-  2*ceil(3*sigma)+1 taps per sample.
-  Solarize: v >= threshold -> 255 - v (fixed order: every sample, threshold 256 when not drawn).
+  2*ceil(3*sigma)+1 taps per sample. Solarize: v >= threshold -> 255 - v (a per-sample threshold,
+  256 when not drawn).
 Blur keeps a per-sample conditional (unselected samples skip it: on the CPU that beat an identity
-kernel on every sample), as do all ops of the random-order chain; an op with p == 0 is not in the
-graph and one with p == 1 has no conditional.
+kernel on every sample), as do the colour ops of the random-order chain; an op with p == 0 is not in
+the graph and one with p == 1 has no conditional.
 """
 from __future__ import annotations
 
