@@ -133,7 +133,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     for name, module, help_ in (("views", "viewer", "contact sheet of the views a recipe makes from one image"),
                                 ("demo", "demo", "synthetic data -> short DINO-SSLight run -> kNN vs random init"),
-                                ("bench", "bench", "throughput benchmarks (pipeline, model, train, compare)")):
+                                ("bench", "bench", "throughput benchmarks (pipeline, model, train, compare, tune)")):
         if importlib.util.find_spec(f"sslight_dali.{module}") is None:
             continue  # not built yet: never advertise a subcommand that does not work
         sp = sub.add_parser(name, help=help_)

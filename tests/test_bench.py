@@ -5,6 +5,10 @@ No timing is asserted: only that the figures are computed from what was measured
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -66,6 +70,45 @@ def check_measured(per_repeat: list[dict], steps: int = 1, batch: int = 4) -> No
         assert r["images"] == steps * batch
         assert r["seconds"] > 0 and r["images_per_sec"] == pytest.approx(r["images"] / r["seconds"], rel=1e-12)
         assert 0.0 <= r["data_wait_fraction"] <= 1.0
+
+
+def test_cpu_seconds_counts_other_threads_and_child_processes():
+    def spin():  # 0.4 s of CPU on this thread, while the main thread sleeps in join()
+        t = time.thread_time()
+        while time.thread_time() - t < 0.4:
+            pass
+
+    before = bench.cpu_seconds()
+    worker = threading.Thread(target=spin)
+    worker.start()
+    worker.join()
+    assert bench.cpu_seconds() - before >= 0.4
+    # A child process (a DataLoader worker): counted while it runs, and still after it is reaped.
+    code = ("import time\nt = time.process_time()\nwhile time.process_time() - t < 0.5: pass\n"
+            "print('spun', flush=True)\ntime.sleep(60)")
+    before = bench.cpu_seconds()
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "spun"
+        live = bench.cpu_seconds() - before
+        assert live >= 0.45  # /proc counts in clock ticks (10 ms)
+    finally:
+        child.kill()
+        child.wait()
+    assert bench.cpu_seconds() - before >= live
+
+
+def test_cpu_time_per_image_within_what_the_cores_allow(tmp_path, data):
+    rec = run(tmp_path, "pipeline", "--backend", "dali", "--device", "cpu", "--threads", "2", "--steps", "2",
+              data=data)
+    cores = len(os.sched_getaffinity(0))
+    for r in rec["per_repeat"]:
+        # DALI's threads all count, and no more CPU than the cores can give over the repeat's wall time.
+        assert 0 < r["cpu_seconds"] <= cores * r["seconds"] * 1.1 + 0.02
+        assert r["cpu_ms_per_image"] == pytest.approx(1000 * r["cpu_seconds"] / r["images"])
+        assert r["cpu_cores_busy"] == pytest.approx(r["cpu_seconds"] / r["seconds"])
+    assert rec["cpu_ms_per_image"] == pytest.approx(float(np.median([r["cpu_ms_per_image"]
+                                                                    for r in rec["per_repeat"]])))
 
 
 def test_summarize_matches_numpy():

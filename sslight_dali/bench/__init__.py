@@ -4,6 +4,7 @@
     sslight bench model CONFIG      Trainer.train_step on pre-made device tensors (the compute ceiling)
     sslight bench train CONFIG      real loader + Trainer.train_step, with `model` run beside it
     sslight bench compare CONFIG    several backends/devices side by side, ratios, JSON + PNG
+    sslight bench tune CONFIG       the fastest loader settings on this node, printed as overrides
 
 Every figure is the median over `--repeats` timed runs of `--steps` batches each, after `--warmup`
 batches. Runs that are compared are measured one after another in the same process, each with its
@@ -11,9 +12,9 @@ own loader, so they never compete for the CPU. Each JSON record carries the envi
 GPU, CPU, hardware JPEG decoder), the config and its overrides, and the dataset.
 
 Modules: cli (subcommands and flags), runs (dataset, the three benches, one JSON record each),
-timing (the measuring loop), environment (versions and hardware), sweeps (sweeps, comparisons, per-op
-ablations), plots (table and PNGs). torch, DALI and matplotlib are imported inside functions:
-importing this package stays cheap.
+timing (the measuring loop, CPU time), environment (versions and hardware), sweeps (sweeps, comparisons,
+per-op ablations), tune (coordinate descent over the loader knobs), plots (table and PNGs). torch, DALI
+and matplotlib are imported inside functions: importing this package stays cheap.
 """
 from .cli import COMMANDS, add_arguments, default_json_path, main
 from .environment import cpu_model, hw_decoder_info, nvidia_driver_version, nvjpeg_hw_probe, static_environment
@@ -23,7 +24,8 @@ from .runs import (BENCH_COPIES, BENCH_DATA, BENCH_SYNTH, SyntheticLoader, bench
                    run_one, trainer_step, write_json)
 from .sweeps import (ABLATIONS, compare_ratios, compare_variants, op_costs, op_in_recipe, parse_sweep, run_compare,
                      run_profile, run_sweep)
-from .timing import BenchError, GpuMemory, endless, measure, summarize, synchronizer
+from .timing import BenchError, GpuMemory, cpu_seconds, endless, measure, summarize, synchronizer
+from .tune import KNOBS, run_tune
 
 __all__ = [
     "COMMANDS", "add_arguments", "default_json_path", "main",
@@ -34,5 +36,6 @@ __all__ = [
     "run_one", "trainer_step", "write_json",
     "ABLATIONS", "compare_ratios", "compare_variants", "op_costs", "op_in_recipe", "parse_sweep", "run_compare",
     "run_profile", "run_sweep",
-    "BenchError", "GpuMemory", "endless", "measure", "summarize", "synchronizer",
+    "BenchError", "GpuMemory", "cpu_seconds", "endless", "measure", "summarize", "synchronizer",
+    "KNOBS", "run_tune",
 ]

@@ -9,8 +9,9 @@ from .plots import plot_compare, plot_profile, plot_sweep, report
 from .runs import run_one, write_json
 from .sweeps import run_compare, run_profile, run_sweep
 from .timing import BenchError
+from .tune import add_tune_arguments, run_tune
 
-COMMANDS = ("pipeline", "model", "train", "compare")
+COMMANDS = ("pipeline", "model", "train", "compare", "tune")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,7 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     helps = {"pipeline": "view sampling alone: decode + all views of the recipe",
              "model": "training steps on synthetic device tensors (compute ceiling)",
              "train": "training steps on the real pipeline, beside `model` (ratio, data-wait)",
-             "compare": "several backends/devices side by side: table, ratios, JSON, PNG"}
+             "compare": "several backends/devices side by side: table, ratios, JSON, PNG",
+             "tune": "the fastest threads / prefetch / hardware-decoder share (/ batch size) on this node, "
+                     "one knob at a time; prints them as overrides"}
     for name in COMMANDS:
         p = sub.add_parser(name, help=helps[name], description=helps[name])
         p.add_argument("config", help="training config, e.g. configs/dino/resnet18_sslight.yaml")
@@ -46,16 +49,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                               "(default: those this machine can run)")
             t.add_argument("--bench", choices=["pipeline", "train"], default="pipeline",
                            help="what each variant runs")
+        if name == "tune":
+            add_tune_arguments(p)
 
 
 def main(args: argparse.Namespace) -> int:
     from ..data import DataError
     try:
-        if args.sweep and (args.bench_command == "compare" or getattr(args, "profile_ops", False)):
+        if args.sweep and (args.bench_command in ("compare", "tune") or getattr(args, "profile_ops", False)):
             raise BenchError("--sweep runs one bench per value: use it with pipeline, model or train "
-                             "(not with compare or --profile-ops)")
+                             "(not with compare, tune or --profile-ops)")
         if args.bench_command == "compare":
             result, plot = run_compare(args), plot_compare
+        elif args.bench_command == "tune":
+            result, plot = run_tune(args), None
         elif args.sweep:
             result, plot = run_sweep(args), plot_sweep
         elif getattr(args, "profile_ops", False):
@@ -78,7 +85,7 @@ def main(args: argparse.Namespace) -> int:
 
 def default_json_path(args) -> Path:
     kind = args.bench_command
-    if args.bench_command != "compare" and args.sweep:
+    if args.bench_command not in ("compare", "tune") and args.sweep:
         kind += "-sweep-" + args.sweep.split("=", 1)[0].replace(".", "_")
     elif getattr(args, "profile_ops", False):
         kind += "-profile"

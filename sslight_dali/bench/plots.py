@@ -8,9 +8,9 @@ def report(result: dict) -> None:
     runs = result.get("runs", [result])
     print(f"{'run':<28} {'bench':<8} {'batch':>5} {'thr':>4} {'img/s':>9} {'min':>9} {'max':>9} {'ms/img':>8}  extra")
     for r in runs:
-        extra = ""
+        extra = f"CPU {r['cpu_ms_per_image']:.2f} ms/img ({r['cpu_cores_busy']:.1f} cores)" if "cpu_ms_per_image" in r else ""
         if r["bench"] == "train":
-            extra = (f"model {r['model']['images_per_sec']:.1f} img/s, train/model {r['ratio_to_model']:.2f}, "
+            extra += (f", model {r['model']['images_per_sec']:.1f} img/s, train/model {r['ratio_to_model']:.2f}, "
                      f"data-wait {100 * r['data_wait_fraction']:.0f}%")
         mem = r.get("gpu_memory")
         if mem:
@@ -20,6 +20,9 @@ def report(result: dict) -> None:
               f"{r['ms_per_image']:>8.2f}  {extra}")
     for name, ratio in result.get("ratios", {}).items():
         print(f"ratio {name}: {ratio:.2f}x")
+    if "tune" in result:
+        from .tune import summary_lines
+        print("\n".join(summary_lines(result)))
     if "ops" in result:
         ops = result["ops"]
         print(f"per-op cost (ms per image, wall, {ops['threads']} threads; full recipe {ops['full_ms_per_image']:.2f}):")

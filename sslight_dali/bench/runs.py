@@ -253,6 +253,9 @@ def make_record(kind: str, cfg, config_path: str, overrides: list[str], result: 
         "bench": kind, "label": label or f"{result['backend']}-{result['device']}",
         "images_per_sec": s["median"], "images_per_sec_min": s["min"], "images_per_sec_max": s["max"],
         "repeats": len(ips), "ms_per_image": 1000.0 / s["median"],
+        # CPU time of the whole process (every thread, DataLoader workers too) per image, median of the repeats
+        "cpu_ms_per_image": summarize([r["cpu_ms_per_image"] for r in result["repeats"]])["median"],
+        "cpu_cores_busy": summarize([r["cpu_cores_busy"] for r in result["repeats"]])["median"],
         "backend": result["backend"], "device": result["device"], "config": str(config_path),
         "overrides": list(overrides),
         "method": cfg.method, "backbone": cfg.model.backbone, "recipe": cfg.recipe.name,

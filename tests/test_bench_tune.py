@@ -1,0 +1,104 @@
+"""`sslight bench tune` on the CPU with tiny settings: every candidate recorded, the best is the argmax
+of the recorded medians, the printed overrides load, bad input refused in one line.
+
+The speed of each setting is made known: a sleep per batch that depends on the loader's threads and
+queue depth (the real DALI pipeline runs underneath), so the search has a known answer.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from sslight_dali.bench import runs
+from sslight_dali.cli import main as cli_main
+from sslight_dali.config import load_config
+
+from test_bench import CONFIG, TINY, data  # noqa: F401  (data: the tiny ImageFolder fixture)
+
+FAST = ["--batch-size", "4", "--warmup", "1", "--steps", "1", "--repeats", "2", "--backend", "dali",
+        "--device", "cpu"]
+
+
+def slow_when(monkeypatch, seconds):
+    """Each batch costs seconds(threads, prefetch) more: a known ranking of the settings."""
+    real = runs.endless
+
+    def batches(loader):
+        delay = seconds(loader.num_threads, loader.prefetch)
+        for batch in real(loader):
+            time.sleep(delay)
+            yield batch
+
+    monkeypatch.setattr(runs, "endless", batches)
+
+
+def tune(tmp_path, capsys, *extra, data):
+    out = tmp_path / "tune.json"
+    code = cli_main(["bench", "tune", CONFIG, *TINY, *FAST, "--data", str(data), "--json", str(out), *extra])
+    printed = capsys.readouterr()
+    return code, out, printed
+
+
+def test_tune_records_every_candidate_and_prints_the_argmax(tmp_path, capsys, data, monkeypatch):
+    # threads=2 and prefetch=1 are each faster; the config starts at threads=1 (flag), prefetch=2.
+    slow_when(monkeypatch, lambda threads, prefetch: 0.3 * (threads == 1) + 0.15 * (prefetch == 2))
+    code, out, printed = tune(tmp_path, capsys, "--threads", "1", "--candidates", "threads=1,2",
+                              "--candidates", "prefetch=1,2", data=data)
+    assert code == 0, printed.err
+    result = json.loads(out.read_text())
+    t, recs = result["tune"], result["runs"]
+    # Round 1 from the start (1, 2): threads 1 and 2; round 2 at threads=2: prefetch 1 and 2 (2 already measured).
+    assert [r["tune_setting"] for r in recs] == [{"threads": 1, "prefetch": 2}, {"threads": 2, "prefetch": 2},
+                                                 {"threads": 2, "prefetch": 1}]
+    for r in recs:  # each setting was the one run, and is a full bench record
+        assert r["bench"] == "pipeline" and len(r["per_repeat"]) == 2
+        assert r["resolved_config"]["data"]["num_threads"] == r["tune_setting"]["threads"]
+        assert r["resolved_config"]["data"]["prefetch"] == r["tune_setting"]["prefetch"]
+    for rnd in t["rounds"]:  # every candidate of every round points at a recorded run with its median
+        assert [e["value"] for e in rnd["candidates"]] == [1, 2]
+        for e in rnd["candidates"]:
+            assert e["images_per_sec"] == recs[e["run"]]["images_per_sec"]
+            assert recs[e["run"]]["tune_setting"][rnd["knob"]] == e["value"]
+    best = max(recs, key=lambda r: r["images_per_sec"])
+    assert best["tune_setting"] == {"threads": 2, "prefetch": 1}  # the known answer
+    assert t["best"] == best["tune_setting"] and t["best_images_per_sec"] == best["images_per_sec"]
+    assert t["start_images_per_sec"] == recs[0]["images_per_sec"]
+    assert t["skipped_knobs"].keys() == {"hw_decoder_load"}  # no GPU here: skipped, and said so
+    assert "data.hw_decoder_load" in printed.out and "skipped" in printed.out
+    line = [ln for ln in printed.out.splitlines() if ln.startswith("data.num_threads=")][-1]
+    assert line.split() == t["best_overrides"] == ["data.num_threads=2", "data.prefetch=1"]
+    # The printed line is what a user pastes: `sslight config show` loads it.
+    assert cli_main(["config", "show", CONFIG, *line.split()]) == 0
+    shown = capsys.readouterr().out
+    cfg = load_config(CONFIG, line.split())
+    assert (cfg.data.num_threads, cfg.data.prefetch) == (2, 1)
+    assert "num_threads: 2" in shown and "prefetch: 1" in shown
+
+
+def test_tune_budget_and_batch_size_caveat(tmp_path, capsys, data):
+    code, out, printed = tune(tmp_path, capsys, "--threads", "1", "--knobs", "batch_size",
+                              "--candidates", "batch_size=2,4,8", "--budget", "0.001", data=data)
+    assert code == 0, printed.err
+    t = json.loads(out.read_text())["tune"]
+    # The budget is spent at once: only the starting batch (4) is measured, the two others are counted.
+    assert t["measured"] == 1 and t["not_measured_budget"] == 2 and t["best"] == {"batch_size": 4}
+    assert [e["status"] for e in t["rounds"][0]["candidates"]] == [
+        "not measured: --budget reached", "measured", "not measured: --budget reached"]
+    assert "changes the optimisation" in printed.out and t["caveat"]
+    assert printed.out.strip().splitlines()[-2] == "train.batch_size=4"
+
+
+@pytest.mark.parametrize("extra, named", [
+    (["--knobs", "threads,warp"], "'warp'"),
+    (["--candidates", "workers=2,4"], "'workers'"),
+    (["--candidates", "threads=two"], "threads"),
+    (["--candidates", "threads=0,2"], "num_threads"),  # the config's range, checked before any run
+])
+def test_tune_bad_input_one_line_exit_2(tmp_path, capsys, data, extra, named):
+    code, out, printed = tune(tmp_path, capsys, *extra, data=data)
+    assert code == 2
+    err = printed.err.strip().splitlines()
+    assert len(err) == 1 and named in err[0] and "error" in err[0]
+    assert not out.exists()
