@@ -102,3 +102,36 @@ def test_tune_bad_input_one_line_exit_2(tmp_path, capsys, data, extra, named):
     err = printed.err.strip().splitlines()
     assert len(err) == 1 and named in err[0] and "error" in err[0]
     assert not out.exists()
+
+
+def test_tune_a_failed_candidate_is_recorded_and_the_search_goes_on(tmp_path, capsys, data, monkeypatch):
+    from sslight_dali.bench import tune as tune_module
+    real = tune_module.run_one
+
+    def run_one(args, extra, **kw):
+        if "data.num_threads=2" in extra:  # as DALI or torch say it when the GPU is full
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+        return real(args, extra, **kw)
+
+    monkeypatch.setattr(tune_module, "run_one", run_one)
+    code, out, printed = tune(tmp_path, capsys, "--threads", "1", "--knobs", "threads",
+                              "--candidates", "threads=1,2", data=data)
+    assert code == 0, printed.err
+    t = json.loads(out.read_text())["tune"]
+    failed = [e for e in t["rounds"][0]["candidates"] if e["status"] == "failed"]
+    assert t["failed"] == 1 and [e["value"] for e in failed] == [2]
+    assert failed[0]["error"] == "CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert t["best"] == {"threads": 1} and t["measured"] == 1
+    assert "1 candidate(s) failed" in printed.out
+
+
+def test_tune_train_with_torchvision_skips_prefetch(tmp_path, capsys, data):
+    code, out, printed = tune(tmp_path, capsys, "--backend", "torchvision", "--bench", "train", "--threads", "1",
+                              "--knobs", "threads,prefetch", "--candidates", "threads=1", data=data)
+    assert code == 0, printed.err
+    result = json.loads(out.read_text())
+    t = result["tune"]
+    assert t["skipped_knobs"].keys() == {"prefetch"} and "torchvision" in t["skipped_knobs"]["prefetch"]
+    assert [r["bench"] for r in result["runs"]] == ["train"]  # end to end, the model figure beside it
+    assert "ratio_to_model" in result["runs"][0] and result["runs"][0]["backend"] == "torchvision"
+    assert t["best_overrides"] == ["data.num_threads=1"]

@@ -102,7 +102,7 @@ def skip_reason(knob: str, backend: str, device: str) -> str | None:
 
 
 def label(setting: dict) -> str:
-    short = {"threads": "threads", "prefetch": "pf", "hw_decoder_load": "hw", "batch_size": "bs"}
+    short = {"threads": "thr", "prefetch": "pf", "hw_decoder_load": "hw", "batch_size": "bs"}
     return " ".join(f"{short[k]}={v}" for k, v in setting.items())
 
 
