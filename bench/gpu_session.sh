@@ -97,8 +97,8 @@ print(json.dumps({**static_environment(), "nvjpeg_hw_backend": nvjpeg_hw_probe()
 PY
     grep -E '"(gpu_name|driver|torch|dali|cuda)"|"available"' "$NEW/$TAG-env.json"
   fi
-  log 300 pytest-data-gpu $PY -m pytest -q -p no:cacheprovider tests/test_data_gpu.py
-  log 240 pytest-views-gpu $PY -m pytest -q -p no:cacheprovider tests/test_data_views.py -k gpu
+  log 240 pytest-data-gpu $PY -m pytest -q -p no:cacheprovider tests/test_data_gpu.py
+  log 180 pytest-views-gpu $PY -m pytest -q -p no:cacheprovider tests/test_data_views.py -k gpu
 }
 
 step_pipeline() {  # the DALI GPU pipeline alone (its record holds cpu_ms_per_image: the CPU cost per image)
