@@ -78,10 +78,11 @@ def test_tune_records_every_candidate_and_prints_the_argmax(tmp_path, capsys, da
 
 
 def test_tune_budget_and_batch_size_caveat(tmp_path, capsys, data):
-    code, out, printed = tune(tmp_path, capsys, "--threads", "1", "--knobs", "batch_size",
-                              "--candidates", "batch_size=2,4,8", "--budget", "0.001", data=data)
+    code, out, printed = tune(tmp_path, capsys, "--threads", "1", "--knobs", "batch_size", "--quick",
+                              "--candidates", "batch_size=1,2,4,8,16", "--budget", "0.001", data=data)
     assert code == 0, printed.err
     t = json.loads(out.read_text())["tune"]
+    assert t["candidates"] == {"batch_size": [2, 4, 8]}  # --quick: the start (4) and its neighbours
     # The budget is spent at once: only the starting batch (4) is measured, the two others are counted.
     assert t["measured"] == 1 and t["not_measured_budget"] == 2 and t["best"] == {"batch_size": 4}
     assert [e["status"] for e in t["rounds"][0]["candidates"]] == [
