@@ -18,7 +18,7 @@ and matplotlib are imported inside functions: importing this package stays cheap
 """
 from .cli import COMMANDS, add_arguments, default_json_path, main
 from .environment import cpu_model, hw_decoder_info, nvidia_driver_version, nvjpeg_hw_probe, static_environment
-from .plots import plot_compare, plot_profile, plot_sweep, report
+from .plots import plot_compare, plot_profile, plot_sweep, plot_tune, report
 from .runs import (BENCH_COPIES, BENCH_DATA, BENCH_SYNTH, SyntheticLoader, bench_model, bench_pipeline, bench_train,
                    dataset_info, ensure_bench_data, flag_overrides, make_record, release_memory, resolve_dataset,
                    run_one, trainer_step, write_json)
@@ -30,7 +30,7 @@ from .tune import KNOBS, run_tune
 __all__ = [
     "COMMANDS", "add_arguments", "default_json_path", "main",
     "cpu_model", "hw_decoder_info", "nvidia_driver_version", "nvjpeg_hw_probe", "static_environment",
-    "plot_compare", "plot_profile", "plot_sweep", "report",
+    "plot_compare", "plot_profile", "plot_sweep", "plot_tune", "report",
     "BENCH_COPIES", "BENCH_DATA", "BENCH_SYNTH", "SyntheticLoader", "bench_model", "bench_pipeline", "bench_train",
     "dataset_info", "ensure_bench_data", "flag_overrides", "make_record", "release_memory", "resolve_dataset",
     "run_one", "trainer_step", "write_json",

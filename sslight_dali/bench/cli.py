@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .plots import plot_compare, plot_profile, plot_sweep, report
+from .plots import plot_compare, plot_profile, plot_sweep, plot_tune, report
 from .runs import run_one, write_json
 from .sweeps import run_compare, run_profile, run_sweep
 from .timing import BenchError
@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         t.add_argument("--warmup", type=int, default=5, help="untimed batches first")
         t.add_argument("--sweep", help="KEY=v1,v2,...: one run per value, e.g. train.batch_size=64,128,256")
         t.add_argument("--json", help="output JSON (default runs/bench/<command>-<config>.json)")
-        t.add_argument("--png", help="output plot for compare/sweep/profile (default: the JSON path, .png)")
+        t.add_argument("--png", help="output plot for compare/sweep/profile/tune (default: the JSON path, .png)")
         if name == "pipeline":
             t.add_argument("--profile-ops", action="store_true",
                            help="per-op cost: the recipe with each op removed in turn, side by side")
@@ -62,7 +62,7 @@ def main(args: argparse.Namespace) -> int:
         if args.bench_command == "compare":
             result, plot = run_compare(args), plot_compare
         elif args.bench_command == "tune":
-            result, plot = run_tune(args), None
+            result, plot = run_tune(args), plot_tune
         elif args.sweep:
             result, plot = run_sweep(args), plot_sweep
         elif getattr(args, "profile_ops", False):

@@ -100,6 +100,21 @@ def plot_profile(result: dict, png: Path) -> None:
     _save(fig, png)
 
 
+def plot_tune(result: dict, png: Path) -> None:
+    """One panel per knob: images/sec of each candidate (min..max bars), the chosen value in orange."""
+    plt, t, runs = _pyplot(), result["tune"], result["runs"]
+    fig, axes = plt.subplots(1, len(t["rounds"]), figsize=(3.2 * len(t["rounds"]) + 1, 3.8), squeeze=False)
+    for ax, rnd in zip(axes[0], t["rounds"]):
+        done = [e for e in rnd["candidates"] if "run" in e]
+        picked = [runs[e["run"]] for e in done]
+        ax.bar([str(e["value"]) for e in done], [r["images_per_sec"] for r in picked], yerr=_errors(picked), capsize=3,
+               color=["#dd8452" if e["value"] == rnd["chosen"] else "#4c72b0" for e in done])
+        ax.set_xlabel(rnd["key"])
+        ax.set_ylabel("images/sec")
+    fig.suptitle(f"tune ({t['bench']}): best {' '.join(t['best_overrides'])}\n" + _where(runs[0]), fontsize=8)
+    _save(fig, png)
+
+
 def _save(fig, png: Path) -> None:
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
