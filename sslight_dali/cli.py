@@ -147,7 +147,7 @@ def _user_errors() -> tuple:
     """Exceptions that mean bad input or a stopped run: printed as one line, not a traceback."""
     errors = [FileNotFoundError]
     for module, name in (("sslight_dali.config", "ConfigError"), ("sslight_dali.checkpoint", "CheckpointError"),
-                         ("sslight_dali.data.sources", "DataError"), ("sslight_dali.train", "NonFiniteLossError"),
+                         ("sslight_dali.data.sources", "DataError"), ("sslight_dali.run_policy", "NonFiniteLossError"),
                          ("sslight_dali.train", "PeerLostError"),
                          ("sslight_dali.bench", "BenchError"), ("sslight_dali.export", "ExportError")):
         mod = sys.modules.get(module)  # only those already imported can have been raised

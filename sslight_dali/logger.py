@@ -116,3 +116,17 @@ class StepTimer:
     def read(self) -> tuple[float, float, float]:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         return elapsed, self.wait / elapsed, self.images / elapsed
+
+
+def timed_batches(batches, timer: StepTimer, world: int):
+    """Yield from `batches` (`(images or views, labels, ...)` tuples), adding the time spent waiting
+    for each one to the data-wait meter; `world` processes each take a batch of that size."""
+    it = iter(batches)
+    while True:
+        t0 = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        timer.waited(time.perf_counter() - t0, batch[1].shape[0] * world)
+        yield batch

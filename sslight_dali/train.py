@@ -2,8 +2,9 @@
 
 Launch with `sslight train CONFIG [overrides]` (one process) or `torchrun ... -m sslight_dali.cli train`.
 The method module (sslight_dali.methods) owns head, loss and update; this file owns the mechanics:
-device and precision, DDP, schedules (plain arrays indexed by the global step), logging without
-per-step host syncs, atomic checkpoints and exact resume.
+precision, DDP, schedules (plain arrays indexed by the global step), logging without per-step host
+syncs, stop signals, atomic checkpoints and exact resume. Process set-up is in runtime.py; what is
+decided around the loop (run directory, which checkpoint to resume, synthetic data) in run_policy.py.
 """
 from __future__ import annotations
 
@@ -22,17 +23,16 @@ import torch.nn as nn
 from . import checkpoint as ckpt
 from .config import Config, dump_config, save_config, to_dict
 from .knn import knn_evaluate
-from .logger import RunLogger, StepTimer, setup_logging
+from .logger import RunLogger, StepTimer, setup_logging, timed_batches
 from .optim import OPTIMIZER_SCHEDULES, clip_gradients_
-# Process and device set-up lives in runtime.py (shared with bench, evaluation and the demo).
-from .runtime import (autocast_dtype, init_distributed, is_convnet, resolve_precision,  # noqa: F401
-                      seed_everything, torch_dtype, uses_channels_last)
+# What decides around the loop (run directory, resume, synthetic data) is in run_policy.py; process
+# and device set-up in runtime.py (both shared with bench, evaluation and the demo).
+from .run_policy import (check_eval_split, check_resumable, claim_output_dir, gather_per_rank, own_rank_entry,
+                         prepare_data_root, resume_point, stop_if_nonfinite)
+from .runtime import (autocast_dtype, init_distributed, is_convnet, prepare_process, resolve_precision,
+                      shutdown_distributed, torch_dtype, uses_channels_last)
 
 log = logging.getLogger("sslight")
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
 
 
 # Exit status of a run stopped by SIGTERM/SIGINT/SIGUSR1 after writing its checkpoint: EX_TEMPFAIL,
@@ -150,13 +150,9 @@ class Trainer:
         return loss.detach(), metrics
 
     def check_finite(self) -> None:
-        flag = self.nonfinite.to(torch.int32)
-        if self.world > 1:  # every rank must stop together, or the others hang in the next collective
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if bool(flag):  # host sync: only on log steps and before checkpoints
-            raise NonFiniteLossError(
-                f"non-finite loss at or before step {self.step} (epoch {self.epoch}); stopping without writing a "
-                "checkpoint. Lower optim.base_lr, try train.precision=fp32, or check the data.")
+        stop_if_nonfinite(self.nonfinite, self.world,
+                          f"non-finite loss at or before step {self.step} (epoch {self.epoch}); stopping without "
+                          "writing a checkpoint. Lower optim.base_lr, try train.precision=fp32, or check the data.")
 
     # -- the loop ---------------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -180,7 +176,7 @@ class Trainer:
             self.method.on_epoch_start(self.epoch)
             epoch_end = (self.epoch + 1) * spe
             with self._on_data_error():
-                for views, labels, _ in _timed(self.loader.epoch(self.epoch), timer, self.world):
+                for views, labels, _ in timed_batches(self.loader.epoch(self.epoch), timer, self.world):
                     views = [v.to(self.device, non_blocking=True) for v in views]
                     labels = labels.to(self.device, non_blocking=True)
                     loss, metrics = self.train_step(views, labels)
@@ -333,139 +329,9 @@ class Trainer:
         return {k: v for k, v in rec.items() if k not in ("kind", "step", "epoch")}
 
 
-def gather_per_rank(state: dict, keys: tuple[str, ...], world: int) -> dict:
-    """Replace state[key] by {"per_rank": [every rank's value]} (the loader and RNG states are per rank).
-    A collective: every rank must call it."""
-    if world > 1:
-        for key in keys:
-            gathered = [None] * world
-            dist.all_gather_object(gathered, state[key])
-            state[key] = {"per_rank": gathered}
-    return state
-
-
-def own_rank_entry(entry: dict, rank: int, world: int) -> dict:
-    """This rank's part of a per-rank checkpoint entry."""
-    if "per_rank" not in entry:
-        return entry
-    if len(entry["per_rank"]) != world:
-        raise ckpt.CheckpointError(
-            f"the checkpoint was written by {len(entry['per_rank'])} processes and this run has {world}: "
-            "the data order and queues are per process, so resume with the same number of processes")
-    return entry["per_rank"][rank]
-
-
-def _timed(batches, timer: StepTimer, world: int):
-    """Yield from `batches`, adding the time spent waiting for each one to the data-wait meter."""
-    it = iter(batches)
-    while True:
-        t0 = time.perf_counter()
-        try:
-            batch = next(it)
-        except StopIteration:
-            return
-        timer.waited(time.perf_counter() - t0, batch[1].shape[0] * world)
-        yield batch
-
-
 # ------------------------------------------------------------------------------------------------
 # Entry point
 # ------------------------------------------------------------------------------------------------
-def prepare_data_root(cfg: Config, rank: int) -> None:
-    """An empty data.root means the embedded synthetic dataset (made once, under data/synth)."""
-    if cfg.data.root:
-        return
-    from .synth import synth_dataset
-    root = Path("data/synth")
-    if rank == 0 and not (root / "synth.json").is_file():
-        log.info(f"data.root is empty: writing the embedded synthetic dataset to {root}")
-        synth_dataset(root)
-    if dist.is_initialized():
-        dist.barrier()
-    cfg.data.root = str(root)
-
-
-# Keys that shape the model, optimizer, schedules or data state: a checkpoint resumes only with the same.
-# Each method adds the keys of its own section (SSLMethod.resume_keys: head sizes, queue length).
-RESUME_KEYS = ("method", "model.backbone", "optim.name", "train.batch_size", "train.epochs",
-               "recipe.global.count", "recipe.global.size", "recipe.local.count", "recipe.local.size")
-
-
-def check_resumable(saved: dict, cfg: Config, path: Path) -> None:
-    from .methods import method_class
-    now = to_dict(cfg)
-    keys = RESUME_KEYS + tuple(f"{cfg.method}.{k}" for k in method_class(cfg.method).resume_keys)
-    for key in keys:
-        a, b = saved, now
-        for part in key.split("."):
-            a, b = (a or {}).get(part), b.get(part)
-        if a != b:
-            raise ckpt.CheckpointError(f"{path}: {key} is {a!r} in the checkpoint but {b!r} now; resume with the "
-                                       f"checkpoint's value, or start a new train.output_dir")
-
-
-def claim_output_dir(cfg: Config, output_dir: Path, rank: int, world: int) -> Path | None:
-    """Make sure the run directory can be written and that a fresh run never overwrites an earlier
-    one: refuse, or with train.overwrite=true move the old run aside (returns where to). Rank 0
-    decides and every rank raises the same error, so none is left waiting."""
-    error, moved = None, None
-    if rank == 0:
-        try:
-            if output_dir.exists() and not output_dir.is_dir():
-                raise NotADirectoryError(f"{output_dir} exists and is not a directory")
-            if not cfg.train.resume and ckpt.candidates(output_dir):
-                if not cfg.train.overwrite:
-                    raise ckpt.CheckpointError(
-                        f"train.output_dir {output_dir} already holds a run's checkpoints; continue it with "
-                        "resume=auto, choose a new train.output_dir, or set train.overwrite=true to move the "
-                        "old run aside")
-                moved = ckpt.move_aside(output_dir)
-            output_dir.mkdir(parents=True, exist_ok=True)
-            probe = output_dir / f".write-test.{os.getpid()}"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except ckpt.CheckpointError as e:
-            error = str(e)
-        except OSError as e:
-            error = f"train.output_dir {output_dir} cannot be used: {e.strerror or e}" + (
-                f" ({e.filename})" if getattr(e, "filename", None) else "")
-    if world > 1:
-        box = [error, moved]
-        dist.broadcast_object_list(box, src=0)
-        error, moved = box
-    if error:
-        raise ckpt.CheckpointError(error)
-    return moved
-
-
-def resolve_resume(cfg: Config, output_dir: Path, rank: int, world: int) -> Path | None:
-    """The checkpoint every rank resumes from, or None (see resume_point)."""
-    return resume_point(cfg, output_dir, rank, world)[0]
-
-
-def resume_point(cfg: Config, output_dir: Path, rank: int, world: int) -> tuple[Path | None, dict | None]:
-    """Rank 0 decides which checkpoint (if any) every rank resumes from, so ranks never disagree.
-    resume=auto takes the newest one that loads and verifies. Returns (path, state)."""
-    state, choice = None, [None]
-    if rank == 0:
-        ckpt.remove_stale_temps(output_dir)
-        if cfg.train.resume == "auto":
-            found = ckpt.newest_valid(output_dir)
-            if found is None:
-                log.info(f"resume=auto: no checkpoint in {output_dir}: starting a fresh run")
-            else:
-                choice[0], state = str(found[0]), found[1]
-        else:
-            p = ckpt.find_resume(output_dir, cfg.train.resume)
-            choice[0] = str(p) if p else None
-    if world > 1:
-        dist.broadcast_object_list(choice, src=0)
-    path = Path(choice[0]) if choice[0] else None
-    if path is not None and state is None:
-        state = ckpt.load(path)
-    return path, state
-
-
 def _is_peer_failure(e: BaseException) -> bool:
     """A collective that failed because another rank died or timed out (gloo/NCCL word it variously)."""
     if isinstance(e, getattr(dist, "DistBackendError", ())) or isinstance(e, getattr(dist, "DistError", ())):
@@ -473,26 +339,6 @@ def _is_peer_failure(e: BaseException) -> bool:
     text = str(e).lower()
     return any(w in text for w in ("connection closed by peer", "connection reset", "timed out", "timeout",
                                    "gloo", "nccl", "broken pipe"))
-
-
-def check_eval_split(cfg: Config) -> None:
-    """Fail at start, not after the first epoch, when kNN is on and the val split is missing. kNN
-    needs labels: without a labelled val split it is turned off with a note when the train split
-    has none either (unlabeled data, nothing to monitor against), and is an error otherwise."""
-    if not cfg.train.knn_every or cfg.data.format == "webdataset":
-        return
-    from .data import DataError, list_samples
-    try:
-        val = list_samples(cfg.data.root, cfg.data.val_split, cfg.data.format, check=False)
-    except DataError as e:
-        train_split = list_samples(cfg.data.root, cfg.data.train_split, cfg.data.format, check=False)
-        if train_split.classes:
-            raise DataError(f"{e}; kNN monitoring (train.knn_every={cfg.train.knn_every}) needs a labelled val split: "
-                            "set train.knn_every=0 to train without one") from None
-        val = train_split
-    if not val.classes:
-        log.info(f"no labelled val split ('{cfg.data.val_split}' under {cfg.data.root}): kNN monitoring is off")
-        cfg.train.knn_every = 0
 
 
 def train(cfg: Config) -> dict:
@@ -508,9 +354,7 @@ def train(cfg: Config) -> dict:
         check_resumable(state["config"], cfg, resume_from)
     prepare_data_root(cfg, rank)
     check_eval_split(cfg)
-    seed_everything(cfg.train.seed + rank)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    prepare_process(cfg.train.seed + rank, device)
     precision = resolve_precision(cfg, device)
     loader = build_train_loader(cfg, rank=rank, world_size=world,
                                 channels_last=uses_channels_last(cfg),
@@ -537,8 +381,7 @@ def train(cfg: Config) -> dict:
                                 "is intact: restart the job with resume=auto") from None
         raise
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown_distributed()
     # The last log record's "epoch" is the 0-based epoch it was logged in; report completed ones only.
     result = {k: v for k, v in result.items() if k not in ("step", "epoch")}
     result.update({"output_dir": str(output_dir), "steps": trainer.step, "epochs": trainer.epoch})

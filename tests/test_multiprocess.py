@@ -55,7 +55,8 @@ def _spawn(worker, *args):
 # --- state at set-up ------------------------------------------------------------------------------
 def _setup_worker(rank, world, port, out):
     _join(rank, world, port)
-    from sslight_dali.train import Trainer, init_distributed, seed_everything
+    from sslight_dali.runtime import init_distributed, seed_everything
+    from sslight_dali.train import Trainer
     states = {}
     for method in ("dino", "swav", "moco"):
         cfg = _cfg(method, f"train.output_dir={out}/{method}")

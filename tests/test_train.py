@@ -14,7 +14,8 @@ import torch.multiprocessing as mp
 
 from sslight_dali import checkpoint as ckpt
 from sslight_dali.config import load_config
-from sslight_dali.train import NonFiniteLossError, Trainer, train
+from sslight_dali.run_policy import NonFiniteLossError
+from sslight_dali.train import Trainer, train
 
 from conftest import assert_same_state
 
@@ -154,7 +155,7 @@ def _ddp_worker(rank, world, port, cfg_path, data_root, out):
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     from sslight_dali.data import build_train_loader
-    from sslight_dali.train import init_distributed
+    from sslight_dali.runtime import init_distributed
     cfg = tiny_cfg(cfg_path, data_root, out, "train.max_steps=3")
     rank, world, device = init_distributed(cfg)
     seen = [int(i) for _, _, idx in build_train_loader(cfg, rank=rank, world_size=world).epoch(0) for i in idx]

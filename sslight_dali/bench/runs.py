@@ -171,12 +171,9 @@ class _BenchTrainer:
         self.cfg, self.loader, self.device = cfg, loader, device
 
     def __enter__(self):
-        import torch
-        from ..runtime import seed_everything
+        from ..runtime import prepare_process
         from ..train import Trainer
-        seed_everything(self.cfg.train.seed)
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
+        prepare_process(self.cfg.train.seed, self.device)
         self.cfg.train.tensorboard = False
         self.tmp = tempfile.TemporaryDirectory(prefix="sslight-bench-")
         self.trainer = Trainer(self.cfg, self.loader, 0, 1, self.device, Path(self.tmp.name))

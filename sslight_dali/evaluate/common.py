@@ -26,9 +26,12 @@ from torch import nn
 from .. import checkpoint as ckpt
 from ..config import Config, ConfigError, expand_key, from_dict, parse_overrides, to_dict, validate
 from ..files import atomic_write
-from ..logger import RunLogger, StepTimer, setup_logging
+from ..logger import RunLogger, StepTimer, setup_logging, timed_batches
 from ..optim import cosine_schedule
 from ..pretrained import Pretrained, load_pretrained
+from ..run_policy import gather_per_rank, own_rank_entry, resolve_resume, stop_if_nonfinite
+from ..runtime import (autocast_dtype, init_distributed, prepare_process, resolve_precision, shutdown_distributed,
+                       uses_channels_last)
 
 log = logging.getLogger("sslight")
 MIN_LR = 1e-6  # the reference's SOLVER.MIN_LR for every classification protocol
@@ -92,8 +95,6 @@ class Run:
 def setup(args, kind: str, section: str | None, splits, check=None) -> Run:
     """Everything that can reject the input runs before the output directory is created: the checkpoint,
     the config, the splits the command reads, and the command's own `check(pre, cfg)`."""
-    from ..runtime import autocast_dtype, init_distributed, resolve_precision, seed_everything, uses_channels_last
-    from ..train import resolve_resume
     pre = load_pretrained(args.checkpoint, args.weights)
     cfg = eval_config(pre, args.overrides, section)
     out = Path(args.out) if args.out else pre.path.parent / f"eval_{kind}"
@@ -104,9 +105,7 @@ def setup(args, kind: str, section: str | None, splits, check=None) -> Run:
     if resume_from is None and (out / ckpt.LATEST).exists():
         raise ckpt.CheckpointError(f"{out / ckpt.LATEST} exists: continue it with resume=auto, or choose another --out")
     setup_logging(out, rank, f"eval_{kind}.log")
-    seed_everything(cfg.train.seed + rank)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    prepare_process(cfg.train.seed + rank, device)
     amp = autocast_dtype(resolve_precision(cfg, device))
     log.info(f"eval {kind}: {pre.path} ({pre.cfg.method} / {pre.cfg.model.backbone}, {pre.weights} weights, "
              f"epoch {pre.epoch}) on {world} x {device}; data {cfg.data.root} ({cfg.data.backend})")
@@ -122,8 +121,7 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 def finish(run: Run) -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    shutdown_distributed()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -207,23 +205,16 @@ class EpochLoop:
                 "rng": ckpt.rng_state(), "loader": self.train_loader.state_dict()}
 
     def check_finite(self) -> None:
-        from ..train import NonFiniteLossError
-        flag = self.nonfinite.to(torch.int32)
-        if self.run.world > 1:  # all ranks stop together
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if bool(flag):  # a host sync: on log steps and before checkpoints only
-            raise NonFiniteLossError(f"non-finite loss at or before step {self.step}: stopping without writing a "
-                                     "checkpoint; lower the LR or use train.precision=fp32")
+        stop_if_nonfinite(self.nonfinite, self.run.world, f"non-finite loss at or before step {self.step}: stopping "
+                          "without writing a checkpoint; lower the LR or use train.precision=fp32")
 
     def save(self) -> None:
-        from ..train import gather_per_rank
         self.check_finite()
         state = gather_per_rank(self.state_dict(), ("loader", "rng"), self.run.world)
         if self.run.rank == 0:
             ckpt.save_atomic(state, self.run.out / ckpt.LATEST)
 
     def load(self, path: Path) -> None:
-        from ..train import own_rank_entry
         state = ckpt.load(path)
         saved = state.get("eval_settings") if isinstance(state, dict) else None
         if saved is None:
@@ -254,7 +245,6 @@ class EpochLoop:
         return loss.detach()
 
     def fit(self) -> list[dict]:
-        from ..train import _timed
         run, cfg, spe = self.run, self.run.cfg, self.train_loader.steps_per_epoch
         epochs = len(self.lrs)
         total = epochs * spe if not cfg.train.max_steps else min(epochs * spe, cfg.train.max_steps)
@@ -265,7 +255,7 @@ class EpochLoop:
                     g["lr"] = float(self.lrs[self.epoch])
                 self.module.train()
                 epoch_end = (self.epoch + 1) * spe
-                for images, labels, _ in _timed(self.train_loader.epoch(self.epoch), timer, run.world):
+                for images, labels, _ in timed_batches(self.train_loader.epoch(self.epoch), timer, run.world):
                     loss = self.train_step(images.to(run.device, non_blocking=True), labels.to(run.device))
                     if self.step % cfg.train.log_every == 0 or self.step == total:
                         self._log(loss, timer, total, t0, start, spe)

@@ -185,7 +185,7 @@ class SSLMethod(nn.Module):
 
     What else a method may declare (the defaults suit a method without any of it):
     - `resume_keys`: keys of its config section that shape its state; a checkpoint resumes only
-      with the same values (the generic keys are in train.RESUME_KEYS).
+      with the same values (the generic keys are in run_policy.RESUME_KEYS).
     - `backbone_keys`: state_dict prefix of the backbone, {"student": ..., "teacher": ...}.
     - `check_config(cfg)`: cross-field checks, raising ConfigError.
     - `schedules(cfg, iters_per_epoch)`: per-iteration arrays; the trainer logs each one and passes
