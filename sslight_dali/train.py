@@ -78,6 +78,21 @@ class StopSignals:
                     "(a second signal exits at once)")
 
 
+def compile_networks(method: nn.Module) -> None:
+    """train.compile: torch.compile each backbone + head (`MultiCropNet`) in place: one graph per network
+    and grad mode, fixed shapes. In place keeps the state_dict keys (no `_orig_mod.` prefix), so a
+    checkpoint moves freely between compiled and eager runs. The loss code around the networks stays
+    eager: it reads per-epoch Python values (DINO's teacher temperature) that would recompile a graph
+    holding it at every new value, and past torch's recompile limit (8) that code runs eager anyway."""
+    from .methods.common import MultiCropNet
+    # One trainer at a time per process (a bench sweep builds several in turn): start from empty caches, so
+    # that earlier trainers' graphs do not count against that limit, which is per function, not per module.
+    torch._dynamo.reset()
+    for m in method.modules():
+        if isinstance(m, MultiCropNet):
+            m.compile(dynamic=False)
+
+
 # ------------------------------------------------------------------------------------------------
 # Trainer
 # ------------------------------------------------------------------------------------------------
@@ -104,14 +119,14 @@ class Trainer:
             self.method = nn.SyncBatchNorm.convert_sync_batchnorm(self.method)
         if self.channels_last:
             self.method = self.method.to(memory_format=torch.channels_last)
+        if cfg.train.compile:
+            compile_networks(self.method)
         self.model = self.method
         if world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             # broadcast_buffers=False: per-rank buffers (SwAV queue) must not be overwritten by rank 0's;
             # shared ones (DINO center, MoCo queue) are kept equal by all-reduce / all-gather.
             self.model = nn.parallel.DistributedDataParallel(self.method, device_ids=ids, broadcast_buffers=False)
-        if cfg.train.compile:
-            self.model = torch.compile(self.model)
 
         self.optimizer = build_optimizer(cfg, self.method)
         self.schedules = build_schedules(cfg, loader.steps_per_epoch, global_batch_size(cfg, world))
@@ -179,7 +194,10 @@ class Trainer:
                 for views, labels, _ in timed_batches(self.loader.epoch(self.epoch), timer, self.world):
                     views = [v.to(self.device, non_blocking=True) for v in views]
                     labels = labels.to(self.device, non_blocking=True)
+                    t0 = time.perf_counter()
                     loss, metrics = self.train_step(views, labels)
+                    if self.step == start_step + 1 and cfg.train.compile:
+                        self._log_startup(loss, t0)
                     ckpt.fault_point("step")
                     if self.step % cfg.train.log_every == 0 or self.step == total_steps:
                         last = self._log(loss, metrics, timer, total_steps, run_start, start_step)
@@ -207,6 +225,13 @@ class Trainer:
                 last.update(self.evaluate())
             timer.reset()  # the epoch-end save and kNN are not training throughput
         return last
+
+    def _log_startup(self, loss: torch.Tensor, t0: float) -> None:
+        """train.compile: the first step compiles the networks; its wall time is the start-up cost,
+        logged once (float(loss): one host sync, so that the GPU's work is counted)."""
+        float(loss)
+        log.info(f"train.compile: the first step took {time.perf_counter() - t0:.1f} s (torch.compile builds "
+                 "the networks' kernels there; later steps reuse them)")
 
     @contextmanager
     def _on_data_error(self):

@@ -219,6 +219,28 @@ def test_model_bench_follows_a_step_of_known_duration(tmp_path, monkeypatch):
     check_measured(rec["per_repeat"], steps=2)
 
 
+@pytest.mark.parametrize("flag", [[], ["--compile"]], ids=["eager", "compile"])
+def test_first_step_is_timed_apart_as_the_start_up_cost(tmp_path, monkeypatch, flag):
+    calls = []
+
+    def slow_first_step(trainer, device):
+        def run(views, labels):
+            calls.append(labels.shape[0])
+            time.sleep(3 * STEP_S if len(calls) == 1 else STEP_S)  # the first call compiles
+        return run
+
+    monkeypatch.setattr(runs, "trainer_step", slow_first_step)
+    rec = run(tmp_path, "model", "--steps", "2", *flag)
+    assert 3 * STEP_S <= rec["first_step_s"] < 3 * STEP_S + 0.5
+    steady = rec["batch_size"] / rec["images_per_sec"]
+    if flag:
+        assert "train.compile=true" in rec["overrides"] and rec["resolved_config"]["train"]["compile"] is True
+        assert rec["compile"] is True and rec["compile_s"] == pytest.approx(rec["first_step_s"] - steady)
+        assert 2 * STEP_S - 0.3 < rec["compile_s"] < 2 * STEP_S + 0.5
+    else:
+        assert rec["compile"] is False and rec["compile_s"] is None
+
+
 def test_pipeline_bench_counts_time_spent_waiting_for_batches(tmp_path, data, monkeypatch):
     real = runs.endless
 

@@ -34,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         g.add_argument("--hw-decoder-load", type=float, help="share of JPEGs for the hardware decoder")
         g.add_argument("--batch-size", type=int)
         g.add_argument("--data", help="ImageFolder root with train/ (default: synthetic set in data/bench_synth)")
+        g.add_argument("--compile", action="store_const", const="true", help="train.compile=true (model, train)")
         t = p.add_argument_group("measurement")
         t.add_argument("--repeats", type=int, default=5, help="timed runs; the figure is their median")
         t.add_argument("--steps", type=int, default=20, help="batches per timed run")

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from ..files import atomic_write
@@ -23,7 +24,7 @@ def flag_overrides(args) -> list[str]:
     """The shortcut flags as config overrides, so a record's `overrides` says everything that was set."""
     flags = (("backend", "data.backend"), ("device", "data.device"), ("threads", "data.num_threads"),
              ("prefetch", "data.prefetch"), ("hw_decoder_load", "data.hw_decoder_load"),
-             ("batch_size", "train.batch_size"), ("data", "data.root"))
+             ("batch_size", "train.batch_size"), ("data", "data.root"), ("compile", "train.compile"))
     return [f"{key}={getattr(args, a)}" for a, key in flags if getattr(args, a, None) is not None]
 
 
@@ -193,6 +194,29 @@ def trainer_step(trainer, device):
     return step
 
 
+class FirstCall:
+    """A bench step that times its first call: torch.compile compiles the networks there (and on a GPU
+    cuDNN picks its kernels), so that is the start-up cost beside the steady figure."""
+
+    def __init__(self, step, sync):
+        self.step, self.sync, self.seconds = step, sync, None
+
+    def __call__(self, views, labels):
+        if self.seconds is not None:
+            return self.step(views, labels)
+        t0 = time.perf_counter()
+        self.step(views, labels)
+        self.sync()
+        self.seconds = time.perf_counter() - t0
+
+
+def startup(cfg, first: FirstCall, steady_ips: float) -> dict:
+    """first_step_s: the first step's wall time; compile_s (train.compile only): what it took beyond a
+    steady step of the `model` figure."""
+    compile_s = first.seconds - cfg.train.batch_size / steady_ips if cfg.train.compile else None
+    return {"compile": cfg.train.compile, "first_step_s": first.seconds, "compile_s": compile_s}
+
+
 def compute_device(cfg):
     from ..runtime import init_distributed
     return init_distributed(cfg)[2]
@@ -203,11 +227,13 @@ def bench_model(cfg, warmup: int, steps: int, repeats: int) -> dict:
     memory = GpuMemory()
     # 1000 classes (ImageNet) for the joint linear probe unless the config says otherwise.
     fake = SyntheticLoader.random(cfg, device, cfg.train.num_classes or 1000)
+    sync = synchronizer(device.type == "cuda")
     with _BenchTrainer(cfg, fake, device) as trainer:
-        reps = measure(endless(fake), trainer_step(trainer, device), warmup, steps, repeats,
-                       synchronizer(device.type == "cuda"))
+        step = FirstCall(trainer_step(trainer, device), sync)
+        reps = measure(endless(fake), step, warmup, steps, repeats, sync)
+    ips = summarize([r["images_per_sec"] for r in reps])["median"]
     return {"repeats": reps, "backend": "synthetic", "device": device.type,
-            "extra": {"gpu_memory": memory.read()}}
+            "extra": {**startup(cfg, step, ips), "gpu_memory": memory.read()}}
 
 
 def bench_train(cfg, warmup: int, steps: int, repeats: int) -> dict:
@@ -219,7 +245,7 @@ def bench_train(cfg, warmup: int, steps: int, repeats: int) -> dict:
     loader = build_train_loader(cfg, **_loader_layout(cfg))
     sync = synchronizer(device.type == "cuda" or loader.device == "gpu")
     with _BenchTrainer(cfg, loader, device) as trainer:
-        step, batches = trainer_step(trainer, device), endless(loader)
+        step, batches = FirstCall(trainer_step(trainer, device), sync), endless(loader)
         views, labels = next(batches)[:2]
         fake = SyntheticLoader([v.to(device).clone() for v in views], labels.to(device).clone(), loader.num_classes)
         train = measure(batches, step, warmup, steps, repeats, sync)
@@ -232,6 +258,7 @@ def bench_train(cfg, warmup: int, steps: int, repeats: int) -> dict:
         "model": {"images_per_sec": model_ips["median"], "images_per_sec_min": model_ips["min"],
                   "images_per_sec_max": model_ips["max"], "per_repeat": model},
         "ratio_to_model": train_ips / model_ips["median"],
+        **startup(cfg, step, model_ips["median"]),
         "gpu_memory": memory.read()}}
 
 
