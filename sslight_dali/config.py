@@ -177,7 +177,8 @@ class TrainCfg:
     precision: Literal["auto", "bf16", "fp16", "fp32"] = field(
         default="auto", metadata={"help": "auto = bf16 on GPU, fp32 on CPU (the reference trains fp32)"})
     channels_last: bool = True
-    compile: bool = False
+    compile: bool = field(default=False, metadata={"help": "torch.compile each backbone + head; the first step "
+                                                   "compiles (start-up cost logged in train.log)"})
     joint_linear_probe: bool = True
     num_classes: int = _f(0, 0, help="0 = number of classes found in the dataset")
     log_every: int = _f(20, 1, help="steps between log lines; the only host syncs of the loop")
