@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import copy
 from pathlib import Path
 
 import numpy as np
