@@ -27,8 +27,8 @@ Semantics follow the torchvision/PIL reference (src/data/transforms.py:10-111):
   with strong factors (measured with torchvision's ops). On the GPU the slots' conditionals made the
   pipeline 4.4x slower (bench/README.md), hence the fixed default.
 - grayscale: ITU-R 601 luma in 3 channels. Blur: sigma ~ U(blur_sigma), a window of
-  2*ceil(3*sigma)+1 taps per sample. Solarize: v >= threshold -> 255 - v (a per-sample threshold,
-  256 when not drawn).
+  2*ceil(3*sigma)+1 taps per sample. Solarize: v >= threshold -> 255 - v (on the GPU a per-sample
+  threshold, 256 when not drawn; on the CPU a per-sample conditional, which costs less there).
 Blur keeps a per-sample conditional (unselected samples skip it: on the CPU that beat an identity
 kernel on every sample), as do the colour ops of the random-order chain; an op with p == 0 is not in
 the graph and one with p == 1 has no conditional.
@@ -383,11 +383,14 @@ def group_chain(images, shape, views: list[ViewSpec], aug: Augment, *, channels_
     if not _is_identity(params):  # nothing to apply: stay uint8
         seq = colour_pass(seq, **params)
 
+    # One operator splits the sequence into its frames (a subscript per frame cost 5x the CPU time)
+    split = fn.element_extract(seq, element_map=list(range(n)))
+    split = [split] if isinstance(split, DataNode) else split
     outs, records = [], []
     for i, view in enumerate(views):
         record = dict(windows[i])
         record.update({k: v[i] if isinstance(v, DataNode) else v for k, v in frames.items()})
-        out, rec = _finish(seq[i], view, aug, record, channels_last=channels_last, dtype=dtype)
+        out, rec = _finish(split[i], view, aug, record, channels_last=channels_last, dtype=dtype)
         outs.append(out)
         records.append(rec)
     return outs, records
