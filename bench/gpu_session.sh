@@ -144,7 +144,7 @@ step_compare() {  # DALI gpu vs torchvision (all cores), end to end, side by sid
       --steps $((3 * CORES)) --warmup $CORES $(J compare-train-dino_$(stem $R18))
 }
 
-step_tune() {  # the fastest threads / prefetch / hardware-decoder share for the GPU pipeline
+step_tune() {  # the fastest threads / pipelines / prefetch / hardware-decoder share for the GPU pipeline
   run 300 $S tune $R18 --device gpu $M --steps 20 --warmup 8 $(J tune-dali-gpu-dino_$(stem $R18))
 }
 
@@ -164,7 +164,7 @@ pipeline         1.5  yes  DALI GPU pipeline alone: ResNet18, ViT-Tiny (+ R18 al
 compare          3    yes  ResNet18 end to end: dali:gpu vs torchvision:cpu (all cores), one compare
 train            2    yes  end to end + model ceiling, eager: ResNet18, MobileNetV2, ViT-Tiny
 train-compiled   5    yes  the same with train.compile=true (compile ~60 s per model)
-tune             2    yes  bench tune, ResNet18 GPU pipeline: threads, prefetch, hw decoder share
+tune             2    yes  bench tune, ResNet18 GPU pipeline: threads, pipelines, prefetch, hw decoder share
 profile          1.5  yes  bench pipeline --profile-ops, ResNet18 GPU graph
 demo             4    yes  sslight demo (make demo's GPU branch)
 torchvision      3    -    end to end with torchvision, all cores: MobileNetV2, ViT-Tiny

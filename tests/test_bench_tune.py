@@ -22,11 +22,11 @@ FAST = ["--batch-size", "4", "--warmup", "1", "--steps", "1", "--repeats", "2", 
 
 
 def slow_when(monkeypatch, seconds):
-    """Each batch costs seconds(threads, prefetch) more: a known ranking of the settings."""
+    """Each batch costs seconds(threads, prefetch, pipelines) more: a known ranking of the settings."""
     real = runs.endless
 
     def batches(loader):
-        delay = seconds(loader.num_threads, loader.prefetch)
+        delay = seconds(loader.num_threads, loader.prefetch, getattr(loader, "pipelines", 1))
         for batch in real(loader):
             time.sleep(delay)
             yield batch
@@ -42,40 +42,45 @@ def tune(tmp_path, capsys, *extra, data):
 
 
 def test_tune_records_every_candidate_and_prints_the_argmax(tmp_path, capsys, data, monkeypatch):
-    # threads=2 and prefetch=1 are each faster; the config starts at threads=1 (flag), prefetch=2.
-    slow_when(monkeypatch, lambda threads, prefetch: 0.3 * (threads == 1) + 0.15 * (prefetch == 2))
+    # threads=2, pipelines=2 and prefetch=1 are each faster; the config starts at threads=1 (flag),
+    # pipelines=1, prefetch=2.
+    slow_when(monkeypatch, lambda threads, prefetch, pipelines:
+              0.3 * (threads == 1) + 0.15 * (prefetch == 2) + 0.15 * (pipelines == 1))
     code, out, printed = tune(tmp_path, capsys, "--threads", "1", "--candidates", "threads=1,2",
                               "--candidates", "prefetch=1,2", data=data)
     assert code == 0, printed.err
     result = json.loads(out.read_text())
     t, recs = result["tune"], result["runs"]
-    # Round 1 from the start (1, 2): threads 1 and 2; round 2 at threads=2: prefetch 1 and 2 (2 already measured).
-    assert [r["tune_setting"] for r in recs] == [{"threads": 1, "prefetch": 2}, {"threads": 2, "prefetch": 2},
-                                                 {"threads": 2, "prefetch": 1}]
+    # Round 1 from the start (1, 1, 2): threads 1 and 2; round 2 at threads=2: pipelines 1 (measured) and
+    # 2; round 3 at threads=2, pipelines=2: prefetch 1 and 2 (2 already measured).
+    assert [r["tune_setting"] for r in recs] == [
+        {"threads": 1, "pipelines": 1, "prefetch": 2}, {"threads": 2, "pipelines": 1, "prefetch": 2},
+        {"threads": 2, "pipelines": 2, "prefetch": 2}, {"threads": 2, "pipelines": 2, "prefetch": 1}]
     for r in recs:  # each setting was the one run, and is a full bench record
         assert r["bench"] == "pipeline" and len(r["per_repeat"]) == 2
         assert r["resolved_config"]["data"]["num_threads"] == r["tune_setting"]["threads"]
         assert r["resolved_config"]["data"]["prefetch"] == r["tune_setting"]["prefetch"]
+        assert r["resolved_config"]["data"]["pipelines"] == r["tune_setting"]["pipelines"]
     for rnd in t["rounds"]:  # every candidate of every round points at a recorded run with its median
         assert [e["value"] for e in rnd["candidates"]] == [1, 2]
         for e in rnd["candidates"]:
             assert e["images_per_sec"] == recs[e["run"]]["images_per_sec"]
             assert recs[e["run"]]["tune_setting"][rnd["knob"]] == e["value"]
     best = max(recs, key=lambda r: r["images_per_sec"])
-    assert best["tune_setting"] == {"threads": 2, "prefetch": 1}  # the known answer
+    assert best["tune_setting"] == {"threads": 2, "pipelines": 2, "prefetch": 1}  # the known answer
     assert t["best"] == best["tune_setting"] and t["best_images_per_sec"] == best["images_per_sec"]
     assert t["start_images_per_sec"] == recs[0]["images_per_sec"]
     assert (tmp_path / "tune.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert t["skipped_knobs"].keys() == {"hw_decoder_load"}  # no GPU here: skipped, and said so
     assert "data.hw_decoder_load" in printed.out and "skipped" in printed.out
     line = [ln for ln in printed.out.splitlines() if ln.startswith("data.num_threads=")][-1]
-    assert line.split() == t["best_overrides"] == ["data.num_threads=2", "data.prefetch=1"]
+    assert line.split() == t["best_overrides"] == ["data.num_threads=2", "data.pipelines=2", "data.prefetch=1"]
     # The printed line is what a user pastes: `sslight config show` loads it.
     assert cli_main(["config", "show", CONFIG, *line.split()]) == 0
     shown = capsys.readouterr().out
     cfg = load_config(CONFIG, line.split())
-    assert (cfg.data.num_threads, cfg.data.prefetch) == (2, 1)
-    assert "num_threads: 2" in shown and "prefetch: 1" in shown
+    assert (cfg.data.num_threads, cfg.data.pipelines, cfg.data.prefetch) == (2, 2, 1)
+    assert "num_threads: 2" in shown and "pipelines: 2" in shown and "prefetch: 1" in shown
 
 
 def test_tune_budget_and_batch_size_caveat(tmp_path, capsys, data):

@@ -75,6 +75,8 @@ RESUME_CASES = {
     "dino-resnet18": ("dino/resnet18_sslight", []),
     "swav-resnet18-queue": ("swav/resnet18_sslight", ["swav.epoch_queue_starts=0", "swav.queue_length=8"]),
     "moco-resnet18": ("moco/resnet18_sslight", []),
+    # two loader pipelines taking turns (4 steps each per epoch): step 6 is pipeline 1's turn
+    "dino-resnet18-2pipelines": ("dino/resnet18_sslight", ["data.pipelines=2", "data.num_threads=2"]),
 }
 
 

@@ -17,10 +17,11 @@ from .runs import flag_overrides, release_memory, run_one
 from .timing import BenchError
 
 # knob -> (config key, type). The order of DEFAULT_KNOBS is the order they are tuned in: threads
-# first (the biggest lever on the CPU), then the queue depth, then the decoder split.
-KNOBS = {"threads": ("data.num_threads", int), "prefetch": ("data.prefetch", int),
+# first (the biggest lever on the CPU), then how many pipelines share them, the queue depth, the
+# decoder split.
+KNOBS = {"threads": ("data.num_threads", int), "pipelines": ("data.pipelines", int), "prefetch": ("data.prefetch", int),
          "hw_decoder_load": ("data.hw_decoder_load", float), "batch_size": ("train.batch_size", int)}
-DEFAULT_KNOBS = ("threads", "prefetch", "hw_decoder_load")
+DEFAULT_KNOBS = ("threads", "pipelines", "prefetch", "hw_decoder_load")
 RULE = "highest median images/sec over --repeats timed runs; one knob at a time, the others at their best so far"
 BATCH_CAVEAT = ("train.batch_size changes the optimisation, not only the speed: the peak LR scales with it "
                 "(optim.base_lr is per 256 images), and the steps per epoch and batch statistics change; "
@@ -80,6 +81,8 @@ def default_candidates(knob: str, start, cores: int) -> list:
         values = {cores} | {2 ** i for i in range(cores.bit_length()) if 2 ** i < cores}
     elif knob == "prefetch":
         values = {1, 2, 4}
+    elif knob == "pipelines":  # more than data.num_threads is refused (and recorded as a failed candidate)
+        values = {1, 2}
     elif knob == "hw_decoder_load":
         values = {0.0, 0.65, 0.9, 1.0}
     else:
@@ -91,6 +94,8 @@ def skip_reason(knob: str, backend: str, device: str) -> str | None:
     """Why a knob does nothing for this backend/device (the knob is then skipped and the output says so)."""
     if knob == "prefetch" and backend != "dali":
         return "data.prefetch is DALI's queue depth; the torchvision loader does not use it"
+    if knob == "pipelines" and backend != "dali":
+        return "data.pipelines counts DALI pipelines; the torchvision loader does not use it"
     if knob == "hw_decoder_load":
         if backend != "dali" or device != "gpu":
             return "no hardware JPEG decoding: it needs the DALI pipeline on a GPU (data.device=gpu)"
@@ -102,7 +107,7 @@ def skip_reason(knob: str, backend: str, device: str) -> str | None:
 
 
 def label(setting: dict) -> str:
-    short = {"threads": "thr", "prefetch": "pf", "hw_decoder_load": "hw", "batch_size": "bs"}
+    short = {"threads": "thr", "pipelines": "pl", "prefetch": "pf", "hw_decoder_load": "hw", "batch_size": "bs"}
     return " ".join(f"{short[k]}={v}" for k, v in setting.items())
 
 
@@ -117,7 +122,7 @@ def run_tune(args) -> dict:
     knobs, given = parse_knobs(args)
     cfg = load_config(args.config, list(args.overrides) + flag_overrides(args))
     backend, device = cfg.data.backend, resolve_device(cfg.data.device)
-    values = {"threads": cfg.data.num_threads, "prefetch": cfg.data.prefetch,
+    values = {"threads": cfg.data.num_threads, "pipelines": cfg.data.pipelines, "prefetch": cfg.data.prefetch,
               "hw_decoder_load": cfg.data.hw_decoder_load, "batch_size": cfg.train.batch_size}
     cores = len(os.sched_getaffinity(0))
     skipped = {k: r for k in knobs if (r := skip_reason(k, backend, device))}

@@ -63,7 +63,8 @@ def build_train_loader(cfg: Config, rank: int = 0, world_size: int = 1, channels
                            classes=samples.classes, **common)
     return _dali_loaders().DaliTrainLoader(samples, recipe, debug=debug, hw_decoder_load=cfg.data.hw_decoder_load, drop_last=drop_last,
                            batch_size=batch_size, device=device, num_threads=cfg.data.num_threads,
-                           prefetch=cfg.data.prefetch, seed=cfg.train.seed, **common)
+                           prefetch=cfg.data.prefetch, seed=cfg.train.seed,
+                           pipelines=cfg.data.pipelines if drop_last else 1, **common)
 
 
 class _FirstView:

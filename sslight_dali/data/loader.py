@@ -18,6 +18,15 @@ too. Labels are those of `Samples`, parsed from the `.cls` members by sources.py
 Resume: the pipeline is built with DALI checkpointing; `state_dict()` stores the checkpoint of the
 iterator (which accounts for batches already prefetched) plus the epoch and step, and
 `load_state_dict()` rebuilds the pipeline from it, so the next batch is bit-identical.
+
+Several pipelines per process (`pipelines` > 1, training only): DALI runs its CPU operators one at a
+time, each split over the pipeline's threads, so threads wait for each other at every operator. k
+pipelines with num_threads/k threads each, taking turns batch by batch, keep the cores busy instead
+(2 x 1 thread vs 1 x 2 threads on the 2-core dev machine: +5-9% images/s, bench/README.md). Pipeline j
+of rank r reads shard r*k + j of world*k (contiguous ranges of the same permutation, padded to equal
+length), so an epoch still reads every sample once; step s comes from pipeline s % k, each pipeline
+has its own augmentation seed and its own checkpoint, and resume stays exact. An epoch has
+k * (shard // batch) steps, a batch or so fewer than with one pipeline.
 """
 from __future__ import annotations
 
@@ -46,7 +55,7 @@ class _DaliLoader(LoaderPosition):
 
     def __init__(self, samples: Samples, batch_size: int, device: str, rank: int, world_size: int,
                  channels_last: bool, dtype: torch.dtype, num_threads: int, prefetch: int, seed: int,
-                 shuffle: bool, drop_last: bool):
+                 shuffle: bool, drop_last: bool, pipelines: int = 1):
         self.samples, self.batch_size, self.device = samples, batch_size, device
         self.rank, self.world_size, self.channels_last, self.dtype = rank, world_size, channels_last, dtype
         self.num_threads, self.prefetch, self.seed = num_threads, prefetch, seed
@@ -54,15 +63,26 @@ class _DaliLoader(LoaderPosition):
         self.classes = samples.classes
         self.num_classes = len(samples.classes)
         self.num_samples = len(samples)
-        shard = -(-self.num_samples // world_size)  # padded shard length, the same on every rank
+        if pipelines > 1 and not drop_last:
+            raise ValueError("several DALI pipelines need drop_last (every pipeline runs the same number of steps)")
+        if pipelines > num_threads:
+            raise DataError(f"data.pipelines={pipelines} needs at least as many data.num_threads (got {num_threads}): "
+                            "each pipeline has num_threads/pipelines threads")
+        self.pipelines = pipelines
+        shard = -(-self.num_samples // (world_size * pipelines))  # padded shard length, the same everywhere
         if drop_last and shard < batch_size:
+            if pipelines > 1:
+                raise DataError(f"{self.num_samples} images over {world_size} process(es) x data.pipelines={pipelines} "
+                                f"give {shard} per pipeline, fewer than one batch (train.batch_size={batch_size}): "
+                                "use data.pipelines=1, lower train.batch_size or add images")
             raise DataError(too_few_samples(self.num_samples, world_size, batch_size, samples.root))
-        self.steps_per_epoch = shard // batch_size if drop_last else -(-self._own_shard_len() // batch_size)
+        self.steps_per_epoch = (pipelines * (shard // batch_size) if drop_last
+                                else -(-self._own_shard_len() // batch_size))
         self._torch_device = torch.device("cuda", torch.cuda.current_device()) if device == "gpu" else torch.device("cpu")
         self._labels = torch.tensor(samples.labels, dtype=torch.int64, device=self._torch_device)
         self._wds = self._webdataset_index() if samples.members is not None else None
         self._next_epoch, self._step = 0, 0
-        self._it = self._build(checkpoint=None)
+        self._its = self._build(checkpoints=None)
 
     # -- subclasses define the graph ---------------------------------------------------------
     def _pipeline(self, reader: ReaderSpec, **pipe_kwargs):
@@ -82,8 +102,10 @@ class _DaliLoader(LoaderPosition):
         weakref.finalize(self, shutil.rmtree, out, ignore_errors=True)
         return write_wds_index(self.samples, out)
 
-    def _reader(self) -> ReaderSpec:
-        shard = dict(shard_id=self.rank, num_shards=self.world_size, shuffle=self.shuffle, seed=self.seed)
+    def _reader(self, j: int = 0) -> ReaderSpec:
+        """Pipeline j's reader: shard rank * pipelines + j of world_size * pipelines."""
+        shard = dict(shard_id=self.rank * self.pipelines + j, num_shards=self.world_size * self.pipelines,
+                     shuffle=self.shuffle, seed=self.seed)
         if self._wds is not None:
             tars, index_files = self._wds.tars, self._wds.index_files
             if self.shuffle:  # epoch 0 order; DALI reshuffles the tars from epoch 1 on
@@ -96,30 +118,45 @@ class _DaliLoader(LoaderPosition):
             order = np.random.default_rng(self.seed).permutation(self.num_samples)
         return ReaderSpec(files=[self.samples.files[i] for i in order], indices=order.tolist(), **shard)
 
-    def _build(self, checkpoint: str | None):
-        pipe = self._pipeline(
-            self._reader(), batch_size=self.batch_size, num_threads=self.num_threads,
-            device_id=self._torch_device.index if self.device == "gpu" else None,
-            seed=mix_seed(self.seed, self.rank), prefetch_queue_depth=self.prefetch,
-            checkpoint=checkpoint)
+    def _build(self, checkpoints: list[str] | None) -> list[DALIGenericIterator]:
+        """One iterator per pipeline (see the module docstring); with one pipeline the seed is the
+        rank's, as it always was."""
+        k = self.pipelines
         policy = LastBatchPolicy.DROP if self.drop_last else LastBatchPolicy.PARTIAL
-        return DALIGenericIterator(pipe, self._output_map(), reader_name=READER, last_batch_policy=policy,
-                                   auto_reset=False, prepare_first_batch=False)
+        its = []
+        for j in range(k):
+            pipe = self._pipeline(
+                self._reader(j), batch_size=self.batch_size, num_threads=max(1, self.num_threads // k),
+                device_id=self._torch_device.index if self.device == "gpu" else None,
+                seed=mix_seed(self.seed, self.rank * k + j), prefetch_queue_depth=self.prefetch,
+                checkpoint=None if checkpoints is None else checkpoints[j])
+            its.append(DALIGenericIterator(pipe, self._output_map(), reader_name=READER, last_batch_policy=policy,
+                                           auto_reset=False, prepare_first_batch=False))
+        return its
 
     def _batches(self, epoch: int):
         if epoch != self._next_epoch:
             log.warning("loader asked for epoch %d but its reader is at epoch %d; the sample order is that "
                         "of reader epoch %d (restore a state_dict for exact resume)", epoch, self._next_epoch,
                         self._next_epoch)
-        steps = 0
+        steps, its = 0, self._its
         try:
-            for out in self._it:
+            while True:
+                try:
+                    out = next(its[self._step % len(its)])  # the pipelines take turns
+                except StopIteration:
+                    break
                 steps += 1
                 self._step += 1
                 yield out[0]
+            # Every pipeline has the same number of batches: the others end here too.
+            uneven = [next(it, None) is not None for it in its[1:]]
         except RuntimeError as e:  # the pipeline is dead after an operator error
             raise self._decode_error(e, epoch) from None
-        self._it.reset()
+        if any(uneven):
+            raise RuntimeError("the DALI pipelines of one loader ran different numbers of steps")
+        for it in its:
+            it.reset()
         expected = self.steps_per_epoch - (self._step - steps)
         if steps != expected:
             raise RuntimeError(f"DALI epoch ran {steps} steps, expected {expected}")
@@ -167,12 +204,19 @@ class _DaliLoader(LoaderPosition):
         return self._labels[idx], idx
 
     def state_dict(self) -> dict:
-        """Exact position: the DALI checkpoint (reader + RNG states, prefetch accounted for) and counters."""
-        return {"dali": self._it.checkpoints()[0], **self._position()}
+        """Exact position: the DALI checkpoint of every pipeline (reader + RNG states, prefetch accounted
+        for) and counters. One pipeline keeps the single-string form of earlier checkpoints."""
+        ckpts = [it.checkpoints()[0] for it in self._its]
+        return {"dali": ckpts[0] if len(ckpts) == 1 else ckpts, "pipelines": len(ckpts), **self._position()}
 
     def load_state_dict(self, state: dict) -> None:
+        saved = state.get("pipelines", 1)
+        if saved != self.pipelines:
+            raise DataError(f"the loader state was saved with data.pipelines={saved} and this run has "
+                            f"{self.pipelines}: resume with data.pipelines={saved}")
         self._restore_position(state)
-        self._it = self._build(checkpoint=state["dali"])
+        ckpts = state["dali"]
+        self._its = self._build(checkpoints=list(ckpts) if isinstance(ckpts, list) else [ckpts])
 
 
 class DaliTrainLoader(_DaliLoader):
