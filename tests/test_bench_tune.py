@@ -142,3 +142,16 @@ def test_tune_train_with_torchvision_skips_prefetch(tmp_path, capsys, data):
     assert [r["bench"] for r in result["runs"]] == ["train"]  # end to end, the model figure beside it
     assert "ratio_to_model" in result["runs"][0] and result["runs"][0]["backend"] == "torchvision"
     assert t["best_overrides"] == ["data.num_threads=1"]
+
+
+def test_a_pipeline_count_that_does_not_fit_is_recorded_not_fatal(tmp_path, capsys, data):
+    # One thread: data.pipelines=2 cannot run (each pipeline needs a thread). The tune records it as
+    # failed, measures pipelines=1 and ends normally.
+    code, out, printed = tune(tmp_path, capsys, "--threads", "1", "--knobs", "pipelines", data=data)
+    assert code == 0, printed.err
+    t = json.loads(out.read_text())["tune"]
+    (rnd,) = t["rounds"]
+    status = {e["value"]: e["status"] for e in rnd["candidates"]}
+    assert status == {1: "measured", 2: "failed"} and t["failed"] == 1
+    assert "needs data.num_threads >= 2" in rnd["candidates"][1]["error"]
+    assert t["best"] == {"pipelines": 1}

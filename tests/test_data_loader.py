@@ -139,9 +139,14 @@ def test_eval_dali_matches_torchvision_pixels(make_cfg):
     assert (a[0] - b[0]).abs().mean(dim=(1, 2, 3)).max() < 0.01
 
 
-def test_linear_probe_loader(make_cfg):
-    loader = build_eval_loader(make_cfg(), split="train", train_augment=True, batch_size=10)
+@pytest.mark.parametrize("extra", [[], ["data.pipelines=2"]])
+def test_linear_probe_loader(make_cfg, extra):
+    # data.pipelines is for pre-training: the probe keeps one pipeline, every labelled image each epoch
+    loader = build_eval_loader(make_cfg(*extra), split="train", train_augment=True, batch_size=10)
     batches = list(loader.epoch(0))
     assert len(batches) == loader.steps_per_epoch == 4  # no drop-last: 10+10+10+2
     assert sorted(torch.cat([b[2] for b in batches]).tolist()) == list(range(32))
     assert batches[0][0].shape == (10, 3, 32, 32)
+    # with drop-last (several processes, or semi's lone last image): 32 // 10 = 3 batches, not 2 x (16 // 10)
+    dropping = build_eval_loader(make_cfg(*extra), split="train", train_augment=True, batch_size=10, drop_last=True)
+    assert dropping.steps_per_epoch == len(list(dropping.epoch(0))) == 3

@@ -89,3 +89,29 @@ def test_too_few_samples_per_pipeline_and_too_few_threads(make_cfg):
         build_train_loader(make_cfg("data.pipelines=2", "train.batch_size=20"))
     with pytest.raises(DataError, match="data.pipelines=2 needs at least as many data.num_threads"):
         build_train_loader(make_cfg("data.pipelines=2", "data.num_threads=1"))
+
+
+@pytest.mark.parametrize("pipelines,world_size", [(1, 2), (2, 1), (2, 2)])
+def test_uneven_shards_run_the_steps_they_promise(make_cfg, tmp_path, pipelines, world_size):
+    # 31 images, batch 8: shards of 15 and 16 (or 7 and 8) images. DALI runs every shard for the
+    # shortest one's full batches; steps_per_epoch said ceil(31 / 2) // 8 = 2 where DALI ran 1, and the
+    # epoch ended in "DALI epoch ran 1 steps, expected 2" (with one pipeline too, over 2 processes).
+    from sslight_dali.synth import synth_dataset
+    synth_dataset(tmp_path, classes=1, per_class=31, val_per_class=1, seed=0, min_side=40, max_side=48)
+    cfg = make_cfg(f"data.pipelines={pipelines}", "train.batch_size=8" if world_size * pipelines == 2 else
+                   "train.batch_size=3", root=tmp_path)
+    for rank in range(world_size):
+        loader = build_train_loader(cfg, rank=rank, world_size=world_size)
+        shards = world_size * pipelines
+        assert loader.steps_per_epoch == pipelines * (31 // shards // cfg.train.batch_size)
+        for e in range(2):
+            assert len(_epoch(loader, e)) == loader.steps_per_epoch
+
+
+def test_a_loader_state_from_another_graph_is_one_line(make_cfg):
+    # A checkpoint written by another version (its graph had other operators: here the random-order
+    # chain's) cannot restore DALI's operator states; the error says so in one line.
+    state = build_train_loader(make_cfg("recipe.augment.jitter_order=random")).state_dict()
+    with pytest.raises(DataError, match="does not fit this version's view-sampling graph") as e:
+        build_train_loader(make_cfg()).load_state_dict(state)
+    assert "\n" not in str(e.value)

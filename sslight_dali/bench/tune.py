@@ -81,7 +81,7 @@ def default_candidates(knob: str, start, cores: int) -> list:
         values = {cores} | {2 ** i for i in range(cores.bit_length()) if 2 ** i < cores}
     elif knob == "prefetch":
         values = {1, 2, 4}
-    elif knob == "pipelines":  # more than data.num_threads is refused (and recorded as a failed candidate)
+    elif knob == "pipelines":  # more than data.num_threads, or too few images each: recorded as failed
         values = {1, 2}
     elif knob == "hw_decoder_load":
         values = {0.0, 0.65, 0.9, 1.0}
@@ -160,8 +160,18 @@ def run_tune(args) -> dict:
             else:
                 print(f"tune: {knob}: {label(setting)}", file=sys.stderr)
                 try:
+                    pipes, threads = (setting.get(k, values[k]) for k in ("pipelines", "threads"))
+                    if pipes > threads:
+                        raise RuntimeError(f"data.pipelines={pipes} needs data.num_threads >= {pipes} "
+                                           "(each pipeline has num_threads/pipelines)")
                     rec = run_one(args, as_overrides(setting), label=label(setting), kind=args.bench)
-                except (BenchError, DataError):  # bad input: stop, one line
+                except DataError as e:
+                    if knob != "pipelines":  # bad input: stop, one line
+                        raise
+                    # too few images per pipeline: this candidate does not fit, the others may
+                    entry.update(status="failed", error=str(e).splitlines()[0][:300])
+                    print(f"tune: {label(setting)} failed: {entry['error']}", file=sys.stderr)
+                except BenchError:  # bad input: stop, one line
                     raise
                 except RuntimeError as e:  # e.g. out of GPU memory at a large batch: recorded, the search goes on
                     entry.update(status="failed", error=(str(e).strip() or type(e).__name__).splitlines()[0][:300])

@@ -105,6 +105,9 @@ def build_eval_loader(cfg: Config, split: str = "val", rank: int = 0, world_size
     if train_augment:
         probe_cfg = copy.deepcopy(cfg)
         probe_cfg.data.train_split = split_name
+        # data.pipelines is for pre-training: several pipelines drop up to a batch per pipeline per
+        # epoch, which a labelled subset cannot spare
+        probe_cfg.data.pipelines = 1
         return _FirstView(build_train_loader(probe_cfg, rank, world_size, channels_last, dtype,
                                              recipe=linear_probe_recipe(cfg.recipe, cfg.eval.crop),
                                              batch_size=batch_size, drop_last=drop_last, samples=samples))

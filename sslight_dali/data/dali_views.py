@@ -79,7 +79,7 @@ def _read(spec: ReaderSpec):
     jpegs, index = fn.readers.file(
         files=spec.files, labels=spec.indices, name=READER, shard_id=spec.shard_id,
         num_shards=spec.num_shards, shuffle_after_epoch=spec.shuffle, seed=spec.seed,
-        pad_last_batch=True)  # shards of equal length: every rank runs the same number of steps
+        pad_last_batch=True)  # with drop_last every shard then runs the same number of full batches
     return jpegs, index
 
 

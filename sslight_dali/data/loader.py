@@ -3,8 +3,9 @@
 Epochs: the file reader reshuffles the whole dataset after every epoch with a seed shared by all
 ranks, and each rank reads its own contiguous shard of that permutation, so every sample is seen once
 per epoch across ranks. The list handed to the reader is pre-shuffled with the same seed because the
-reader's own shuffle only starts after epoch 0. Shards are padded to equal length (`pad_last_batch`)
-and the last partial batch is dropped, so every rank runs exactly `steps_per_epoch` steps.
+reader's own shuffle only starts after epoch 0. Shard lengths differ by at most one sample; with
+drop_last every shard runs the full batches of the shortest (n // shards // batch), so every rank runs
+exactly `steps_per_epoch` steps.
 
 WebDataset: DALI's webdataset reader reads the tars in order; the tar order is reshuffled every epoch
 (pre-shuffled for epoch 0) and each rank shuffles within a buffer of samples, so the order is less
@@ -23,10 +24,10 @@ Several pipelines per process (`pipelines` > 1, training only): DALI runs its CP
 time, each split over the pipeline's threads, so threads wait for each other at every operator. k
 pipelines with num_threads/k threads each, taking turns batch by batch, keep the cores busy instead
 (2 x 1 thread vs 1 x 2 threads on the 2-core dev machine: +5-9% images/s, bench/README.md). Pipeline j
-of rank r reads shard r*k + j of world*k (contiguous ranges of the same permutation, padded to equal
-length), so an epoch still reads every sample once; step s comes from pipeline s % k, each pipeline
+of rank r reads shard r*k + j of world*k (contiguous ranges of the same permutation), so an epoch
+still reads every sample at most once; step s comes from pipeline s % k, each pipeline
 has its own augmentation seed and its own checkpoint, and resume stays exact. An epoch has
-k * (shard // batch) steps, a batch or so fewer than with one pipeline.
+k * (n // (world*k) // batch) steps, a batch or so fewer than with one pipeline.
 """
 from __future__ import annotations
 
@@ -69,7 +70,9 @@ class _DaliLoader(LoaderPosition):
             raise DataError(f"data.pipelines={pipelines} needs at least as many data.num_threads (got {num_threads}): "
                             "each pipeline has num_threads/pipelines threads")
         self.pipelines = pipelines
-        shard = -(-self.num_samples // (world_size * pipelines))  # padded shard length, the same everywhere
+        # Shards differ in length by at most one sample; with drop_last DALI runs every shard for the
+        # shortest shard's full batches (floor), so every rank and pipeline runs the same number of steps.
+        shard = self.num_samples // (world_size * pipelines)
         if drop_last and shard < batch_size:
             if pipelines > 1:
                 raise DataError(f"{self.num_samples} images over {world_size} process(es) x data.pipelines={pipelines} "
@@ -216,7 +219,13 @@ class _DaliLoader(LoaderPosition):
                             f"{self.pipelines}: resume with data.pipelines={saved}")
         self._restore_position(state)
         ckpts = state["dali"]
-        self._its = self._build(checkpoints=list(ckpts) if isinstance(ckpts, list) else [ckpts])
+        try:
+            self._its = self._build(checkpoints=list(ckpts) if isinstance(ckpts, list) else [ckpts])
+        except RuntimeError as e:  # DALI matches a checkpoint to the graph's operators by name
+            reason = next((ln.strip() for ln in str(e).splitlines() if "recogni" in ln), type(e).__name__)
+            raise DataError("the checkpoint's DALI loader state does not fit this version's view-sampling graph "
+                            f"({reason}): it was written by another sslight-dali version; resume with that "
+                            "version, or start a new train.output_dir") from None
 
 
 class DaliTrainLoader(_DaliLoader):
