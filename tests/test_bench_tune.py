@@ -153,5 +153,5 @@ def test_a_pipeline_count_that_does_not_fit_is_recorded_not_fatal(tmp_path, caps
     (rnd,) = t["rounds"]
     status = {e["value"]: e["status"] for e in rnd["candidates"]}
     assert status == {1: "measured", 2: "failed"} and t["failed"] == 1
-    assert "needs data.num_threads >= 2" in rnd["candidates"][1]["error"]
+    assert "data.pipelines=2 needs at least as many data.num_threads" in rnd["candidates"][1]["error"]
     assert t["best"] == {"pipelines": 1}

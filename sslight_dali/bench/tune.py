@@ -117,7 +117,7 @@ def as_overrides(setting: dict) -> list[str]:
 
 def run_tune(args) -> dict:
     from ..config import load_config
-    from ..data import DataError
+    from ..data import DataError, PipelinesDoNotFit
     from ..data.base import resolve_device
     knobs, given = parse_knobs(args)
     cfg = load_config(args.config, list(args.overrides) + flag_overrides(args))
@@ -160,18 +160,11 @@ def run_tune(args) -> dict:
             else:
                 print(f"tune: {knob}: {label(setting)}", file=sys.stderr)
                 try:
-                    pipes, threads = (setting.get(k, values[k]) for k in ("pipelines", "threads"))
-                    if pipes > threads:
-                        raise RuntimeError(f"data.pipelines={pipes} needs data.num_threads >= {pipes} "
-                                           "(each pipeline has num_threads/pipelines)")
                     rec = run_one(args, as_overrides(setting), label=label(setting), kind=args.bench)
-                except DataError as e:
-                    if knob != "pipelines":  # bad input: stop, one line
-                        raise
-                    # too few images per pipeline: this candidate does not fit, the others may
-                    entry.update(status="failed", error=str(e).splitlines()[0][:300])
+                except PipelinesDoNotFit as e:  # too many pipelines for the threads or the images: this
+                    entry.update(status="failed", error=str(e))  # setting only, the others may fit
                     print(f"tune: {label(setting)} failed: {entry['error']}", file=sys.stderr)
-                except BenchError:  # bad input: stop, one line
+                except (BenchError, DataError):  # bad input: stop, one line
                     raise
                 except RuntimeError as e:  # e.g. out of GPU memory at a large batch: recorded, the search goes on
                     entry.update(status="failed", error=(str(e).strip() or type(e).__name__).splitlines()[0][:300])

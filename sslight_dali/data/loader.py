@@ -46,7 +46,7 @@ from .dali_views import READER, ReaderSpec, eval_pipeline, train_pipeline
 # load_split, resolve_device and verify_cache_dir are backend-neutral (base.py); they are imported
 # here too so that `from sslight_dali.data.loader import load_split` keeps working.
 from .base import LoaderPosition, load_split, mix_seed, resolve_device, too_few_samples, verify_cache_dir  # noqa: F401
-from .sources import DataError, Samples, find_bad_samples, write_wds_index
+from .sources import DataError, PipelinesDoNotFit, Samples, find_bad_samples, write_wds_index
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class _DaliLoader(LoaderPosition):
         if pipelines > 1 and not drop_last:
             raise ValueError("several DALI pipelines need drop_last (every pipeline runs the same number of steps)")
         if pipelines > num_threads:
-            raise DataError(f"data.pipelines={pipelines} needs at least as many data.num_threads (got {num_threads}): "
+            raise PipelinesDoNotFit(f"data.pipelines={pipelines} needs at least as many data.num_threads (got {num_threads}): "
                             "each pipeline has num_threads/pipelines threads")
         self.pipelines = pipelines
         # Shards differ in length by at most one sample; with drop_last DALI runs every shard for the
@@ -75,7 +75,7 @@ class _DaliLoader(LoaderPosition):
         shard = self.num_samples // (world_size * pipelines)
         if drop_last and shard < batch_size:
             if pipelines > 1:
-                raise DataError(f"{self.num_samples} images over {world_size} process(es) x data.pipelines={pipelines} "
+                raise PipelinesDoNotFit(f"{self.num_samples} images over {world_size} process(es) x data.pipelines={pipelines} "
                                 f"give {shard} per pipeline, fewer than one batch (train.batch_size={batch_size}): "
                                 "use data.pipelines=1, lower train.batch_size or add images")
             raise DataError(too_few_samples(self.num_samples, world_size, batch_size, samples.root))
@@ -129,7 +129,7 @@ class _DaliLoader(LoaderPosition):
         its = []
         for j in range(k):
             pipe = self._pipeline(
-                self._reader(j), batch_size=self.batch_size, num_threads=max(1, self.num_threads // k),
+                self._reader(j), batch_size=self.batch_size, num_threads=self.num_threads // k,
                 device_id=self._torch_device.index if self.device == "gpu" else None,
                 seed=mix_seed(self.seed, self.rank * k + j), prefetch_queue_depth=self.prefetch,
                 checkpoint=None if checkpoints is None else checkpoints[j])

@@ -29,6 +29,11 @@ class DataError(RuntimeError):
     """A split, a file or a sample is missing or unreadable; the message names it."""
 
 
+class PipelinesDoNotFit(DataError):
+    """data.pipelines does not fit the threads or the images (`sslight bench tune` records such a
+    candidate as failed and goes on)."""
+
+
 @dataclass
 class Samples:
     """One split: `files[i]` (a path, or `shard.tar:key.jpg` for WebDataset) has label `labels[i]`."""
