@@ -1,8 +1,12 @@
-"""The DINO-SSLight DALI graph, counted from the built pipeline's serialized definition."""
+"""The DALI graphs, read from the pipelines' serialized definitions: operator counts, and the GPU graph's
+placement checked without a GPU."""
 from collections import Counter
+from pathlib import Path
+
+import pytest
 
 from sslight_dali.config import load_config
-from sslight_dali.data.dali_views import ReaderSpec, train_pipeline
+from sslight_dali.data.dali_views import ReaderSpec, eval_pipeline, train_pipeline
 
 CONFIG = "configs/dino/resnet18_sslight.yaml"
 # Operator instances in the graph before the view chain was rewritten: 328 (fixed jitter order,
@@ -42,15 +46,40 @@ def _fields(buf: bytes):
         yield field, value
 
 
+def _io(buf: bytes) -> tuple[str, str, bool]:
+    """An InputOutput message: 1 name, 2 device, 3 is an argument input."""
+    f = dict(_fields(buf))
+    return f[1].decode(), f[2].decode(), bool(f.get(3, 0))
+
+
+def op_defs(pipe) -> list[tuple[str, str, list, list]]:
+    """(schema name, device, inputs, outputs) per operator instance. DALI's PipelineDef keeps its
+    operators in field 5 (OpDef: 1 schema name, 2 inputs, 3 outputs, 4 arguments, among them
+    "device") and the pipeline's outputs in field 7."""
+    ops = []
+    for field, op in _fields(pipe.serialize()):
+        if field != 5:
+            continue
+        parts = list(_fields(op))
+        args = [dict(_fields(a)) for f, a in parts if f == 4]
+        device = next(a[5].decode() for a in args if a[1] == b"device")
+        ops.append((dict(parts)[1].decode(), device, [_io(a) for f, a in parts if f == 2],
+                    [_io(a) for f, a in parts if f == 3]))
+    return ops
+
+
 def op_names(pipe) -> list[str]:
-    """Operator schema names, one per instance: DALI's PipelineDef keeps its operators in field 5
-    (OpDef), whose field 1 is the schema name."""
-    return [dict(_fields(op))[1].decode() for field, op in _fields(pipe.serialize()) if field == 5]
+    """Operator schema names, one per instance."""
+    return [name for name, _, _, _ in op_defs(pipe)]
 
 
-def _pipe(*overrides, debug=False):
+def pipe_outputs(pipe) -> list[tuple[str, str, bool]]:
+    return [_io(v) for field, v in _fields(pipe.serialize()) if field == 7]
+
+
+def _pipe(*overrides, debug=False, device="cpu"):
     cfg = load_config(CONFIG, list(overrides))
-    return train_pipeline(ReaderSpec(files=["unused.jpg"], indices=[0]), cfg.recipe, "cpu", True, 0.0, debug,
+    return train_pipeline(ReaderSpec(files=["unused.jpg"], indices=[0]), cfg.recipe, device, True, 0.0, debug,
                           batch_size=2, num_threads=1, device_id=None)
 
 
@@ -117,3 +146,73 @@ def test_views_are_what_their_records_say(make_cfg):
             assert errs[v] < 2.0 and errs[v] == min(errs), (b, v, recs[v], errs)
             flags.add((recs[v]["jitter"], recs[v]["gray"]))
     assert flags == {(0.0, 0.0), (0.0, 1.0), (1.0, 0.0), (1.0, 1.0)}  # every combination was checked
+
+
+# --- the GPU graph, checked without a GPU ------------------------------------------------------------
+# DALI defines and serializes a graph with GPU operators on a machine without CUDA (device_id=None);
+# only building it needs the GPU. Defining it already applies DALI's data-flow rules (GPU data only
+# into regular inputs of GPU operators: serialize() raises otherwise, naming the operator); what it
+# does not check until the build is that each operator has an implementation for its device. So
+# every recipe's GPU graph is checked here, before a GPU ever runs it.
+RECIPES = sorted(p.stem for p in Path("pipelines").glob("*.yaml"))
+
+
+def unplaceable(pipe) -> list[str]:
+    """Operators placed on a device DALI has no implementation for."""
+    from nvidia.dali import backend
+    registered = {"cpu": set(backend.RegisteredCPUOps()), "gpu": set(backend.RegisteredGPUOps()),
+                  "mixed": set(backend.RegisteredMixedOps())}
+    return [f"{name} ({device})" for name, device, _, _ in op_defs(pipe) if name not in registered[device]]
+
+
+def _image_ops(pipe) -> Counter:
+    """The named pixel operators (fed, through any chain, by the decoder), by name and device. Not
+    brightness_contrast: on the GPU the contrast blend is arithmetic (its centre, the mean luma, is
+    GPU data and cannot be an argument input)."""
+    named = {"decoders__Image", "Resize", "Hsv", "GaussianBlur", "CropMirrorNormalize", "Stack", "ElementExtract",
+             "reductions__Mean", "Brightness", "Saturation", "Hue"}
+    pixels, found = set(), Counter()
+    for name, device, inputs, outputs in op_defs(pipe):  # serialized in topological order
+        if name == "decoders__Image" or any(inp in pixels for inp, _, arg in inputs if not arg):
+            pixels.update(out for out, _, _ in outputs)
+            found[name, device] += name in named
+    return +found
+
+
+@pytest.mark.parametrize("order", ["fixed", "random"])
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_gpu_graph_is_placeable(recipe, order):
+    overrides = (f"data.recipe={recipe}", f"recipe.augment.jitter_order={order}")
+    for debug in (False, True):
+        gpu = _pipe(*overrides, debug=debug, device="gpu")
+        assert unplaceable(gpu) == [], (recipe, order, debug)
+        outputs = pipe_outputs(gpu)
+        n_views = len(load_config(CONFIG, list(overrides)).recipe.views())
+        assert [dev for _, dev, _ in outputs[:n_views]] == ["gpu"] * n_views
+        # The GPU graph does the CPU graph's pixel work, every op of it on the GPU after a mixed decoder.
+        cpu_ops = _image_ops(_pipe(*overrides, debug=debug))
+        expected = Counter({(name, "mixed" if name == "decoders__Image" else "gpu"): n
+                            for (name, _), n in cpu_ops.items()})
+        assert _image_ops(gpu) == expected
+
+
+def test_gpu_eval_graph_is_placeable():
+    pipe = eval_pipeline(ReaderSpec(files=["unused.jpg"], indices=[0], shuffle=False), 256, 224,
+                         (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "gpu", True, 0.65,
+                         batch_size=2, num_threads=1, device_id=None)
+    assert unplaceable(pipe) == []
+    assert _image_ops(pipe) == Counter({("decoders__Image", "mixed"): 1, ("Resize", "gpu"): 1,
+                                        ("CropMirrorNormalize", "gpu"): 1})
+    assert [dev for _, dev, _ in pipe_outputs(pipe)] == ["gpu", "cpu"]
+
+
+def test_unplaceable_finds_an_operator_without_a_gpu_implementation():
+    # Defined and serialized without complaint; the build on a GPU would refuse it.
+    from nvidia.dali import fn, pipeline_def
+
+    @pipeline_def(batch_size=2, num_threads=1, device_id=None)
+    def shapes_on_the_gpu():
+        jpegs, _ = fn.readers.file(files=["unused.jpg"])
+        return fn.peek_image_shape(jpegs.gpu(), device="gpu")
+
+    assert unplaceable(shapes_on_the_gpu()) == ["PeekImageShape (gpu)"]
