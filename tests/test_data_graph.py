@@ -196,14 +196,21 @@ def test_gpu_graph_is_placeable(recipe, order):
         assert _image_ops(gpu) == expected
 
 
-def test_gpu_eval_graph_is_placeable():
-    pipe = eval_pipeline(ReaderSpec(files=["unused.jpg"], indices=[0], shuffle=False), 256, 224,
-                         (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "gpu", True, 0.65,
+READERS = {"files": ReaderSpec(files=["unused.jpg"], indices=[0]),
+           "webdataset": ReaderSpec(files=["unused.tar"], indices=[], index_files=["unused.idx"], source_info_len=32)}
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_gpu_eval_graph_and_readers_are_placeable(reader):
+    pipe = eval_pipeline(READERS[reader], 256, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "gpu", True, 0.65,
                          batch_size=2, num_threads=1, device_id=None)
     assert unplaceable(pipe) == []
     assert _image_ops(pipe) == Counter({("decoders__Image", "mixed"): 1, ("Resize", "gpu"): 1,
                                         ("CropMirrorNormalize", "gpu"): 1})
     assert [dev for _, dev, _ in pipe_outputs(pipe)] == ["gpu", "cpu"]
+    train = train_pipeline(READERS[reader], load_config(CONFIG).recipe, "gpu", True, 0.65,
+                           batch_size=2, num_threads=1, device_id=None)
+    assert unplaceable(train) == [] and [dev for _, dev, _ in pipe_outputs(train)] == ["gpu"] * 8 + ["cpu"]
 
 
 def test_unplaceable_finds_an_operator_without_a_gpu_implementation():
