@@ -183,7 +183,8 @@ def _image_ops(pipe) -> Counter:
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_gpu_graph_is_placeable(recipe, order):
     overrides = (f"data.recipe={recipe}", f"recipe.augment.jitter_order={order}")
-    for debug in (False, True):
+    # Debug records too for the default (fixed) order; the random order's graph takes ~2 s to define.
+    for debug in (False, True) if order == "fixed" else (False,):
         gpu = _pipe(*overrides, debug=debug, device="gpu")
         assert unplaceable(gpu) == [], (recipe, order, debug)
         outputs = pipe_outputs(gpu)
