@@ -46,3 +46,13 @@ def build_backbone(name: str, drop_path_rate: float = 0.0) -> nn.Module:
         reference_conv_bn_init_(model)
     return model
 
+
+
+def sync_batchnorm(model: nn.Module) -> nn.Module:
+    """Every BatchNorm layer as a SyncBatchNorm (statistics over all processes; CUDA-only in PyTorch).
+    timm's converter, not torch's: timm's MobileNetV2 keeps the ReLU6 inside its BN layers
+    (BatchNormAct2d calls its `act` child in forward), and torch's converter swaps them for plain
+    SyncBatchNorm layers that never call it, silently dropping every activation after a BN. timm's
+    gives SyncBatchNormAct (a SyncBatchNorm subclass), with the same state_dict keys."""
+    from timm.layers import convert_sync_batchnorm
+    return convert_sync_batchnorm(model)

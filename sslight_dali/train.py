@@ -24,6 +24,7 @@ from . import checkpoint as ckpt
 from .config import Config, dump_config, save_config, to_dict
 from .knn import knn_evaluate
 from .logger import RunLogger, StepTimer, setup_logging, timed_batches
+from .models import sync_batchnorm
 from .optim import OPTIMIZER_SCHEDULES, clip_gradients_
 # What decides around the loop (run directory, resume, synthetic data) is in run_policy.py; process
 # and device set-up in runtime.py (both shared with bench, evaluation and the demo).
@@ -116,7 +117,7 @@ class Trainer:
         if world > 1 and cfg.model.sync_bn and is_convnet(cfg) and self.device.type == "cuda":
             # BN statistics over the global batch, as the reference (one BN pass per crop-size group).
             # PyTorch's SyncBatchNorm is CUDA-only: gloo/CPU runs keep per-process BN statistics.
-            self.method = nn.SyncBatchNorm.convert_sync_batchnorm(self.method)
+            self.method = sync_batchnorm(self.method)
         if self.channels_last:
             self.method = self.method.to(memory_format=torch.channels_last)
         if cfg.train.compile:

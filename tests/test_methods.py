@@ -16,7 +16,7 @@ from torch import nn
 from sslight_dali.config import load_config
 from sslight_dali.methods import build_method
 from sslight_dali.methods.swav import distributed_sinkhorn
-from sslight_dali.models import build_backbone
+from sslight_dali.models import build_backbone, sync_batchnorm
 from sslight_dali.optim import build_optimizer, build_schedules
 
 B = 4
@@ -271,3 +271,24 @@ def test_bf16_autocast_channels_last_keeps_losses_fp32(config):
     for name in ("center", "queue"):
         if hasattr(m, name):
             assert getattr(m, name).dtype == torch.float32
+
+
+@pytest.mark.parametrize("name", ["mobilenetv2_100", "resnet18"])
+def test_sync_batchnorm_keeps_every_layer_and_its_activation(name):
+    # Multi-GPU runs convert BN to SyncBatchNorm. In eval mode (running statistics, no process group)
+    # a SyncBatchNorm computes what the BN it replaced did, so the converted network must give the same
+    # features with the same keys. torch's own converter fails this on MobileNetV2 (its ReLU6s live
+    # inside timm's BatchNormAct2d and are dropped).
+    torch.manual_seed(0)
+    model = build_backbone(name)
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(8, 3, 64, 64) * 2 + 0.5)  # running statistics away from (0, 1)
+    model.eval()
+    x = torch.randn(2, 3, 64, 64)
+    synced = sync_batchnorm(copy.deepcopy(model)).eval()
+    n_bn = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    assert sum(isinstance(m, nn.SyncBatchNorm) for m in synced.modules()) == n_bn > 0
+    assert synced.state_dict().keys() == model.state_dict().keys()
+    with torch.no_grad():
+        torch.testing.assert_close(synced(x), model(x))

@@ -25,6 +25,7 @@ from torch import nn
 from .. import checkpoint as ckpt
 from ..config import ConfigError
 from ..methods.common import trunc_normal_init_
+from ..models import sync_batchnorm
 from .common import EpochLoop, epoch_lrs, finish, setup, summarize, write_json
 
 log = logging.getLogger("sslight")
@@ -192,7 +193,7 @@ def main(args) -> int:
         epochs = sc.epochs or (EPOCHS[1] if percent <= 5 else EPOCHS[10])
         model = build_model(run.pre, len(full.classes), sc.use_head).to(run.device)
         if run.world > 1 and cfg.model.sync_bn and run.device.type == "cuda":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # CUDA-only in PyTorch
+            model = sync_batchnorm(model)  # CUDA-only in PyTorch
         if run.channels_last:
             model = model.to(memory_format=torch.channels_last)
         common = dict(rank=run.rank, world_size=run.world, channels_last=run.channels_last, batch_size=sc.batch_size)
