@@ -89,3 +89,20 @@ def test_eval_views_equal_torchvision_per_image(png_root, crop, device):
         # side one pixel longer (rounded instead of truncated), are each far above the bound.
         shifted = torchvision_view(path, crop, shift=(1, 0) if SIZES[i][0] <= SIZES[i][1] else (0, 1))
         assert (shifted - ref).abs().mean().item() > 3 * BOUND
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_eval_view_of_an_exif_rotated_jpeg(tmp_path, device):
+    # EXIF orientation 6 (rotate 90) on a 75x130 (H x W) JPEG: both backends ignore the tag, so the
+    # resize target comes from the stored shape. A shape read with the orientation applied (130x75)
+    # resizes to the transposed size, a distorted view far from torchvision's.
+    for split in ("train", "val"):
+        (tmp_path / split / "a").mkdir(parents=True)
+    Image.fromarray(textured(64, 64, 99)).save(tmp_path / "train" / "a" / "0.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "val" / "a" / "0.jpg"
+    Image.fromarray(textured(75, 130, 7)).save(path, exif=exif.tobytes(), quality=100)
+    view = dali_eval(tmp_path, 56, device)[0]
+    mae = (view - torchvision_view(path, 56)).abs().mean().item()
+    assert mae < BOUND, f"MAE {mae:.2f} grey levels against torchvision"

@@ -453,7 +453,7 @@ def eval_pipeline(reader: ReaderSpec, resize: int, crop: int, mean, std, device:
     and crop anchor per sample (bicubic, antialiased)."""
     jpegs, index = _read(reader)
     images = _decode(jpegs, device, hw_decoder_load)
-    shape = fn.cast(fn.peek_image_shape(jpegs), dtype=types.INT64)  # H, W, C on the CPU
+    shape = fn.cast(_shape(jpegs), dtype=types.INT64)  # H, W, C as decoded (EXIF ignored), on the CPU
     hw = _resize_shorter_like_torchvision(shape, resize)
     images = fn.resize(images, size=hw, interp_type=types.INTERP_CUBIC, antialias=True, dtype=types.UINT8)
     side = fn.cast(hw, dtype=types.INT64)
