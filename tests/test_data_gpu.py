@@ -47,3 +47,19 @@ def test_gpu_resume_and_eval(make_cfg):
     assert torch.equal(got[2], expected[2]) and all(torch.equal(a, b) for a, b in zip(got[0], expected[0]))
     images, labels, index = next(iter(build_eval_loader(cfg)))
     assert images.is_cuda and images.shape[1:] == (3, 32, 32)
+
+
+@pytest.mark.parametrize("backend", ["dali", "torchvision"])
+def test_a_batch_arrives_without_waiting_for_the_gpu(make_cfg, backend):
+    # Nothing in a loader's next() may wait for the GPU: a blocking copy there (of the labels, once)
+    # made every step wait for the previous step's kernels, and the bench counted that as data wait.
+    loader = build_train_loader(make_cfg("data.device=gpu", f"data.backend={backend}"))
+    it = loader.epoch(0)
+    next(it)
+    torch.cuda.set_sync_debug_mode("error")  # any synchronizing CUDA call in torch raises
+    try:
+        views, labels, index = next(it)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert views[0].is_cuda and labels.is_cuda and index.is_cuda and torch.equal(labels, index // 8)

@@ -22,6 +22,20 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def torch_device(device: str) -> torch.device:
+    """The torch device of a resolved data.device: this process's current GPU, or the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if device == "gpu" else torch.device("cpu")
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on `device` without waiting for the GPU. A copy from pageable memory first waits
+    for all the work queued on the GPU (the training step just launched), so every step would stall
+    the host; from pinned memory the copy is queued like a kernel."""
+    if device.type != "cuda":
+        return t
+    return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
+
+
 def verify_cache_dir(cfg) -> str:
     """data.verify_cache resolved: auto = $XDG_CACHE_HOME/sslight-dali/verified (~/.cache/...)."""
     if cfg.data.verify_cache != "auto":

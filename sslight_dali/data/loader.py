@@ -45,7 +45,8 @@ from ..config import Recipe
 from .dali_views import READER, ReaderSpec, eval_pipeline, train_pipeline
 # load_split, resolve_device and verify_cache_dir are backend-neutral (base.py); they are imported
 # here too so that `from sslight_dali.data.loader import load_split` keeps working.
-from .base import LoaderPosition, load_split, mix_seed, resolve_device, too_few_samples, verify_cache_dir  # noqa: F401
+from .base import (LoaderPosition, load_split, mix_seed, resolve_device, to_device, too_few_samples,  # noqa: F401
+                   torch_device, verify_cache_dir)
 from .sources import DataError, PipelinesDoNotFit, Samples, find_bad_samples, write_wds_index
 
 log = logging.getLogger(__name__)
@@ -81,8 +82,8 @@ class _DaliLoader(LoaderPosition):
             raise DataError(too_few_samples(self.num_samples, world_size, batch_size, samples.root))
         self.steps_per_epoch = (pipelines * (shard // batch_size) if drop_last
                                 else -(-self._own_shard_len() // batch_size))
-        self._torch_device = torch.device("cuda", torch.cuda.current_device()) if device == "gpu" else torch.device("cpu")
-        self._labels = torch.tensor(samples.labels, dtype=torch.int64, device=self._torch_device)
+        self._torch_device = torch_device(device)
+        self._labels = torch.tensor(samples.labels, dtype=torch.int64)  # looked up on the CPU, beside the index
         self._wds = self._webdataset_index() if samples.members is not None else None
         self._next_epoch, self._step = 0, 0
         self._its = self._build(checkpoints=None)
@@ -203,8 +204,9 @@ class _DaliLoader(LoaderPosition):
                             "'<tar>:<offset>:<member>' as listed in our index files") from None
 
     def _index_and_labels(self, idx: torch.Tensor):
-        idx = self._sample_index(idx).to(self._labels.device)
-        return self._labels[idx], idx
+        idx = self._sample_index(idx)  # the reader's output lives on the CPU
+        both = to_device(torch.stack([self._labels[idx], idx]), self._torch_device)
+        return both[0], both[1]
 
     def state_dict(self) -> dict:
         """Exact position: the DALI checkpoint of every pipeline (reader + RNG states, prefetch accounted

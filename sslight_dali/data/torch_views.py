@@ -23,7 +23,7 @@ from PIL import Image
 
 from ..augment import OPS
 from ..config import Augment, Recipe, ViewSpec
-from .base import LoaderPosition, mix_seed, too_few_samples
+from .base import LoaderPosition, mix_seed, to_device, too_few_samples, torch_device
 from .sources import DataError, Samples
 
 log = logging.getLogger(__name__)
@@ -166,12 +166,12 @@ class TorchLoader(LoaderPosition):
         if drop_last and n < batch_size:
             raise DataError(too_few_samples(len(dataset), world_size, batch_size, dataset.samples.root))
         self.steps_per_epoch = n // batch_size if drop_last else -(-n // batch_size)
-        self._torch_device = torch.device("cuda", torch.cuda.current_device()) if device == "gpu" else torch.device("cpu")
+        self._torch_device = torch_device(device)
         self._next_epoch, self._step = 0, 0
 
     def _to(self, t: torch.Tensor) -> torch.Tensor:
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        return t.to(self._torch_device, non_blocking=True).to(dtype=self.dtype, memory_format=fmt)
+        return to_device(t, self._torch_device).to(dtype=self.dtype, memory_format=fmt)
 
     def _dataloader(self) -> torch.utils.data.DataLoader:
         # Built once with persistent workers: restarting them every epoch cost more than half the
@@ -199,7 +199,7 @@ class TorchLoader(LoaderPosition):
     def epoch(self, epoch: int):
         for x, labels, index in self._batches(epoch):
             x = [self._to(v) for v in x] if isinstance(x, list) else self._to(x)
-            yield x, labels.to(self._torch_device), index.to(self._torch_device)
+            yield x, to_device(labels, self._torch_device), to_device(index, self._torch_device)
 
     def state_dict(self) -> dict:
         return self._position()
