@@ -41,8 +41,8 @@ def world_size() -> int:
 
 
 def torch_device(kind: str) -> torch.device:
-    """'gpu' (or 'cuda') -> the current CUDA device; anything else -> the CPU."""
-    return torch.device("cuda") if kind in ("gpu", "cuda") else torch.device("cpu")
+    """'gpu' (or 'cuda') -> this process's current CUDA device, with its index; anything else -> the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if kind in ("gpu", "cuda") else torch.device("cpu")
 
 
 def init_distributed(cfg) -> tuple[int, int, torch.device]:

@@ -22,11 +22,6 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def torch_device(device: str) -> torch.device:
-    """The torch device of a resolved data.device: this process's current GPU, or the CPU."""
-    return torch.device("cuda", torch.cuda.current_device()) if device == "gpu" else torch.device("cpu")
-
-
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A CPU tensor on `device` without waiting for the GPU. A copy from pageable memory first waits
     for all the work queued on the GPU (the training step just launched), so every step would stall

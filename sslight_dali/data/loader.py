@@ -42,11 +42,12 @@ from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from ..config import Recipe
+from ..runtime import torch_device
 from .dali_views import READER, ReaderSpec, eval_pipeline, train_pipeline
 # load_split, resolve_device and verify_cache_dir are backend-neutral (base.py); they are imported
 # here too so that `from sslight_dali.data.loader import load_split` keeps working.
 from .base import (LoaderPosition, load_split, mix_seed, resolve_device, to_device, too_few_samples,  # noqa: F401
-                   torch_device, verify_cache_dir)
+                   verify_cache_dir)
 from .sources import DataError, PipelinesDoNotFit, Samples, find_bad_samples, write_wds_index
 
 log = logging.getLogger(__name__)

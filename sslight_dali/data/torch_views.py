@@ -23,7 +23,8 @@ from PIL import Image
 
 from ..augment import OPS
 from ..config import Augment, Recipe, ViewSpec
-from .base import LoaderPosition, mix_seed, to_device, too_few_samples, torch_device
+from ..runtime import torch_device
+from .base import LoaderPosition, mix_seed, to_device, too_few_samples
 from .sources import DataError, Samples
 
 log = logging.getLogger(__name__)
