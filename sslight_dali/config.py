@@ -175,7 +175,8 @@ class TrainCfg:
     reference_world_size: int = _f(0, 0, help="if > 0, scale LR as if the global batch were "
                                    "batch_size * this (reproduce 8-GPU schedules on fewer GPUs)")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = field(
-        default="auto", metadata={"help": "auto = bf16 on GPU, fp32 on CPU (the reference trains fp32)"})
+        default="auto", metadata={"help": "auto = bf16 on GPU, fp32 on CPU (bf16 with data.dtype=bfloat16); "
+                                  "the reference trains fp32"})
     channels_last: bool = True
     compile: bool = field(default=False, metadata={"help": "torch.compile each backbone + head; the first step "
                                                    "compiles (start-up cost logged in train.log)"})
@@ -608,6 +609,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("recipe.augment.mean/std: expected 3 values each")
     if cfg.optim.name == "adamw" and len(cfg.optim.betas) != 2:
         raise ConfigError("optim.betas: expected two values")
+    if cfg.data.dtype == "bfloat16" and cfg.train.precision == "fp32":
+        raise ConfigError("data.dtype=bfloat16 needs train.precision=bf16, fp16 or auto (an fp32 network refuses "
+                          "bfloat16 images): set data.dtype=float32 or change train.precision")
 
 
 class _Dumper(yaml.SafeDumper):

@@ -85,10 +85,11 @@ def prepare_process(seed: int, device: torch.device) -> None:
 
 
 def resolve_precision(cfg, device: torch.device) -> str:
-    """train.precision with 'auto' resolved: bf16 on a GPU, fp32 on the CPU."""
+    """train.precision with 'auto' resolved: bf16 on a GPU; on the CPU fp32, or bf16 when the images
+    are bfloat16 (an fp32 network's first layer refuses them; validate() refuses an explicit fp32)."""
     p = cfg.train.precision
     if p == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
+        return "bf16" if device.type == "cuda" or cfg.data.dtype == "bfloat16" else "fp32"
     return p
 
 

@@ -4,7 +4,7 @@ import torch
 
 from sslight_dali.config import Config, ConfigError, from_dict, load_config, to_dict
 from sslight_dali.files import atomic_write
-from sslight_dali.runtime import autocast_dtype, torch_dtype
+from sslight_dali.runtime import autocast_dtype, resolve_precision, torch_dtype
 
 CONFIG = "configs/dino/resnet18_sslight.yaml"
 
@@ -27,6 +27,17 @@ def test_one_dtype_map_for_precisions_and_data_dtypes():
     assert torch_dtype(torch.float16) is torch.float16
     assert (autocast_dtype("fp32"), autocast_dtype("bf16"), autocast_dtype("fp16")) == \
         (None, torch.bfloat16, torch.float16)
+
+
+def test_bfloat16_images_need_a_mixed_precision_run():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    bf16 = ["data.dtype=bfloat16"]
+    assert resolve_precision(load_config(CONFIG), cpu) == "fp32"
+    assert resolve_precision(load_config(CONFIG), gpu) == "bf16"
+    assert resolve_precision(load_config(CONFIG, bf16), cpu) == "bf16"  # auto follows the images on the CPU
+    assert resolve_precision(load_config(CONFIG, bf16 + ["train.precision=fp16"]), gpu) == "fp16"
+    with pytest.raises(ConfigError, match=r"data.dtype=bfloat16 needs train.precision=bf16, fp16 or auto"):
+        load_config(CONFIG, bf16 + ["train.precision=fp32"])
 
 
 def test_atomic_write_replaces_whole_file_or_leaves_old_one(tmp_path):
