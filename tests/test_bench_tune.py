@@ -155,3 +155,18 @@ def test_a_pipeline_count_that_does_not_fit_is_recorded_not_fatal(tmp_path, caps
     assert status == {1: "measured", 2: "failed"} and t["failed"] == 1
     assert "data.pipelines=2 needs at least as many data.num_threads" in rnd["candidates"][1]["error"]
     assert t["best"] == {"pipelines": 1}
+
+
+@pytest.mark.parametrize("gpu, probe, skipped", [
+    ("NVIDIA H100 80GB HBM3", True, False), ("NVIDIA H100 80GB HBM3", None, False),  # by name when not asked
+    ("NVIDIA H100 80GB HBM3", False, True),  # e.g. Docker without the video capability
+    ("NVIDIA L4", True, False),  # the probe decides over the list of names
+    ("NVIDIA L4", None, True)])
+def test_hw_decoder_knob_follows_the_nvjpeg_probe(monkeypatch, gpu, probe, skipped):
+    from sslight_dali.bench import environment, tune
+    monkeypatch.setattr(environment, "nvjpeg_hw_probe", lambda: {"available": probe, "status": None, "library": None})
+    monkeypatch.setattr(environment, "static_environment", lambda: {"gpu_name": gpu})
+    monkeypatch.setattr(tune, "static_environment", lambda: {"gpu_name": gpu})
+    reason = tune.skip_reason("hw_decoder_load", "dali", "gpu")
+    assert (reason is not None) == skipped, reason
+    assert tune.skip_reason("hw_decoder_load", "dali", "cpu") is not None

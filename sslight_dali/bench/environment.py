@@ -86,14 +86,24 @@ def _driver_cuda_version() -> str | None:
 def hw_decoder_info(cfg, result: dict) -> dict:
     """Whether this run's JPEGs went to the hardware decoder: DALI 'mixed' decoding (dali on gpu),
     hw_decoder_load > 0, and a GPU whose nvJPEG hardware backend opens."""
-    env = static_environment()
-    has_engine = bool(env["gpu_name"] and HW_JPEG_GPUS.search(env["gpu_name"]))
-    probe = nvjpeg_hw_probe()
     mixed = result["backend"] == "dali" and result["device"] == "gpu"
-    available = probe["available"] if probe["available"] is not None else has_engine
-    return {"hw_decoder_load": cfg.data.hw_decoder_load, "gpu_has_hw_jpeg_decoder": has_engine,
-            "nvjpeg_hw_backend": probe, "dali_mixed_decoder": mixed,
-            "hw_decoder_used": bool(mixed and cfg.data.hw_decoder_load > 0 and available)}
+    return {"hw_decoder_load": cfg.data.hw_decoder_load, "gpu_has_hw_jpeg_decoder": gpu_has_jpeg_engine(),
+            "nvjpeg_hw_backend": nvjpeg_hw_probe(), "dali_mixed_decoder": mixed,
+            "hw_decoder_used": bool(mixed and cfg.data.hw_decoder_load > 0 and hw_jpeg_decoder_available())}
+
+
+def gpu_has_jpeg_engine() -> bool:
+    """By name: the GPUs known to carry a hardware JPEG decoder."""
+    name = static_environment()["gpu_name"]
+    return bool(name and HW_JPEG_GPUS.search(name))
+
+
+def hw_jpeg_decoder_available() -> bool:
+    """Whether nvJPEG's hardware backend opens here; where it cannot be asked (no libnvjpeg found),
+    whether the GPU is one known to have the engine. The probe decides when it answers: it also
+    covers GPUs missing from the list, and Docker without the `video` capability."""
+    probe = nvjpeg_hw_probe()["available"]
+    return probe if probe is not None else gpu_has_jpeg_engine()
 
 
 _NVJPEG_PROBE: dict = {}

@@ -12,7 +12,7 @@ import os
 import sys
 import time
 
-from .environment import HW_JPEG_GPUS, nvjpeg_hw_probe, static_environment
+from .environment import hw_jpeg_decoder_available, nvjpeg_hw_probe, static_environment
 from .runs import flag_overrides, release_memory, run_one
 from .timing import BenchError
 
@@ -99,10 +99,9 @@ def skip_reason(knob: str, backend: str, device: str) -> str | None:
     if knob == "hw_decoder_load":
         if backend != "dali" or device != "gpu":
             return "no hardware JPEG decoding: it needs the DALI pipeline on a GPU (data.device=gpu)"
-        env = static_environment()
-        probe = nvjpeg_hw_probe()
-        if not (env["gpu_name"] and HW_JPEG_GPUS.search(env["gpu_name"])) or probe["available"] is False:
-            return f"no hardware JPEG decoder on this GPU ({env['gpu_name']}; nvJPEG hardware backend: {probe})"
+        if not hw_jpeg_decoder_available():
+            return (f"no hardware JPEG decoder on this GPU ({static_environment()['gpu_name']}; nvJPEG hardware "
+                    f"backend: {nvjpeg_hw_probe()})")
     return None
 
 
