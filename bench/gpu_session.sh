@@ -78,7 +78,7 @@ step_stage() {  # join and install the DALI wheels staged by ../shared/gpu/stage
   local have; have=$(ls /tmp/dali-parts | wc -l)
   echo "DALI parts here: $have of $parts ($(ls /tmp/dali-parts | tr '\n' ' '))"
   if [ "$have" -ge "$parts" ] && ! PYTHONPATH=/tmp/site $PY -c "import nvidia.dali" 2>/dev/null; then
-    rm -rf /tmp/dali && mkdir -p /tmp/dali
+    rm -rf /tmp/dali /tmp/site && mkdir -p /tmp/dali  # a failed earlier install leaves pip --target a partial tree
     cat /tmp/dali-parts/part-* | tar -xf - -C /tmp/dali \
       && $PY -m pip install -q --no-index --no-deps --target /tmp/site /tmp/dali/*.whl 2>&1 | tail -3
   fi
@@ -183,6 +183,7 @@ A session (30 min of device time, <= 10 min per call; the machine stays warm onl
              bash bench/gpu_session.sh stage torchvision     (first call: DALI not needed yet)
              bash bench/gpu_session.sh stage                 (calls 2-4; \`stage model\` if time allows)
              bash bench/gpu_session.sh stage call1           (last part: install, then the first group)
+             (stage-dali.sh says how many parts it made; if not 5, prefix each stage call with DALI_PARTS=n)
   call 6:    bash bench/gpu_session.sh call2
   call 7:    bash bench/gpu_session.sh call3
 Groups: $(echo "$CALLS" | tr '\n' ';' | sed 's/;$//; s/;/; /g')
