@@ -183,3 +183,31 @@ def test_two_process_swav_and_moco_resume_exactly_on_every_rank(tiny_data, tmp_p
         losses = [{r["step"]: r["loss"] for r in map(json.loads, open(tmp_path / method / run / "metrics.jsonl"))
                    if r["kind"] == "train"} for run in ("full", "split")]
         assert losses[0] == losses[1] and sorted(losses[0]) == list(range(1, 8))  # exactly, not approx
+
+
+# --- the file check at start -----------------------------------------------------------------------
+def _slow_check_worker(rank, world, port, data_root, out):
+    _join(rank, world, port)
+    import time
+
+    from sslight_dali.data import base
+    from sslight_dali.runtime import init_distributed
+    cfg = _cfg("dino", f"data.root={data_root}", "train.dist_timeout_s=10", "data.verify_cache=",
+               "data.skip_bad_files=true")
+    init_distributed(cfg)
+
+    def slow_check(samples, *args):  # rank 0's first check of a large data set: longer than the timeout
+        time.sleep(13)
+        return [(0, "planted: not an image")]
+    base.find_bad_samples_cached = slow_check
+    samples = base.load_split(cfg, "train")
+    torch.distributed.barrier()  # the training group is still healthy after the long wait
+    (Path(out) / f"n{rank}").write_text(str(len(samples.files)))
+    torch.distributed.destroy_process_group()
+
+
+def test_ranks_wait_for_a_file_check_longer_than_the_collective_timeout(tiny_data, tmp_path):
+    # train.dist_timeout_s bounds the collectives of training; the other ranks must still wait for rank
+    # 0's up-front file check however long it takes, and take its verdict (here one file excluded).
+    _spawn(_slow_check_worker, str(tiny_data), str(tmp_path))
+    assert (tmp_path / "n0").read_text() == (tmp_path / "n1").read_text() == str(32 - 1)

@@ -3,6 +3,7 @@ and the epoch/step position. Backend-neutral: nothing here (or in sources.py, to
 build.py) imports DALI, so the torchvision backend works where DALI is not installed."""
 from __future__ import annotations
 
+import datetime
 import os
 
 import torch
@@ -51,8 +52,14 @@ def load_split(cfg, split: str) -> Samples:
     check = lambda: find_bad_samples_cached(samples, cfg.data.num_threads, verify_cache_dir(cfg))  # noqa: E731
     if world_size() > 1:
         import torch.distributed as dist
+        # The others wait as long as rank 0 checks. A first check of a large data set on a slow file
+        # system can outlast train.dist_timeout_s, the bound on every other collective, so the verdict
+        # travels in a gloo group of its own without a practical time limit; a rank 0 that dies still
+        # ends the wait at once (its sockets close).
+        group = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=7))
         verdict = [check() if dist.get_rank() == 0 else None]
-        dist.broadcast_object_list(verdict, src=0)
+        dist.broadcast_object_list(verdict, src=0, group=group)
+        dist.destroy_process_group(group)
         bad = verdict[0]
     else:
         bad = check()
