@@ -47,7 +47,6 @@ def build_backbone(name: str, drop_path_rate: float = 0.0) -> nn.Module:
     return model
 
 
-
 def sync_batchnorm(model: nn.Module) -> nn.Module:
     """Every BatchNorm layer as a SyncBatchNorm (statistics over all processes; CUDA-only in PyTorch).
     timm's converter, not torch's: timm's MobileNetV2 keeps the ReLU6 inside its BN layers

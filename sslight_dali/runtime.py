@@ -71,6 +71,41 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
+def on_rank0(work, poll_s: float):
+    """work() run by rank 0 alone; its result, or its error, on every rank. The others wait however
+    long it takes, yet no collective outlasts the process group's timeout (train.dist_timeout_s, the
+    bound that stops a run whose rank died): while rank 0 works in a thread, every rank takes part in a
+    one-number all_reduce every `poll_s` seconds. A rank 0 that dies still stops the others after the
+    timeout, as in training."""
+    import pickle
+    import threading
+    rank, box, done = dist.get_rank(), [None, None], threading.Event()
+
+    def run():
+        try:
+            box[0] = work()
+        except Exception as e:  # sent to every rank; re-raised as is where it pickles
+            try:
+                pickle.dumps(e)
+                box[1] = e
+            except Exception:
+                box[1] = RuntimeError(f"rank 0: {type(e).__name__}: {e}")
+        finally:
+            done.set()
+    if rank == 0:
+        threading.Thread(target=run, name="on_rank0", daemon=True).start()
+    device = torch_device("gpu") if dist.get_backend() == "nccl" else None
+    while True:
+        flag = torch.tensor([1.0 if rank != 0 or done.wait(poll_s) else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        if flag.item() == 1.0:
+            break
+    dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        raise box[1]
+    return box[0]
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

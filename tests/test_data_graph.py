@@ -154,7 +154,8 @@ def test_views_are_what_their_records_say(make_cfg):
 # into regular inputs of GPU operators: serialize() raises otherwise, naming the operator); what it
 # does not check until the build is that each operator has an implementation for its device. So
 # every recipe's GPU graph is checked here, before a GPU ever runs it.
-RECIPES = sorted(p.stem for p in Path("pipelines").glob("*.yaml"))
+RECIPES = sorted(p.stem for p in (Path(__file__).parents[1] / "pipelines").glob("*.yaml"))
+assert len(RECIPES) == 6, RECIPES
 
 
 def unplaceable(pipe) -> list[str]:

@@ -203,11 +203,21 @@ def _slow_check_worker(rank, world, port, data_root, out):
     samples = base.load_split(cfg, "train")
     torch.distributed.barrier()  # the training group is still healthy after the long wait
     (Path(out) / f"n{rank}").write_text(str(len(samples.files)))
+
+    def failing_check(samples, *args):
+        raise base.DataError("planted: the data root vanished")
+    base.find_bad_samples_cached = failing_check
+    try:
+        base.load_split(cfg, "train")
+    except base.DataError as e:  # every rank stops with rank 0's error, none is left waiting
+        (Path(out) / f"err{rank}").write_text(str(e))
     torch.distributed.destroy_process_group()
 
 
 def test_ranks_wait_for_a_file_check_longer_than_the_collective_timeout(tiny_data, tmp_path):
     # train.dist_timeout_s bounds the collectives of training; the other ranks must still wait for rank
-    # 0's up-front file check however long it takes, and take its verdict (here one file excluded).
+    # 0's up-front file check however long it takes, and take its verdict (here one file excluded), or
+    # its error.
     _spawn(_slow_check_worker, str(tiny_data), str(tmp_path))
     assert (tmp_path / "n0").read_text() == (tmp_path / "n1").read_text() == str(32 - 1)
+    assert (tmp_path / "err0").read_text() == (tmp_path / "err1").read_text() == "planted: the data root vanished"

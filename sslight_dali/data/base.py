@@ -3,12 +3,11 @@ and the epoch/step position. Backend-neutral: nothing here (or in sources.py, to
 build.py) imports DALI, so the torchvision backend works where DALI is not installed."""
 from __future__ import annotations
 
-import datetime
 import os
 
 import torch
 
-from ..runtime import world_size
+from ..runtime import on_rank0, world_size
 from .sources import DataError, Samples, drop_bad_samples, find_bad_samples_cached, list_samples, set_pixel_limit
 
 
@@ -51,16 +50,9 @@ def load_split(cfg, split: str) -> Samples:
     samples = list_samples(cfg.data.root, split, cfg.data.format, check=False)
     check = lambda: find_bad_samples_cached(samples, cfg.data.num_threads, verify_cache_dir(cfg))  # noqa: E731
     if world_size() > 1:
-        import torch.distributed as dist
-        # The others wait as long as rank 0 checks. A first check of a large data set on a slow file
-        # system can outlast train.dist_timeout_s, the bound on every other collective, so the verdict
-        # travels in a gloo group of its own without a practical time limit; a rank 0 that dies still
-        # ends the wait at once (its sockets close).
-        group = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=7))
-        verdict = [check() if dist.get_rank() == 0 else None]
-        dist.broadcast_object_list(verdict, src=0, group=group)
-        dist.destroy_process_group(group)
-        bad = verdict[0]
+        # A first check of a large data set on a slow file system can outlast train.dist_timeout_s;
+        # the others wait for it however long it takes.
+        bad = on_rank0(check, poll_s=min(30.0, cfg.train.dist_timeout_s / 3))
     else:
         bad = check()
     return drop_bad_samples(samples, bad, cfg.data.skip_bad_files)

@@ -15,7 +15,7 @@ from torch import nn
 from ..config import setting
 from ..models import build_backbone
 from ..optim import cosine_schedule, group_of
-from ..runtime import is_distributed as dist_on, world_size  # noqa: F401 (world_size: methods use it)
+from ..runtime import is_distributed as dist_on, torch_device, world_size  # noqa: F401 (world_size: methods use it)
 
 
 # ------------------------------------------------------------------------------------------
@@ -34,7 +34,7 @@ def broadcast_from_rank0_(t: torch.Tensor) -> torch.Tensor:
     if not dist_on():
         return t
     # NCCL moves only CUDA tensors; methods are built on the CPU before `.to(device)`.
-    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else t.device
+    dev = torch_device("gpu") if dist.get_backend() == "nccl" else t.device
     buf = t.to(dev)
     dist.broadcast(buf, src=0)
     t.copy_(buf)
