@@ -52,29 +52,27 @@ def _io(buf: bytes) -> tuple[str, str, bool]:
     return f[1].decode(), f[2].decode(), bool(f.get(3, 0))
 
 
-def op_defs(pipe) -> list[tuple[str, str, list, list]]:
-    """(schema name, device, inputs, outputs) per operator instance. DALI's PipelineDef keeps its
-    operators in field 5 (OpDef: 1 schema name, 2 inputs, 3 outputs, 4 arguments, among them
-    "device") and the pipeline's outputs in field 7."""
-    ops = []
-    for field, op in _fields(pipe.serialize()):
+def graph(pipe) -> tuple[list[tuple[str, str, list, list]], list[tuple[str, str, bool]]]:
+    """(operators, pipeline outputs) from one serialization. DALI's PipelineDef keeps its operators in
+    field 5 (OpDef: 1 schema name, 2 inputs, 3 outputs, 4 arguments, among them "device"), each read
+    as (schema name, device, inputs, outputs), and the pipeline's outputs in field 7."""
+    ops, outputs = [], []
+    for field, value in _fields(pipe.serialize()):
+        if field == 7:
+            outputs.append(_io(value))
         if field != 5:
             continue
-        parts = list(_fields(op))
+        parts = list(_fields(value))
         args = [dict(_fields(a)) for f, a in parts if f == 4]
         device = next(a[5].decode() for a in args if a[1] == b"device")
         ops.append((dict(parts)[1].decode(), device, [_io(a) for f, a in parts if f == 2],
                     [_io(a) for f, a in parts if f == 3]))
-    return ops
+    return ops, outputs
 
 
 def op_names(pipe) -> list[str]:
     """Operator schema names, one per instance."""
-    return [name for name, _, _, _ in op_defs(pipe)]
-
-
-def pipe_outputs(pipe) -> list[tuple[str, str, bool]]:
-    return [_io(v) for field, v in _fields(pipe.serialize()) if field == 7]
+    return [name for name, _, _, _ in graph(pipe)[0]]
 
 
 def _pipe(*overrides, debug=False, device="cpu"):
@@ -158,22 +156,22 @@ RECIPES = sorted(p.stem for p in (Path(__file__).parents[1] / "pipelines").glob(
 assert len(RECIPES) == 6, RECIPES
 
 
-def unplaceable(pipe) -> list[str]:
+def unplaceable(ops) -> list[str]:
     """Operators placed on a device DALI has no implementation for."""
     from nvidia.dali import backend
     registered = {"cpu": set(backend.RegisteredCPUOps()), "gpu": set(backend.RegisteredGPUOps()),
                   "mixed": set(backend.RegisteredMixedOps())}
-    return [f"{name} ({device})" for name, device, _, _ in op_defs(pipe) if name not in registered[device]]
+    return [f"{name} ({device})" for name, device, _, _ in ops if name not in registered[device]]
 
 
-def _image_ops(pipe) -> Counter:
+def _image_ops(ops) -> Counter:
     """The named pixel operators (fed, through any chain, by the decoder), by name and device. Not
     brightness_contrast: on the GPU the contrast blend is arithmetic (its centre, the mean luma, is
     GPU data and cannot be an argument input)."""
     named = {"decoders__Image", "Resize", "Hsv", "GaussianBlur", "CropMirrorNormalize", "Stack", "ElementExtract",
              "reductions__Mean", "Brightness", "Saturation", "Hue"}
     pixels, found = set(), Counter()
-    for name, device, inputs, outputs in op_defs(pipe):  # serialized in topological order
+    for name, device, inputs, outputs in ops:  # serialized in topological order
         if name == "decoders__Image" or any(inp in pixels for inp, _, arg in inputs if not arg):
             pixels.update(out for out, _, _ in outputs)
             found[name, device] += name in named
@@ -186,16 +184,15 @@ def test_gpu_graph_is_placeable(recipe, order):
     overrides = (f"data.recipe={recipe}", f"recipe.augment.jitter_order={order}")
     # Debug records too for the default (fixed) order; the random order's graph takes ~2 s to define.
     for debug in (False, True) if order == "fixed" else (False,):
-        gpu = _pipe(*overrides, debug=debug, device="gpu")
-        assert unplaceable(gpu) == [], (recipe, order, debug)
-        outputs = pipe_outputs(gpu)
+        ops, outputs = graph(_pipe(*overrides, debug=debug, device="gpu"))
+        assert unplaceable(ops) == [], (recipe, order, debug)
         n_views = len(load_config(CONFIG, list(overrides)).recipe.views())
         assert [dev for _, dev, _ in outputs[:n_views]] == ["gpu"] * n_views
         # The GPU graph does the CPU graph's pixel work, every op of it on the GPU after a mixed decoder.
-        cpu_ops = _image_ops(_pipe(*overrides, debug=debug))
+        cpu_ops = _image_ops(graph(_pipe(*overrides, debug=debug))[0])
         expected = Counter({(name, "mixed" if name == "decoders__Image" else "gpu"): n
                             for (name, _), n in cpu_ops.items()})
-        assert _image_ops(gpu) == expected
+        assert _image_ops(ops) == expected
 
 
 READERS = {"files": ReaderSpec(files=["unused.jpg"], indices=[0]),
@@ -206,13 +203,15 @@ READERS = {"files": ReaderSpec(files=["unused.jpg"], indices=[0]),
 def test_gpu_eval_graph_and_readers_are_placeable(reader):
     pipe = eval_pipeline(READERS[reader], 256, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "gpu", True, 0.65,
                          batch_size=2, num_threads=1, device_id=None)
-    assert unplaceable(pipe) == []
-    assert _image_ops(pipe) == Counter({("decoders__Image", "mixed"): 1, ("Resize", "gpu"): 1,
-                                        ("CropMirrorNormalize", "gpu"): 1})
-    assert [dev for _, dev, _ in pipe_outputs(pipe)] == ["gpu", "cpu"]
+    ops, outputs = graph(pipe)
+    assert unplaceable(ops) == []
+    assert _image_ops(ops) == Counter({("decoders__Image", "mixed"): 1, ("Resize", "gpu"): 1,
+                                       ("CropMirrorNormalize", "gpu"): 1})
+    assert [dev for _, dev, _ in outputs] == ["gpu", "cpu"]
     train = train_pipeline(READERS[reader], load_config(CONFIG).recipe, "gpu", True, 0.65,
                            batch_size=2, num_threads=1, device_id=None)
-    assert unplaceable(train) == [] and [dev for _, dev, _ in pipe_outputs(train)] == ["gpu"] * 8 + ["cpu"]
+    ops, outputs = graph(train)
+    assert unplaceable(ops) == [] and [dev for _, dev, _ in outputs] == ["gpu"] * 8 + ["cpu"]
 
 
 def test_unplaceable_finds_an_operator_without_a_gpu_implementation():
@@ -224,4 +223,4 @@ def test_unplaceable_finds_an_operator_without_a_gpu_implementation():
         jpegs, _ = fn.readers.file(files=["unused.jpg"])
         return fn.peek_image_shape(jpegs.gpu(), device="gpu")
 
-    assert unplaceable(shapes_on_the_gpu()) == ["PeekImageShape (gpu)"]
+    assert unplaceable(graph(shapes_on_the_gpu())[0]) == ["PeekImageShape (gpu)"]
