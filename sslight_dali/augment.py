@@ -108,9 +108,6 @@ def _flip_torch(img, view, aug, rec):
     return F.hflip(img) if rec["flip"] else img
 
 
-ORDERS = list(itertools.permutations(range(4)))  # torchvision's randperm(4) space; jitter_order indexes it
-
-
 def _jitter_torch(img, view, aug, rec):
     """torchvision ColorJitter: the four ops in a random order (or the fixed one), each its own factor."""
     import torch
@@ -123,8 +120,10 @@ def _jitter_torch(img, view, aug, rec):
     order, b, c, s, h = T.ColorJitter.get_params(j.brightness, j.contrast, j.saturation, j.hue)
     if aug.jitter_order == "fixed":
         order = torch.arange(4)
+    # randperm(4) also places the ops that are off (factor None); the order that ran is the others'
+    ran = tuple(k for k in order.tolist() if k in jitter_ops(aug))
     rec.update(brightness=b, contrast=c, saturation=s, hue_deg=None if h is None else 360.0 * h,
-               jitter_order=ORDERS.index(tuple(order.tolist())))
+               jitter_order=jitter_orders(aug).index(ran))
     ops = {0: (F.adjust_brightness, b), 1: (F.adjust_contrast, c), 2: (F.adjust_saturation, s), 3: (F.adjust_hue, h)}
     for k in order.tolist():
         fn, factor = ops[k]
@@ -169,9 +168,11 @@ def jitter_ops(aug) -> list[int]:
 
 
 def jitter_orders(aug) -> list[tuple[int, ...]]:
-    """Every order of the enabled ops; a sample's `jitter_order` indexes this list. With all four
-    enabled this is torchvision's randperm(4) space, in lexicographic order. `jitter_order: fixed`
-    keeps only the identity order."""
+    """Every order of the enabled ops (amount > 0), lexicographic; a view record's `jitter_order` is
+    the index into this list of the order that ran, on both backends. With all four enabled these are
+    torchvision's 24 randperm(4) orders; an op that is off runs nowhere, so it has no place in an
+    order (torchvision's randperm still places it: its record drops it, and each of the n! orders of
+    the n enabled ops stays equally likely). `jitter_order: fixed` keeps only the identity order."""
     if aug.jitter_order == "fixed":
         return [tuple(jitter_ops(aug))]
     return list(itertools.permutations(jitter_ops(aug)))

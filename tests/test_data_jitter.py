@@ -3,9 +3,11 @@ import copy
 
 import numpy as np
 import pytest
+import torch
 import torchvision.transforms.functional as F
 from nvidia.dali import fn, pipeline_def, types
 
+from sslight_dali.augment import OPS
 from sslight_dali.config import load_config
 from sslight_dali.data import dali_views as dv
 from sslight_dali.synth import make_image
@@ -105,3 +107,38 @@ def test_fixed_order_is_fused_and_means_brightness_contrast_saturation_hue(aug, 
     err = float(np.abs(out[0].astype(np.float32) - np.asarray(ref, np.float32)).mean())
     assert err < 3.0 and all(err < float(np.abs(out[0].astype(np.float32) - np.asarray(o, np.float32)).mean())
                              for o in others), err
+
+
+@pytest.mark.parametrize("off", ["hue", "brightness"])
+def test_torchvision_records_the_order_that_ran_among_the_enabled_ops(aug, photo, off):
+    # SwAV's strengths with one op off: torchvision's randperm(4) still places that op, but the
+    # record names the order of the ops that ran, as an index into jitter_orders(aug) (the DALI
+    # record's meaning, checked against torchvision's ops above): replaying that order with the
+    # recorded factors gives the backend's image exactly, and every one of the 3! orders occurs.
+    aug = copy.deepcopy(aug)
+    aug.brightness, aug.contrast, aug.saturation, aug.hue = 0.8, 0.8, 0.8, 0.2
+    setattr(aug, off, 0.0)
+    aug.jitter_p = 1.0
+    orders = dv.jitter_orders(aug)
+    assert len(orders) == 6 and all(({"hue": 3, "brightness": 0}[off]) not in o for o in orders)
+    op = next(o for o in OPS if o.name == "color_jitter")
+    torch.manual_seed(0)
+    seen, told_apart = set(), 0
+    for _ in range(60):
+        rec = {}
+        out = np.asarray(op.torch(photo, None, aug, rec))
+        k = int(rec["jitter_order"])
+        assert 0 <= k < len(orders), rec
+        seen.add(k)
+        fns = {0: (F.adjust_brightness, rec["brightness"]), 1: (F.adjust_contrast, rec["contrast"]),
+               2: (F.adjust_saturation, rec["saturation"]),
+               3: (F.adjust_hue, None if rec["hue_deg"] is None else rec["hue_deg"] / 360.0)}
+        remakes = []
+        for order in orders:
+            img = photo
+            for i in order:
+                img = fns[i][0](img, fns[i][1])
+            remakes.append(np.asarray(img))
+        assert np.array_equal(out, remakes[k])
+        told_apart += sum(np.array_equal(out, r) for r in remakes) == 1
+    assert seen == set(range(6)) and told_apart >= 50, (seen, told_apart)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from sslight_dali.augment import jitter_orders
 from sslight_dali.data import build_train_loader, list_samples
 from sslight_dali.data.dali_views import FLAG_FIELDS
 from sslight_dali.data.torch_views import ViewTransform, load_rgb
@@ -28,16 +29,23 @@ def fixed_records(synth_root):
     return _records(synth_root, "fixed")
 
 
-def _records(synth_root, order):
+@pytest.fixture(scope="module")
+def hue_off_records(synth_root):
+    # SwAV's strengths with hue off: 3 ops, 3! orders
+    return _records(synth_root, "random", "recipe.augment.brightness=0.8", "recipe.augment.contrast=0.8",
+                    "recipe.augment.saturation=0.8", "recipe.augment.hue=0", n_batches=10)
+
+
+def _records(synth_root, order, *extra, n_batches=N_BATCHES):
     from sslight_dali.config import load_config
     cfg = load_config("configs/dino/resnet18_sslight.yaml", [
         f"data.root={synth_root}", "data.device=cpu", "data.num_threads=2", f"train.batch_size={BATCH}",
-        "recipe.global.size=24", "recipe.local.size=12", f"recipe.augment.jitter_order={order}"])
+        "recipe.global.size=24", "recipe.local.size=12", f"recipe.augment.jitter_order={order}", *extra])
     views = cfg.recipe.views()
     loader = build_train_loader(cfg, debug=True)
     dali = [[] for _ in views]
     e = 0
-    while len(dali[0]) < N_BATCHES:
+    while len(dali[0]) < n_batches:
         for _, _, _, recs in loader.epoch(e):
             for v, r in enumerate(recs):
                 dali[v].append(r.numpy())
@@ -50,7 +58,7 @@ def _records(synth_root, order):
     ref = []
     for view in views:
         t, recs = ViewTransform(view, cfg.recipe.augment), []
-        for n in range(N_BATCHES * BATCH):
+        for n in range(n_batches * BATCH):
             rec = {}
             t(images[n % len(images)], rec)
             recs.append(rec)
@@ -123,3 +131,18 @@ def test_jitter_factor_ranges(records):
         # Both draw the op order uniformly from the 24 (chi-square, 23 dof, alpha = 0.001).
         counts = np.bincount(backend["jitter_order"][on].astype(int), minlength=24)
         assert len(counts) == 24 and (((counts - on.sum() / 24) ** 2) / (on.sum() / 24)).sum() < 49.7, (name, counts)
+
+
+@pytest.mark.slow
+def test_jitter_order_records_mean_the_same_orders_with_an_op_off(hue_off_records):
+    # Both backends record the order that ran among the enabled ops (augment.jitter_orders): with hue
+    # off, an index into its 3! orders, uniform (chi-square, 5 dof, alpha = 0.001); torchvision's own
+    # randperm(4) would give 24 indices.
+    recipe, views, dali, ref = hue_off_records
+    n = len(jitter_orders(recipe.augment))
+    assert n == 6
+    for name, backend in (("dali", dali), ("torchvision", ref)):
+        order = np.concatenate([b["jitter_order"][b["jitter"] > 0] for b in backend]).astype(int)
+        assert order.min() >= 0 and order.max() < n, (name, order.max())
+        counts = np.bincount(order, minlength=n)
+        assert (((counts - len(order) / n) ** 2) / (len(order) / n)).sum() < 20.52, (name, counts)

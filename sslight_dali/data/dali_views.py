@@ -50,7 +50,8 @@ from .sources import IMG_EXTENSIONS
 READER = "Reader"
 IMAGE_EXTS = ";".join(e.lstrip(".") for e in IMG_EXTENSIONS)  # WebDataset image members (any case)
 # Per-view debug record (float32), by name: what the viewer and the parity tests need to know. Each op
-# of the table (sslight_dali/augment.py) owns its fields; jitter_order indexes jitter_orders(aug).
+# of the table (sslight_dali/augment.py) owns its fields. jitter_order, on both backends: the index of the
+# order that ran in jitter_orders(aug), the orders of the enabled ops only (augment.jitter_orders).
 FLAG_FIELDS = record_fields()
 
 
