@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -358,13 +359,26 @@ class Trainer:
 # ------------------------------------------------------------------------------------------------
 # Entry point
 # ------------------------------------------------------------------------------------------------
+# What gloo and NCCL say when another rank died or stopped answering: gloo's socket errors and
+# send/recv timeouts ("Connection closed by peer" is what a rank sees when its peer exits), NCCL's
+# remote error and its watchdog's collective timeout. Other NCCL errors (invalid usage, unhandled CUDA
+# or system error, internal error) and timeouts outside a collective are bugs to see in full.
+PEER_LOST = re.compile(r"connection closed by peer|connection reset by peer|broken pipe"
+                       r"|timed out waiting \d+ ?ms for (?:recv|send) operation"
+                       r"|remote process exited or there was a network error"
+                       r"|watchdog caught collective operation timeout", re.IGNORECASE)
+
+
 def _is_peer_failure(e: BaseException) -> bool:
-    """A collective that failed because another rank died or timed out (gloo/NCCL word it variously)."""
-    if isinstance(e, getattr(dist, "DistBackendError", ())) or isinstance(e, getattr(dist, "DistError", ())):
+    """A collective that failed because another rank died or stopped answering. The store's errors
+    (DistNetworkError, DistStoreError) mean the rendezvous host is gone; a backend error is a lost peer
+    only when it says so, and it must come from torch.distributed (a Dist* type, or gloo's plain
+    RuntimeError, which names its gloo source file)."""
+    if isinstance(e, (dist.DistNetworkError, dist.DistStoreError)):
         return True
-    text = str(e).lower()
-    return any(w in text for w in ("connection closed by peer", "connection reset", "timed out", "timeout",
-                                   "gloo", "nccl", "broken pipe"))
+    text = str(e)
+    from_dist = isinstance(e, dist.DistError) or "gloo" in text.lower() or "nccl" in text.lower()
+    return from_dist and PEER_LOST.search(text) is not None
 
 
 def train(cfg: Config) -> dict:

@@ -21,7 +21,7 @@ import torch
 
 from sslight_dali import checkpoint as ckpt
 from sslight_dali.config import load_config
-from sslight_dali.train import EXIT_PREEMPTED, train
+from sslight_dali.train import EXIT_PREEMPTED, _is_peer_failure, train
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = str(REPO / "configs/dino/mobilenetv2_sslight.yaml")
@@ -266,6 +266,44 @@ def run2(data, out, *extra, faults=(None, None), timeout=120):
             raise AssertionError(f"a rank did not exit within {timeout} s")
         results.append((p.returncode, err))
     return results
+
+
+# Messages as torch 2.14 words them: gloo's from two processes where one exits or stops answering (a
+# plain RuntimeError), NCCL's from ncclGetErrorString and ProcessGroupNCCL (DistBackendError).
+GLOO = "[/pytorch/third_party/gloo/gloo/transport/tcp/"
+NCCL = "NCCL error in: /pytorch/torch/csrc/distributed/c10d/ProcessGroupNCCL.cpp:3356, "
+PEER_LOST = [
+    RuntimeError(GLOO + "pair.cc:561] Connection closed by peer [127.0.0.1]:922. This is typically caused by a "
+                 "remote worker crashing."),
+    RuntimeError(GLOO + "unbound_buffer.cc:78] Timed out waiting 5000ms for recv operation to complete"),
+    RuntimeError(GLOO + "pair.cc:598] Read error [10.0.0.2]:40312: Connection reset by peer"),
+    RuntimeError(GLOO + "pair.cc:590] Write error [10.0.0.2]:40312: Broken pipe"),
+    torch.distributed.DistBackendError(NCCL + "remote process exited or there was a network error, NCCL version 2.27.7"),
+    torch.distributed.DistBackendError("[Rank 0] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=9, "
+                                       "OpType=ALLREDUCE, Timeout(ms)=600000) ran for 600012 milliseconds"),
+    torch.distributed.DistBackendError("NCCL communicator was aborted on rank 0. Original reason for failure was: "
+                                       "[Rank 0] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=9)"),
+    torch.distributed.DistNetworkError("failed to recv, got 0 bytes"),
+    torch.distributed.DistStoreError("wait timeout after 600000ms, keys: /default_pg/0//cuda//0"),
+]
+NOT_PEER = [  # bugs or local failures: the traceback must stay
+    torch.distributed.DistBackendError(NCCL + "invalid usage (run with NCCL_DEBUG=WARN for details), NCCL version "
+                                       "2.27.7\nncclInvalidUsage: This usually reflects invalid usage of NCCL library."),
+    torch.distributed.DistBackendError(NCCL + "unhandled cuda error (run with NCCL_DEBUG=INFO for details)"),
+    torch.distributed.DistBackendError(NCCL + "internal error - please report this issue to the NCCL developers"),
+    RuntimeError("NCCL error: invalid usage (run with NCCL_DEBUG=WARN for details)"),
+    RuntimeError("DataLoader timed out after 30 seconds"),
+    RuntimeError("DALI pipeline: timeout reading /data/train/n01440764/x.JPEG"),
+    ValueError("unsupported reduce op for the gloo backend"),
+    ValueError("Tensors must be CUDA and dense for the nccl backend"),
+    RuntimeError("Connection reset by peer"),  # not from torch.distributed: e.g. a network file system
+    RuntimeError("CUDA error: an illegal memory access was encountered"),
+]
+
+
+@pytest.mark.parametrize("e", PEER_LOST + NOT_PEER, ids=lambda e: f"{type(e).__name__}:{str(e).replace(NCCL, '').replace(GLOO, '')[:50]}")
+def test_only_a_lost_peer_is_relabelled(e):
+    assert _is_peer_failure(e) == any(e is x for x in PEER_LOST)
 
 
 @pytest.mark.slow
