@@ -1,41 +1,48 @@
 #!/usr/bin/env bash
-# Every GPU figure of bench/README.md in one session, one step per name, correctness before speed.
+# The GPU figures of bench/README.md inside one lease of the device machine: 15 minutes of device time
+# in all (start-up, transfers, idle waits and failed tries count), <= 10 min and 64 MiB of files per
+# call, and the machine goes back 30 s after a call ends, /tmp with it.
 #
-#   bash bench/gpu_session.sh plan                      the steps, their expected minutes, the calls
-#   bash bench/gpu_session.sh [--dry-run] [--out DIR] STEP [STEP...]
+#   bash bench/gpu_session.sh plan                         the device calls: command, carry, timeout_s,
+#                                                          each step's expected minutes and figures, total
+#   bash bench/gpu_session.sh [--dry-run] [--out DIR] GROUP|STEP...
 #
-# Run from the repository root on a GPU machine (python3 with torch, torchvision, timm; DALI from
-# `stage`). Results go to DIR (default $OUT, else bench/results/gpu-session), named <tag>-<what>-<config>
-# (tag: the GPU, e.g. h100; TAG=... to set it); more than 7 files from one invocation are packed into
-# one <tag>-<steps>.tar.gz (a device call brings back at most 8 files). Each command runs under its own
-# `timeout`, so one slow run cannot take the others with it; every step prints its wall time.
-# --dry-run prints the commands instead of running them (no GPU needed; tests/test_gpu_session.py
-# parses every printed `sslight` command with the real CLI).
+# Groups: measure (call 4: env gpu-tests pipeline train compare, <= 8 min), extra (call 5, only if
+# time is left). Run from the repository root on the GPU machine (python3 with torch, torchvision,
+# timm; DALI from the .dali-pK parts of ../shared/gpu/stage-dali.sh, unpacked into /tmp/site).
+# Every command runs under its own `timeout`; BUDGET_S (default 440 s) is the whole invocation's
+# guard: a command whose limit no longer fits in what is left is skipped and named. Results go to DIR
+# (default $OUT, else bench/results/gpu-session) as <tag>-<what>-<config>.json, tag from the GPU
+# (TAG=... to set it); more than 7 files are packed into one .tar.gz (a call brings back 8 at most).
+# --dry-run prints the commands instead (no GPU; tests/test_gpu_session.py parses them with the CLI).
 set -uo pipefail
 
 DRY=0
 DIR=${OUT:-bench/results/gpu-session}
-STEPS=()
+ARGS=()
 while [ $# -gt 0 ]; do
   case $1 in
     --dry-run) DRY=1 ;;
     --out) DIR=$2; shift ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     -*) echo "gpu_session.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
-    *) STEPS+=("$1") ;;
+    *) ARGS+=("$1") ;;
   esac
   shift
 done
-[ ${#STEPS[@]} -gt 0 ] || STEPS=(plan)
+[ ${#ARGS[@]} -gt 0 ] || ARGS=(plan)
 
 PY=${PYTHON:-python3}
-[ -d /tmp/site ] && export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+# DALI unpacked by the .dali-pK calls (the device command usually exports this already)
+case ":${PYTHONPATH:-}:" in *:/tmp/site:*) ;; *) [ -d /tmp/site ] && export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH} ;; esac
 export PYTHONUNBUFFERED=1
 S="$PY -m sslight_dali.cli bench"
 CORES=$(nproc)
-THREADS=8   # DALI threads of the GPU pipeline (12 were no faster than 4 on the H100; `tune` checks)
+PARTS=3      # DALI parts made by ../shared/gpu/stage-dali.sh (DALI 2.4.0, Python 3.12)
+THREADS=8    # DALI threads of the GPU pipeline (`tune`, in the extra call, checks)
 M="--batch-size 128 --repeats 3"
 R18=configs/dino/resnet18_sslight.yaml; MNV2=configs/dino/mobilenetv2_sslight.yaml; VIT=configs/dino/vit_tiny_sslight.yaml
+BUDGET_S=${BUDGET_S:-440}
 stem() { basename "$1" .yaml; }
 if [ -z "${TAG:-}" ]; then
   TAG=gpu
@@ -44,167 +51,230 @@ if [ -z "${TAG:-}" ]; then
   TAG=${TAG:-gpu}
 fi
 NEW=$DIR/new-$$   # this invocation's files; moved up or packed at the end
+SKIPPED=()
+STEP=              # the step running (named when one of its commands is skipped)
+LAST=/tmp/gpu_session-last-$$.log   # one command's output (outside $NEW: a call brings back 8 files)
+SPENT=0           # dry run: seconds the commands so far may take (their limits)
 
-# run SECONDS CMD...: one command under its own time limit; its last lines, without warnings
+# ------------------------------------------------------------------------------------------------
+# Running one command: its own limit, inside the invocation's budget, output kept in a log
+# ------------------------------------------------------------------------------------------------
+elapsed() { if [ $DRY = 1 ]; then echo $SPENT; else echo $SECONDS; fi; }
+show() {  # the command as printed: an inline script (several lines) shown as <script>
+  local a out=()
+  for a in "$@"; do [[ $a == *$'\n'* ]] && a="<script>"; out+=("$a"); done
+  echo "${out[*]}"
+}
+label() {  # a command in a few words: the record it writes, else its first words
+  local j; j=$(echo "$*" | grep -oE -- '--json [^ ]+' | sed 's/.*\///')
+  [ -n "$j" ] && echo "$j" || show "$@" | cut -c1-70
+}
+# run SECONDS CMD...: skipped (and named) when SECONDS no longer fits in BUDGET_S; else run under
+# `timeout` (-k: a pipeline that ignores TERM is killed 5 s later), its full output appended to
+# $TAG-session.log and its last lines shown
 run() {
   local t=$1; shift
-  echo "+ timeout $t $*"
-  [ $DRY = 1 ] && return 0
-  timeout "$t" "$@" 2>&1 | grep -vE "^\s*$|Warning|warn\(" | tail -14
-  local rc=${PIPESTATUS[0]}
-  [ "$rc" = 0 ] || echo "!!! exit $rc (124 = over its ${t}s limit): $*"
-}
-# log SECONDS NAME CMD...: the same, with the full output saved as $NEW/$TAG-NAME.log
-log() {
-  local t=$1 name=$2; shift 2
-  echo "+ timeout $t $* > $TAG-$name.log"
-  [ $DRY = 1 ] && return 0
-  timeout "$t" "$@" > "$NEW/$TAG-$name.log" 2>&1
+  local left=$((BUDGET_S - $(elapsed)))
+  if [ "$t" -gt "$left" ]; then
+    echo "--- skipped: needs ${t}s, ${left}s of BUDGET_S left: $(show "$@")"
+    SKIPPED+=("$STEP: $(label "$@")")
+    return 0
+  fi
+  echo "+ timeout $t $(show "$@")"
+  if [ $DRY = 1 ]; then SPENT=$((SPENT + t)); return 0; fi
+  timeout -k 5 "$t" "$@" > "$LAST" 2>&1
   local rc=$?
-  tail -25 "$NEW/$TAG-$name.log"
-  [ "$rc" = 0 ] || echo "!!! exit $rc (124 = over its ${t}s limit): $*"
+  { echo "+ timeout $t $(show "$@")"; cat "$LAST"; } >> "$NEW/$TAG-session.log"
+  grep -vE "^\s*$|Warning|warn\(" "$LAST" | tail -8
+  [ "$rc" = 0 ] || echo "!!! exit $rc (124 = over its ${t}s limit): $(show "$@")"
 }
 J() { echo "--json $NEW/$TAG-$1.json"; }
 
-# ------------------------------------------------------------------------------------------------
-# Steps. Minutes are estimates from the last H100 session's figures (start-up included).
-# ------------------------------------------------------------------------------------------------
-step_stage() {  # join and install the DALI wheels staged by ../shared/gpu/stage-dali.sh, one part per call
-  local parts=${DALI_PARTS:-5}
-  echo "+ copy .dali-p*/part-* to /tmp/dali-parts; with all $parts parts: install DALI into /tmp/site"
+DALI_OK=
+# need_dali STEP: DALI steps start here; when DALI does not import, one line and the step is skipped
+need_dali() {
   [ $DRY = 1 ] && return 0
-  mkdir -p /tmp/dali-parts
-  cp -n .dali-p*/part-* /tmp/dali-parts/ 2>/dev/null
-  local have; have=$(ls /tmp/dali-parts | wc -l)
-  echo "DALI parts here: $have of $parts ($(ls /tmp/dali-parts | tr '\n' ' '))"
-  if [ "$have" -ge "$parts" ] && ! PYTHONPATH=/tmp/site $PY -c "import nvidia.dali" 2>/dev/null; then
-    rm -rf /tmp/dali /tmp/site && mkdir -p /tmp/dali  # a failed earlier install leaves pip --target a partial tree
-    cat /tmp/dali-parts/part-* | tar -xf - -C /tmp/dali \
-      && $PY -m pip install -q --no-index --no-deps --target /tmp/site /tmp/dali/*.whl 2>&1 | tail -3
-  fi
-  if PYTHONPATH=/tmp/site $PY -c "import nvidia.dali as d; print('DALI', d.__version__, 'importable')"; then
-    export PYTHONPATH=/tmp/site:$PWD
-  fi
+  [ -n "$DALI_OK" ] || { $PY -c "import nvidia.dali" 2>/dev/null && DALI_OK=1 || DALI_OK=0; }
+  [ "$DALI_OK" = 1 ] && return 0
+  echo "!!! $1 skipped: DALI does not import (PYTHONPATH=${PYTHONPATH:-}); a fresh machine needs all $PARTS .dali-pK calls again"
+  SKIPPED+=("$1 (no DALI)")
+  return 1
 }
 
-step_tests() {  # correctness before speed: the environment, then the GPU tests
-  echo "+ environment > $TAG-env.json"
-  if [ $DRY = 0 ]; then
-    $PY - > "$NEW/$TAG-env.json" <<'PY'
-import json
-from sslight_dali.bench import nvjpeg_hw_probe, static_environment
-print(json.dumps({**static_environment(), "nvjpeg_hw_backend": nvjpeg_hw_probe()}, indent=2))
-PY
-    grep -E '"(gpu_name|driver|torch|dali|cuda)"|"available"' "$NEW/$TAG-env.json"
-  fi
-  log 240 pytest-data-gpu $PY -m pytest -q -p no:cacheprovider tests/test_data_gpu.py
-  log 180 pytest-views-gpu $PY -m pytest -q -p no:cacheprovider tests/test_data_views.py -k gpu
+# ------------------------------------------------------------------------------------------------
+# Steps. What each yields is in PLAN below.
+# ------------------------------------------------------------------------------------------------
+step_prep() {  # call 1, no DALI needed: which GPU, and the bench set (data/ is kept between calls)
+  run 20 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  run 90 $PY -c "from sslight_dali.bench.runs import ensure_bench_data; ensure_bench_data()"
 }
 
-step_pipeline() {  # the DALI GPU pipeline alone (its record holds cpu_ms_per_image: the CPU cost per image)
-  for c in $R18 $VIT; do
-    run 150 $S pipeline $c --device gpu --threads $THREADS $M --steps 30 --warmup 10 $(J pipeline-dali-gpu-dino_$(stem $c))
-  done
-  # ResNet18 with every JPEG on the hardware decoder (least CPU per image), and with 2 DALI threads
-  # (the speed and CPU cost when the pipeline gets few cores)
-  run 150 $S pipeline $R18 --device gpu --threads $THREADS --hw-decoder-load 1.0 $M --steps 30 --warmup 10 \
-      $(J pipeline-dali-gpu-hw1-dino_$(stem $R18))
-  run 150 $S pipeline $R18 --device gpu --threads 2 $M --steps 30 --warmup 10 $(J pipeline-dali-gpu-t2-dino_$(stem $R18))
+step_stage() {  # calls 2-3: the parts unpack.sh has kept so far, and whether DALI imports yet
+  echo "+ DALI parts in /tmp/dali-parts; import nvidia.dali"
+  [ $DRY = 1 ] && return 0
+  echo "DALI parts here: $(ls /tmp/dali-parts 2>/dev/null | wc -l) of $PARTS"
+  $PY -c "import nvidia.dali as d; print('DALI', d.__version__, 'imports')" 2>/dev/null || echo "DALI does not import yet"
 }
 
-step_train() {  # end to end beside the model ceiling (eager), DALI GPU pipeline
+# The environment record: static_environment() (GPU, driver, CUDA, torch, torchvision, timm, DALI,
+# cpu_cores_available = nproc) and hw_decoder_info() as every dali:gpu record of the config has it
+# (hw_decoder_used: JPEGs go to the hardware decoder, nvJPEG's hardware backend opened).
+ENV_PY='
+import json, sys
+from sslight_dali.bench.environment import hw_decoder_info, static_environment
+from sslight_dali.config import load_config
+rec = {**static_environment(), "hw_jpeg_decoder": hw_decoder_info(load_config(sys.argv[2]),
+                                                                  {"backend": "dali", "device": "gpu"})}
+open(sys.argv[1], "w").write(json.dumps(rec, indent=2) + "\n")
+print({k: rec[k] for k in ("gpu_name", "driver", "cuda", "torch", "torchvision", "timm", "dali")}, "nproc", rec["cpu_cores_available"])
+print("hardware JPEG decoder used:", rec["hw_jpeg_decoder"]["hw_decoder_used"], rec["hw_jpeg_decoder"]["nvjpeg_hw_backend"])
+'
+step_env() {
+  run 30 $PY -c "$ENV_PY" "$NEW/$TAG-env.json" $R18
+}
+
+step_gpu_tests() {  # correctness before speed: one pytest process for both files (one start-up)
+  run 65 $PY -m pytest -q -p no:cacheprovider tests/test_data_gpu.py tests/test_data_views.py -k gpu
+}
+
+step_pipeline() {  # the DALI GPU pipeline alone (its record holds cpu_ms_per_image)
+  run 45 $S pipeline $R18 --device gpu --threads $THREADS $M --steps 30 --warmup 10 $(J pipeline-dali-gpu-dino_$(stem $R18))
+}
+
+step_train() {  # end to end beside the model ceiling, eager, DALI GPU pipeline
+  local c t
   for c in $R18 $MNV2 $VIT; do
-    run 170 $S train $c --device gpu --threads $THREADS $M --steps 20 --warmup 12 $(J train-dino_$(stem $c))
+    t=50; [ $c = $MNV2 ] && t=100  # MobileNetV2's first steps (cuDNN's choice of kernels) are the slowest
+    run $t $S train $c --device gpu --threads $THREADS $M --steps 15 --warmup 8 $(J train-dino_$(stem $c))
   done
 }
 
-step_train_compiled() {  # the same with torch.compile (the model ceiling beside it is compiled too)
-  for c in $R18 $MNV2 $VIT; do
-    run 190 $S train $c train.compile=true --device gpu --threads $THREADS $M --steps 20 --warmup 12 \
+step_compare() {  # DALI gpu vs torchvision with every core as a worker, end to end, in one process
+  run 100 $S compare $R18 --bench train --variants dali:gpu,torchvision:cpu --threads $CORES $M \
+      --steps $CORES --warmup $CORES $(J compare-train-dino_$(stem $R18))
+}
+
+step_train_compiled() {  # end to end with torch.compile (the ceiling beside it compiled too), R18 first
+  local c t
+  for c in $R18 $VIT $MNV2; do
+    t=130; [ $c = $MNV2 ] && t=170
+    run $t $S train $c train.compile=true --device gpu --threads $THREADS $M --steps 15 --warmup 8 \
         $(J train-compile-dino_$(stem $c))
   done
 }
 
-step_model() {  # the compute ceilings alone, eager and compiled (no DALI needed: fits a staging call)
-  for c in $R18 $MNV2 $VIT; do
-    run 90 $S model $c $M --steps 10 --warmup 5 $(J model-dino_$(stem $c))
-    run 150 $S model $c train.compile=true $M --steps 20 --warmup 10 $(J model-compile-dino_$(stem $c))
-  done
+step_tune() {  # threads / pipelines / prefetch / decoder share of the ResNet18 GPU pipeline, 90 s of search
+  run 150 $S tune $R18 --device gpu --threads $THREADS --quick --budget 90 --batch-size 128 --repeats 2 \
+      --steps 20 --warmup 8 $(J tune-dali-gpu-dino_$(stem $R18))
 }
 
-step_torchvision() {  # torchvision/PIL with every core as a DataLoader worker (no DALI needed)
-  for c in $MNV2 $VIT; do
-    run 200 $S train $c --backend torchvision --device cpu --threads $CORES $M --steps $((3 * CORES)) \
-        --warmup $CORES $(J train-torchvision-cpu$CORES-dino_$(stem $c))
-  done
-}
-
-step_compare() {  # DALI gpu vs torchvision (all cores), end to end, side by side in one invocation
-  run 300 $S compare $R18 --bench train --variants dali:gpu,torchvision:cpu --threads $CORES $M \
-      --steps $((3 * CORES)) --warmup $CORES $(J compare-train-dino_$(stem $R18))
-}
-
-step_tune() {  # the fastest threads / pipelines / prefetch / hardware-decoder share for the GPU pipeline
-  run 300 $S tune $R18 --device gpu $M --steps 20 --warmup 8 $(J tune-dali-gpu-dino_$(stem $R18))
+step_demo() {  # `make demo`'s GPU branch (the Makefile runs `sslight demo`)
+  run 360 $PY -m sslight_dali.cli demo --out /tmp/sslight-demo --data /tmp/sslight-demo-data
 }
 
 step_profile() {  # per-op cost of the GPU graph, by ablation
-  run 240 $S pipeline $R18 --device gpu --threads $THREADS $M --steps 20 --warmup 8 --profile-ops \
+  run 180 $S pipeline $R18 --device gpu --threads $THREADS $M --steps 20 --warmup 8 --profile-ops \
       $(J profile-dali-gpu-dino_$(stem $R18))
 }
 
-step_demo() {  # `make demo`'s GPU branch (the Makefile runs `sslight demo`), its output kept
-  log 420 demo $PY -m sslight_dali.cli demo --out /tmp/sslight-demo --data /tmp/sslight-demo-data
+step_pipeline_more() {  # ViT-Tiny's recipe; R18 with every JPEG on the hardware decoder; R18 on 2 threads
+  run 45 $S pipeline $VIT --device gpu --threads $THREADS $M --steps 30 --warmup 10 $(J pipeline-dali-gpu-dino_$(stem $VIT))
+  run 45 $S pipeline $R18 --device gpu --threads $THREADS --hw-decoder-load 1.0 $M --steps 30 --warmup 10 \
+      $(J pipeline-dali-gpu-hw1-dino_$(stem $R18))
+  run 45 $S pipeline $R18 --device gpu --threads 2 $M --steps 30 --warmup 10 $(J pipeline-dali-gpu-t2-dino_$(stem $R18))
 }
 
-# name  minutes  needs-DALI  what
-PLAN="stage            0.5  -    DALI wheels: copy the carried part; with the last part, install (one call per part)
-tests            2    yes  environment + tests/test_data_gpu.py + tests/test_data_views.py -k gpu
-pipeline         1.5  yes  DALI GPU pipeline alone: ResNet18, ViT-Tiny (+ R18 all-hw-decoder, 2 threads); CPU ms/image
-compare          3    yes  ResNet18 end to end: dali:gpu vs torchvision:cpu (all cores), one compare
-train            2    yes  end to end + model ceiling, eager: ResNet18, MobileNetV2, ViT-Tiny
-train-compiled   5    yes  the same with train.compile=true (compile ~60 s per model)
-tune             2    yes  bench tune, ResNet18 GPU pipeline: threads, pipelines, prefetch, hw decoder share
-profile          1.5  yes  bench pipeline --profile-ops, ResNet18 GPU graph
-demo             4    yes  sslight demo (make demo's GPU branch)
-torchvision      3    -    end to end with torchvision, all cores: MobileNetV2, ViT-Tiny
-model            4.5  -    model ceilings alone, eager and compiled, 3 backbones (optional: train's records hold both)"
-# Calls of at most 10 minutes each; the DALI parts travel one per call (carry: [".dali-pN"]).
-CALLS="call1=tests pipeline compare
-call2=train train-compiled
-call3=tune profile demo"
+step_torchvision() {  # torchvision/PIL with every core as a worker, end to end (no DALI needed)
+  local c
+  for c in $MNV2 $VIT; do
+    run 100 $S train $c --backend torchvision --device cpu --threads $CORES $M --steps $CORES --warmup $CORES \
+        $(J train-torchvision-cpu$CORES-dino_$(stem $c))
+  done
+}
+
+# ------------------------------------------------------------------------------------------------
+# The plan: one line per step, "call step minutes what -> figures". Minutes are estimates for one
+# H200 (16 cores) from the H100 session's record times (bench/results/h100-*.json); the calls 1-4
+# lines make the total, call 5 runs only if the lease has time left.
+# ------------------------------------------------------------------------------------------------
+PLAN="1 start-up       3.0  a fresh machine starts (the first call pays it)
+1 transfer       0.3  working tree (~2 MiB) + .dali-p0 (58 MiB) out
+1 prep           0.2  GPU/driver line; the synthetic bench set in data/bench_synth (kept for call 4)
+2 idle           0.5  the turn-around between calls (the machine goes back 30 s after a call ends)
+2 transfer       0.3  working tree + .dali-p1
+2 stage          0.1  part 1 kept in /tmp/dali-parts -> 'DALI parts here: 2 of 3'
+3 idle           0.5  between calls
+3 transfer       0.3  working tree + .dali-p2
+3 stage          0.3  all parts here: DALI unpacked into /tmp/site (~10 s) -> 'DALI 2.4.0 ready'
+4 idle           0.5  between calls
+4 transfer       0.2  working tree out, results back (one .tar.gz)
+4 env            0.2  -> <tag>-env.json: GPU, driver, CUDA, torch, torchvision, timm, DALI, nproc, hw_decoder_used
+4 gpu-tests      0.8  -> pass/fail: tests/test_data_gpu.py, tests/test_data_views.py -k gpu
+4 pipeline       0.4  -> ResNet18 DALI GPU pipeline alone: img/s, cpu_ms_per_image
+4 train          2.4  -> end to end beside the model ceiling, eager, R18/MNv2/ViT-Ti: img/s, ratio, data-wait, CPU ms/img
+4 compare        1.4  -> R18 end to end, dali:gpu vs torchvision:cpu (a worker per core) in one process: img/s each, ratio, PNG
+5 train-compiled 5.5  -> train.compile=true end to end + compiled ceiling, R18 then ViT-Ti, MNv2; compile_s
+5 tune           2.5  -> bench tune --quick --budget 90: best threads/pipelines/prefetch/decoder share, R18 GPU
+5 demo           5.0  -> sslight demo (make demo's GPU branch): loss, img/s, kNN
+5 profile        2.5  -> pipeline --profile-ops: per-op cost of the R18 GPU graph
+5 pipeline-more  1.2  -> GPU pipeline alone: ViT-Ti; R18 --hw-decoder-load 1.0; R18 on 2 threads
+5 torchvision    2.5  -> torchvision/PIL end to end, all cores: MNv2, ViT-Ti"
+CALL_GROUPS="measure=env gpu-tests pipeline train compare
+extra=train-compiled tune demo profile pipeline-more torchvision"
+
+# call K: the device tool's command, carry and timeout_s
+call_command() {
+  local k=$1 what
+  case $k in 1) what=prep ;; 2|3) what=stage ;; 4) what=measure ;; 5) what=extra ;; esac
+  if [ "$k" -le $PARTS ]; then
+    echo "bash .dali-p$((k - 1))/unpack.sh && export PYTHONPATH=/tmp/site:\$PWD; bash bench/gpu_session.sh $what"
+  elif [ "$k" = 4 ]; then
+    echo "export PYTHONPATH=/tmp/site:\$PWD; bash bench/gpu_session.sh $what"
+  else
+    echo "export PYTHONPATH=/tmp/site:\$PWD; BUDGET_S=<budget_left_s - 60> bash bench/gpu_session.sh $what"
+  fi
+}
+call_carry() { if [ "$1" -le $PARTS ]; then echo "[\".dali-p$(($1 - 1))\"]"; else echo "[]"; fi; }
+call_timeout() { case $1 in 1) echo 120 ;; 2) echo 60 ;; 3) echo 90 ;; 4) echo 480 ;; 5) echo "<BUDGET_S+20>" ;; esac; }
+
+plan_call() {  # the call's header, then its steps with their minutes
+  local k=$1
+  echo "call $k  carry $(call_carry $k)  timeout_s $(call_timeout $k)"
+  echo "  command: $(call_command $k)"
+  echo "$PLAN" | awk -v k=$k '$1 == k {printf "  %-15s %4s min  ", $2, $3; $1 = $2 = $3 = ""; sub(/^ +/, ""); print}'
+}
 
 plan() {
-  echo "Steps (expected minutes on an H100; each command also has its own timeout):"
-  echo "$PLAN" | sed 's/^/  /'
   cat <<EOF
-A session (30 min of device time, <= 10 min per call; the machine stays warm only ~30 s between calls):
-  calls 1-5: carry .dali-p0 ... .dali-p4 one per call (after \`bash ../shared/gpu/stage-dali.sh\` here):
-             bash bench/gpu_session.sh stage torchvision     (first call: DALI not needed yet)
-             bash bench/gpu_session.sh stage                 (calls 2-4; \`stage model\` if time allows)
-             bash bench/gpu_session.sh stage call1           (last part: install, then the first group)
-             (stage-dali.sh says how many parts it made; if not 5, prefix each stage call with DALI_PARTS=n)
-  call 6:    bash bench/gpu_session.sh call2
-  call 7:    bash bench/gpu_session.sh call3
-Groups: $(echo "$CALLS" | tr '\n' ';' | sed 's/;$//; s/;/; /g')
-Results: \$OUT (or --out DIR); commit them to bench/results/<tag>-<date>/ (tar -xzf the packs there).
-Every record has env: GPU, driver, torch, DALI, and env.hw_jpeg_decoder.hw_decoder_used.
+GPU session: 4 device calls back to back in one lease; call 5 only if time is left.
+Here first: bash ../shared/gpu/stage-dali.sh   (DALI in $PARTS parts, .dali-p0 .. .dali-p$((PARTS - 1)), ~58 MiB each)
+Each reply: if unpack.sh's 'DALI parts here: n of $PARTS' shows fewer parts than calls so far, the
+machine is fresh: start over at call 1. Call the next one at once (the machine goes back 30 s after a
+call); after call 4 (or 5), give_back.
 EOF
+  local k
+  for k in 1 2 3 4; do plan_call $k; done
+  echo "$PLAN" | awk '$1 <= 4 {s += $3} END {printf "total %.1f min (calls 1-4; the lease is 15)\n", s}'
+  echo "Only if budget_left_s after call 4 is >= 200 (steps that no longer fit BUDGET_S are skipped, named):"
+  plan_call 5
+  echo "Cut to fit: train steps 15 per repeat (were 20), compare steps one per core (were 3), separate model-only ceilings (train's"
+  echo "records hold the ceiling beside), and everything of call 5."
+  echo "Results: \$OUT; commit them to bench/results/<tag>-<date>/ (tar -xzf the pack there)."
 }
 
 expand() {  # group names -> steps
   local s g
   for s in "$@"; do
-    g=$(echo "$CALLS" | sed -n "s/^$s=//p")
+    g=$(echo "$CALL_GROUPS" | sed -n "s/^$s=//p")
     if [ -n "$g" ]; then echo $g; else echo "$s"; fi
   done
 }
 
-names=$(echo "$PLAN" | awk '{print $1}')
-todo=$(expand "${STEPS[@]}")
+names=$(echo "$PLAN" | awk '$2 !~ /^(start-up|transfer|idle)$/ {print $2}' | sort -u)
+todo=$(expand "${ARGS[@]}")
 for s in $todo; do
   if [ "$s" != plan ] && ! echo "$names" | grep -qx "$s"; then
-    echo "gpu_session.sh: unknown step '$s' (steps: $(echo $names), groups: call1 call2 call3, plan)" >&2
+    echo "gpu_session.sh: unknown step '$s' (steps: $(echo $names), groups: measure extra, plan)" >&2
     exit 2
   fi
 done
@@ -212,16 +282,19 @@ done
 [ $DRY = 1 ] || mkdir -p "$NEW"
 for s in $todo; do
   if [ "$s" = plan ]; then plan; continue; fi
-  echo "=== $s ($(echo "$PLAN" | awk -v s="$s" '$1 == s {print $2}') min expected) $(date -u +%H:%M:%S)"
-  t0=$SECONDS
+  echo "=== $s ($(echo "$PLAN" | awk -v s="$s" '$2 == s {print $3; exit}') min expected) $(date -u +%H:%M:%S)"
+  case $s in prep|stage|env|torchvision) ;; *) need_dali "$s" || continue ;; esac
+  t0=$SECONDS; STEP=$s
   "step_${s//-/_}"
   echo "=== $s done in $((SECONDS - t0)) s"
 done
+[ ${#SKIPPED[@]} = 0 ] || printf 'skipped: %s\n' "${SKIPPED[@]}"
 
 [ $DRY = 1 ] && exit 0
+rm -f "$LAST"
 n=$(find "$NEW" -type f | wc -l)
 if [ "$n" -gt 7 ]; then
-  pack="$DIR/$TAG-$(echo $todo | tr ' ' '_').tar.gz"
+  pack="$DIR/$TAG-$(echo $todo | tr ' ' '_' | cut -c1-60).tar.gz"
   tar -czf "$pack" -C "$NEW" . && rm -rf "$NEW" && echo "packed $n files into $pack"
 else
   mv "$NEW"/* "$DIR"/ 2>/dev/null; rmdir "$NEW" 2>/dev/null
