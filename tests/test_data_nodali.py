@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-CHILD = r"""
+HIDE_DALI = r"""
 import json, sys
 
 class HideDali:
@@ -19,7 +19,9 @@ try:
     raise SystemExit("the hook did not hide nvidia.dali")
 except ModuleNotFoundError:
     pass
+"""
 
+CHILD = HIDE_DALI + r"""
 from sslight_dali.config import ConfigError, load_config
 from sslight_dali.data import DataError, build_eval_loader, build_train_loader, list_samples
 
@@ -57,4 +59,36 @@ def test_data_package_works_without_dali(synth_root):
     assert out["samples"] == 32
     assert "no_such_split" in out["data_error"]
     assert "data.backend=dali" in out["dali_error"] and "DALI is not installed" in out["dali_error"]
+    assert out["dali_loaded"] == []
+
+
+# `sslight train` then `sslight eval semi` on the torchvision backend, in one process with DALI hidden.
+CHILD_SEMI = HIDE_DALI + r"""
+from pathlib import Path
+from sslight_dali.cli import main
+
+root, out = sys.argv[1], Path(sys.argv[2])
+rc_train = main(["train", "configs/dino/resnet18_sslight.yaml", f"data.root={root}", "data.backend=torchvision",
+                 "data.device=cpu", "train.device=cpu", "data.num_threads=1", "train.batch_size=8",
+                 "recipe.global.size=32", "recipe.local.size=16", "recipe.local.count=2", "dino.out_dim=64",
+                 "dino.hidden_dim=32", "dino.bottleneck_dim=16", "eval.resize=40", "eval.crop=32",
+                 "eval.batch_size=8", "train.knn_every=0", "train.tensorboard=false", "train.max_steps=1",
+                 f"train.output_dir={out / 'run'}"])
+rc_semi = main(["eval", "semi", str(out / "run" / "checkpoint.pt"), "epochs=1", "batch_size=4",
+                "data.backend=torchvision", "--subset", "10", "--out", str(out / "semi")])
+result = json.loads((out / "semi" / "eval_semi.json").read_text()) if rc_semi == 0 else {}
+print(json.dumps({"rc": [rc_train, rc_semi], "subset_images": result.get("subset_images"),
+                  "complete": result.get("complete"),
+                  "dali_loaded": sorted(m for m in sys.modules if m.startswith("nvidia.dali"))}))
+"""
+
+
+def test_eval_semi_works_without_dali(synth_root, tmp_path):
+    proc = subprocess.run([sys.executable, "-c", CHILD_SEMI, str(synth_root), str(tmp_path)], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["rc"] == [0, 0], proc.stderr[-3000:]
+    # 10 % of 8 images per class, at least one: one image from each of the 4 classes.
+    assert out["subset_images"] == 4 and out["complete"]
     assert out["dali_loaded"] == []

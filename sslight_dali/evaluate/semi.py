@@ -87,7 +87,7 @@ def read_subset(path: Path, samples) -> list[int]:
 
 def subset_samples(cfg, indices: list[int], full):
     """The subset as Samples, checked like a split (bad files fail or are skipped, data.skip_bad_files)."""
-    from ..data.loader import verify_cache_dir
+    from ..data.base import verify_cache_dir  # not data.loader: that one imports DALI
     from ..data.sources import Samples, drop_bad_samples, find_bad_samples_cached
     sub = Samples([full.files[i] for i in indices], [full.labels[i] for i in indices], full.classes, full.root,
                   [full.members[i] for i in indices] if full.members is not None else None)
