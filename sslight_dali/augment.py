@@ -311,9 +311,12 @@ def ops_label(rec: dict) -> str:
     return " ".join(s for s in (op.label(rec) for op in OPS) if s) or "-"
 
 
-def knob_field(k: Knob, group: str):
-    """The dataclass field for a knob (config.py); `group` picks a per-view knob's default."""
+def knob_field(k: Knob, group: str | None):
+    """The dataclass field for a knob (config.py); `group` (global or local) picks a per-view knob's
+    default, and None gives it none."""
     meta = {"range": (k.lo, k.hi), "help": k.help}
+    if k.scope == "view" and group is None:
+        return field(metadata=meta)
     default = k.default[group] if k.scope == "view" else k.default
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)

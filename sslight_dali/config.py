@@ -57,10 +57,11 @@ _f, _list = setting, setting_list  # short names for the tables below
 # --------------------------------------------------------------------------------------------
 # View-sampling recipe (the paper's contribution, as data)
 # --------------------------------------------------------------------------------------------
-def _add_knobs(cls, scope: str, before: str | None = None, frozen: bool = False):
+def _add_knobs(cls, scope: str, before: str | None = None, frozen: bool = False, kind: str | None = None):
     """Make `cls` a dataclass with the op table's knobs of `scope` (sslight_dali/augment.py) added to
-    its own fields, before the field `before` (at the end if None). A frozen class (ViewSpec) gets
-    them without defaults; a per-view knob's class default is its local-view default."""
+    its own fields, before the field `before` (at the end if None). A per-view knob's default is the
+    op table's for `kind` (global or local); without a kind it has none (ViewGroup, and the frozen
+    ViewSpec, which gets no field metadata either)."""
     own = dict(cls.__annotations__)
     names = list(own)
     at = names.index(before) if before else len(names)
@@ -69,16 +70,17 @@ def _add_knobs(cls, scope: str, before: str | None = None, frozen: bool = False)
                            **{n: own[n] for n in names[at:]}}
     if not frozen:
         for k in added:
-            setattr(cls, k.name, knob_field(k, "local"))
+            setattr(cls, k.name, knob_field(k, kind))
     return dataclass(frozen=frozen)(cls)
 
 
 class ViewGroup:
     """`count` crops of one resolution; the ops' per-view probabilities (blur_p, solarize_p, ...), one
-    per view or one for all."""
-    count: int = _f(2, 0, 64)
-    size: int = _f(224, 8, 1024, "output side in pixels")
-    scale: list[float] = _list([0.3, 1.0], "RandomResizedCrop area fraction range [min, max]")
+    per view or one for all. No defaults (the kinds differ in all of them): build a GlobalViews or a
+    LocalViews, or give every field."""
+    count: int
+    size: int
+    scale: list[float]
 
     def per_view(self, values: list[float], name: str) -> list[float]:
         if len(values) == 1:
@@ -116,16 +118,35 @@ Augment = _add_knobs(Augment, "augment", before="mean")
 ViewSpec = _add_knobs(ViewSpec, "view", frozen=True)
 
 
-def _group(kind: str, count: int, size: int, scale: list[float]) -> ViewGroup:
-    """A view group with the op table's per-view defaults for `kind` (global or local)."""
-    return ViewGroup(count, size, scale, **{k.name: list(k.default[kind]) for k in knobs("view")})
+_SIZE_HELP = "output side in pixels"
+_SCALE_HELP = "RandomResizedCrop area fraction range [min, max]"
+
+
+class GlobalViews(ViewGroup):
+    """`recipe.global`: the SSLight global views, with the op table's global-view probabilities
+    (blur [1.0, 0.1], solarize [0.0, 0.2]: view 1 always blurred, view 2 sometimes solarized)."""
+    count: int = _f(2, 0, 64)
+    size: int = _f(224, 8, 1024, _SIZE_HELP)
+    scale: list[float] = _list([0.3, 1.0], _SCALE_HELP)
+
+
+class LocalViews(ViewGroup):
+    """`recipe.local`: the SSLight local views, with the op table's local-view probabilities (blur
+    0.5, no solarize)."""
+    count: int = _f(6, 0, 64)
+    size: int = _f(128, 8, 1024, _SIZE_HELP)
+    scale: list[float] = _list([0.05, 0.3], _SCALE_HELP)
+
+
+GlobalViews = _add_knobs(GlobalViews, "view", kind="global")
+LocalViews = _add_knobs(LocalViews, "view", kind="local")
 
 
 @dataclass
 class Recipe:
     name: str = "unnamed"
-    global_: ViewGroup = field(default_factory=lambda: _group("global", 2, 224, [0.3, 1.0]))
-    local: ViewGroup = field(default_factory=lambda: _group("local", 6, 128, [0.05, 0.3]))
+    global_: GlobalViews = field(default_factory=GlobalViews)
+    local: LocalViews = field(default_factory=LocalViews)
     augment: Augment = field(default_factory=Augment)
     loss_weights: list[float] = _list([0.4, 0.6], "LAMBDAS: weight of mean(global-global) and "
                                       "mean(global-local) pair losses")

@@ -7,8 +7,9 @@ import dataclasses
 
 import pytest
 
-from sslight_dali.config import (Augment, Config, ModelCfg, OptimCfg, Recipe, TrainCfg, _deep_merge, find_file,
-                                 load_config, read_chain, read_yaml, shipped_names, to_dict)
+from sslight_dali.config import (Augment, Config, GlobalViews, LocalViews, ModelCfg, OptimCfg, Recipe, TrainCfg,
+                                 ViewGroup, _deep_merge, find_file, load_config, read_chain, read_yaml,
+                                 shipped_names, to_dict)
 from sslight_dali.methods.dino import DinoCfg
 from sslight_dali.methods.moco import MocoCfg
 from sslight_dali.methods.swav import SwavCfg
@@ -105,3 +106,21 @@ def test_only_the_swav_recipes_change_the_photometric_settings():
     own = {r: read_yaml(find_file(r, "pipelines")) for r in RECIPES}
     assert [r for r in RECIPES if "augment" in own[r]] == ["swav_sslight"]
     assert load_config("swav/resnet18_baseline").recipe.augment.hue == 0.2  # through its bases
+
+
+def test_a_view_group_built_directly_has_its_kinds_probabilities():
+    # The reference (sslight-reference.md 1.3, 7.2; DINO/MoCo): global 1 always blurred, never
+    # solarized; global 2 blur 0.1, solarize 0.2; locals blur 0.5, no solarize. A group built in code
+    # (the linear probe's, a test's) gets them without a recipe file.
+    g, loc = GlobalViews(count=2, size=224, scale=[0.3, 1.0]), LocalViews(count=6, size=128, scale=[0.05, 0.3])
+    assert (g.blur_p, g.solarize_p) == ([1.0, 0.1], [0.0, 0.2])
+    assert (loc.blur_p, loc.solarize_p) == ([0.5], [0.0])
+    views = Recipe(global_=g, local=loc).views()
+    assert [(v.name, v.blur_p, v.solarize_p) for v in views] == \
+        [("global1", 1.0, 0.0), ("global2", 0.1, 0.2)] + [(f"local{i}", 0.5, 0.0) for i in range(1, 7)]
+    # the geometry defaults are each kind's too (SSLight CNN: 2 x 224 px at 0.3-1, 6 x 128 px at 0.05-0.3)
+    assert (GlobalViews().count, GlobalViews().size, GlobalViews().scale) == (2, 224, [0.3, 1.0])
+    assert (LocalViews().count, LocalViews().size, LocalViews().scale) == (6, 128, [0.05, 0.3])
+    assert Recipe().global_ == GlobalViews() and Recipe().local == LocalViews()
+    with pytest.raises(TypeError, match="blur_p"):  # a group that does not say its kind gets no guess
+        ViewGroup(count=2, size=224, scale=[0.3, 1.0])

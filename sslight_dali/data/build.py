@@ -8,7 +8,7 @@ import copy
 import torch
 
 from ..augment import OPS
-from ..config import Config, ConfigError, Recipe, ViewGroup
+from ..config import Config, ConfigError, GlobalViews, LocalViews, Recipe
 from ..runtime import torch_dtype
 from .base import load_split, resolve_device
 from .sources import Samples
@@ -31,9 +31,9 @@ def linear_probe_recipe(recipe: Recipe, crop: int) -> Recipe:
     """Supervised linear-probe training views: RandomResizedCrop(crop, 0.08-1, bicubic) + flip only."""
     probe = copy.deepcopy(recipe)
     probe.name = "linear_probe"
-    probe.global_ = ViewGroup(count=1, size=crop, scale=[0.08, 1.0])
-    probe.local = ViewGroup(count=0, size=crop, scale=[0.08, 1.0])
-    for op in OPS:
+    probe.global_ = GlobalViews(count=1, size=crop, scale=[0.08, 1.0])
+    probe.local = LocalViews(count=0, size=crop, scale=[0.08, 1.0])
+    for op in OPS:  # crop and flip only: the other ops' defaults (blur, jitter, ...) go
         if op.name != "flip":
             op.disable(probe)
     return probe
