@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from sslight_dali.cli import main as cli
 from sslight_dali.data import DataError, build_eval_loader, build_train_loader, list_samples
 from sslight_dali.data.sources import check_image
 
@@ -112,6 +113,44 @@ def test_filelist_format(tmp_path, synth_root):
     (tmp_path / "train.txt").write_text("missing.jpg 0\n")
     with pytest.raises(DataError, match="missing.jpg"):
         list_samples(tmp_path, "train", "filelist")
+
+
+@pytest.mark.parametrize("label", ["-1", "1.5", "abc"])
+def test_filelist_label_must_be_a_non_negative_integer(tmp_path, synth_root, label, capsys):
+    files = list_samples(synth_root, "train")
+    lines = ["# path label", f"{files.files[0]} 0", "", f"{files.files[1]} {label}", f"{files.files[2]} 1"]
+    (tmp_path / "train.txt").write_text("\n".join(lines) + "\n")
+    want = f"{tmp_path / 'train.txt'}:4: label '{label}' must be a non-negative integer"
+    with pytest.raises(DataError) as e:
+        list_samples(tmp_path, "train", "filelist")
+    assert str(e.value) == want
+    # The command line: that one line and exit 2.
+    rc = cli(["train", "configs/dino/resnet18_sslight.yaml", f"data.root={tmp_path}", "data.format=filelist",
+              "data.device=cpu", "train.device=cpu", f"train.output_dir={tmp_path / 'out'}"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and err.endswith(want), err
+
+
+def _wds_shard(path, samples, labels):
+    with tarfile.open(path, "w") as tar:
+        for i, label in enumerate(labels):
+            for name, data in ((f"{i:06d}.jpg", samples.read_bytes(i)), (f"{i:06d}.cls", label)):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.mark.parametrize("data, shown", [(b"-1", "'-1'"), (b"1.5", "'1.5'"), (b"abc", "'abc'"),
+                                         (b"\xff", "'\ufffd'")])  # not UTF-8: a replacement character
+def test_webdataset_cls_label_must_be_a_non_negative_integer(tmp_path, synth_root, data, shown):
+    ref = list_samples(synth_root, "train")
+    (tmp_path / "train").mkdir()
+    _wds_shard(tmp_path / "train" / "0000.tar", ref, [b"0", data, b"2"])
+    with pytest.raises(DataError) as e:
+        list_samples(tmp_path, "train", "webdataset")
+    assert str(e.value) == f"{tmp_path / 'train' / '0000.tar'}:000001.cls: label {shown} must be a non-negative integer"
+    _wds_shard(tmp_path / "train" / "0000.tar", ref, [b"0", b" 3\n", b"2"])  # whitespace around it is fine
+    assert list_samples(tmp_path, "train", "webdataset").labels == [0, 3, 2]
 
 
 def test_webdataset_format(tmp_path, synth_root, make_cfg):

@@ -130,6 +130,14 @@ def _folder(root: Path, split: str) -> Samples:
     return Samples(files, [0] * len(files), [], str(d))
 
 
+def parse_label(text: str, where: str) -> int:
+    """A class index as written in a file list or a .cls member. A negative one (often -1 for
+    "unlabelled") or a non-integer would fail much later, inside the loss or the kNN vote."""
+    if re.fullmatch(r"[0-9]+", text) is None:
+        raise DataError(f"{where}: label {text!r} must be a non-negative integer")
+    return int(text)
+
+
 def _filelist(root: Path, split: str) -> Samples:
     path = root / f"{split}.txt"
     if not path.is_file():
@@ -139,11 +147,11 @@ def _filelist(root: Path, split: str) -> Samples:
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         parts = line.rsplit(maxsplit=1)
-        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+        if len(parts) != 2:
             raise DataError(f"{path}:{n}: expected 'path label', got {line!r}")
+        labels.append(parse_label(parts[1], f"{path}:{n}"))
         p = Path(parts[0])
         files.append(str(p if p.is_absolute() else root / p))
-        labels.append(int(parts[1]))
     missing = [f for f in files if not Path(f).is_file()]
     if missing:
         raise DataError(f"{path}: {len(missing)} listed files do not exist, e.g. {missing[:3]}")
@@ -172,7 +180,8 @@ def _webdataset(root: Path, split: str) -> Samples:
                     if "." + ext.lower() in IMG_EXTENSIONS:
                         images[key] = (m.name, m.offset_data, m.size)
                     elif ext.lower() == "cls":
-                        cls[key] = int(tar.extractfile(m).read().decode().strip())
+                        text = tar.extractfile(m).read().decode(errors="replace").strip()
+                        cls[key] = parse_label(text, f"{shard}:{m.name}")
                 end = tar.offset
             if why is None and not _has_end_marker(shard, end):
                 # tarfile stops quietly at a header that is not there: a tar cut between members
