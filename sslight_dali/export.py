@@ -5,12 +5,14 @@ export: the student (or teacher) backbone of a training checkpoint, alone, in th
   torchvision `resnet18/34()` / `mobilenet_v2()` load it with only `fc.*` / `classifier.*` missing;
   detectron2  the pickle Detectron2's checkpointer reads for an R18/R34 `build_resnet_backbone`
               ({"model": numpy arrays, "__author__", "matching_heuristics": True}), named as MoCo's
-              and Detectron2's own torchvision converters name them.
-  and a JSON sidecar (FILE.json) that says what the weights are and how to feed them.
+              and Detectron2's own torchvision converters name them; FILE must end in .pkl.
+  and a JSON sidecar (FILE.json) that says what the weights are and how to feed them (for detectron2
+  also the config keys it needs, under "detectron2").
 
-import-reference: the reference code's released checkpoints, mapped by name (the reference itself
-  matches keys by position, which fails silently) onto the timm backbones, written as a checkpoint that
-  `load_pretrained` accepts, so `sslight eval` and `sslight export` take it like one of ours.
+import-reference: checkpoints the reference's trainer writes (its released files among them), read
+  without running code from them, mapped by name (the reference itself matches keys by position,
+  which fails silently) onto the timm backbones, written as a checkpoint that `load_pretrained`
+  accepts, so `sslight eval` and `sslight export` take it like one of ours.
 
 All key maps are functions of one key, built from the timm model's own key list, so every key is
 accounted for in both directions.
@@ -23,6 +25,7 @@ import os
 import pickle
 import sys
 import types
+import zipfile
 from pathlib import Path
 
 import torch
@@ -136,9 +139,26 @@ def exported_state(backbone: torch.nn.Module, name: str, fmt: str) -> dict:
     return out
 
 
-def sidecar(pre, fmt: str, source: Path) -> dict:
-    cfg = pre.cfg
+def detectron2_settings(pre, out: Path) -> dict:
+    """The Detectron2 config keys these weights need, as `cfg.merge_from_list` takes them: torchvision-style
+    RGB input normalised on 0-255 pixels (Detectron2 normalises before the backbone), and the R18/R34 ResNet
+    (BasicBlock stages, which build_resnet_backbone accepts only with RES2_OUT_CHANNELS 64)."""
+    aug = pre.cfg.recipe.augment
     return {
+        "MODEL.WEIGHTS": str(out.resolve()),
+        "MODEL.PIXEL_MEAN": [round(m * 255, 6) for m in aug.mean],
+        "MODEL.PIXEL_STD": [round(x * 255, 6) for x in aug.std],
+        "INPUT.FORMAT": "RGB",
+        "MODEL.RESNETS.DEPTH": int(pre.cfg.model.backbone[len("resnet"):]),
+        "MODEL.RESNETS.RES2_OUT_CHANNELS": 64,
+        "MODEL.RESNETS.STEM_OUT_CHANNELS": 64,
+        "MODEL.RESNETS.STRIDE_IN_1X1": False,  # torchvision's convention (Detectron2's converter sets it)
+    }
+
+
+def sidecar(pre, fmt: str, source: Path, out: Path) -> dict:
+    cfg = pre.cfg
+    meta = {
         "arch": cfg.model.backbone, "timm_name": cfg.model.backbone, "feature_dim": int(pre.backbone.num_features),
         "method": cfg.method, "recipe": cfg.data.recipe, "epoch": pre.epoch, "step": pre.step,
         "weights": pre.weights, "format": fmt,
@@ -146,6 +166,9 @@ def sidecar(pre, fmt: str, source: Path) -> dict:
         "input_size": [3, cfg.eval.crop, cfg.eval.crop], "resize": cfg.eval.resize, "interpolation": "bicubic",
         "source_checkpoint": str(source.resolve()),
     }
+    if fmt == "detectron2":
+        meta["detectron2"] = detectron2_settings(pre, out)
+    return meta
 
 
 def _write(path: Path, write_fn) -> Path:
@@ -195,6 +218,10 @@ def _first_line(e: Exception) -> str:
 def export(checkpoint, out, fmt: str = "timm", weights: str = "student") -> dict:
     """Write the backbone (`fmt` key names) to `out` and its sidecar to `out`.json; returns the sidecar."""
     checkpoint, out = Path(checkpoint), Path(out)
+    if fmt == "detectron2" and out.suffix != ".pkl":
+        raise ExportError(f"--out {out}: --format detectron2 needs a name ending in .pkl: Detectron2's "
+                          "DetectionCheckpointer reads a file as a pickle only when its name ends in .pkl "
+                          "(any other it hands to torch.load, which fails)")
     if weights not in WEIGHTS:
         raise ExportError(f"--weights must be one of {WEIGHTS}, got {weights!r}")
     _check_out(out, checkpoint, with_sidecar=True)
@@ -206,7 +233,7 @@ def export(checkpoint, out, fmt: str = "timm", weights: str = "student") -> dict
                               f"first: sslight import-reference {checkpoint} --out FILE") from None
         raise ckpt.CheckpointError(_first_line(e)) from None
     state = exported_state(pre.backbone, pre.cfg.model.backbone, fmt)
-    meta = sidecar(pre, fmt, checkpoint)
+    meta = sidecar(pre, fmt, checkpoint, out)
     if fmt == "detectron2":
         save = lambda f: pickle.dump(state, f)  # noqa: E731  Detectron2 reads .pkl with pickle
     else:
@@ -219,25 +246,38 @@ def export(checkpoint, out, fmt: str = "timm", weights: str = "student") -> dict
 # --------------------------------------------------------------------------------------------
 # import-reference
 # --------------------------------------------------------------------------------------------
-# The reference pickles its yacs CfgNode (a dict subclass) into the checkpoint. torch.load's safe
-# (weights_only) unpickler refuses it, and a plain unpickler would run whatever code the file names.
-# So the file is read with an unpickler that builds tensors, containers and numbers only, and reads a
-# CfgNode as a plain dict: anything else is refused by name.
+# The reference's trainer (src/sslight/engine/trainer.py save_checkpoint) writes
+#   {"config": fvcore CfgNode, "epoch", "steps", "state_dict" (DDP: "module." keys), "optimizer",
+#    "loss" (DINO: its center buffer), "fp16_scaler" (optional)}
+# with torch.save. torch.load's safe (weights_only) unpickler refuses the CfgNode, and a plain unpickler
+# would run whatever code a file names. So the file is read with an unpickler that builds tensors,
+# containers and numbers only: a CfgNode (a dict subclass) becomes a plain dict, anything not listed
+# here is refused by name.
 class _CfgNode(dict):
-    pass
+    """A yacs/fvcore CfgNode read as a dict. Pickle restores the node's own attributes (__immutable__,
+    __deprecated_keys__, ...) through BUILD: they are kept as data in `node_state`, never applied."""
+
+    def __setstate__(self, state):
+        self.node_state = state
 
 
+CFG_NODES = {("yacs.config", "CfgNode"), ("fvcore.common.config", "CfgNode")}
 SAFE_GLOBALS = {
-    ("collections", "OrderedDict"), ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter"),
-    ("torch._utils", "_rebuild_parameter_with_state"), ("torch", "Size"), ("torch", "device"),
+    ("collections", "OrderedDict"), ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor_v3"),
+    ("torch._utils", "_rebuild_parameter"), ("torch._utils", "_rebuild_parameter_with_state"), ("torch", "Size"),
+    ("torch", "device"),
+    # a CfgNode's __deprecated_keys__ is a set; protocol 2 names builtins by their Python 2 module
+    ("builtins", "set"), ("__builtin__", "set"), ("builtins", "frozenset"), ("__builtin__", "frozenset"),
+    # numpy scalars (the trainer's LR and weight decay in the optimizer's param_groups) and arrays
     ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"), ("numpy", "dtype"),
-    ("_codecs", "encode"),  # numpy scalars (e.g. a best accuracy) pickle their bytes through it
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"), ("numpy", "ndarray"),
+    ("_codecs", "encode"),  # numpy scalars pickle their bytes through it
 }
 
 
 class _ReferenceUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
-        if (module, name) == ("yacs.config", "CfgNode"):
+        if (module, name) in CFG_NODES:
             return _CfgNode
         if (module, name) in SAFE_GLOBALS or (module == "numpy" and name.endswith("DType")):
             return super().find_class(module, name)
@@ -247,20 +287,66 @@ class _ReferenceUnpickler(pickle.Unpickler):
 _reference_pickle = types.SimpleNamespace(Unpickler=_ReferenceUnpickler, load=pickle.load, __name__="reference_pickle")
 
 
+def _not_torch_file(path: Path) -> str | None:
+    """Why `path` cannot be a torch.save file, judged from its bytes without loading it; None if it may be one.
+    torch.save writes a zip archive holding <name>/data.pkl, or (legacy format) a pickle whose first object is
+    torch's magic number."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if not head:
+            return "the file is empty"
+        if head.startswith(b"PK"):
+            if not zipfile.is_zipfile(f):
+                return "a truncated or damaged zip archive (no zip directory at its end)"
+            try:
+                with zipfile.ZipFile(f) as z:
+                    names = z.namelist()
+            except (zipfile.BadZipFile, OSError, ValueError) as e:
+                return f"a damaged zip archive ({_first_line(e)})"
+            if not any(n.count("/") == 1 and n.endswith("/data.pkl") for n in names):
+                return "a zip archive without the data.pkl that torch.save writes"
+            return None
+        if head[0] != 0x80:  # every pickle of protocol 2 or later starts with PROTO
+            return f"neither a zip archive nor a pickle (it starts with {head!r})"
+        f.seek(0)
+        try:
+            first = _ReferenceUnpickler(f).load()
+        except pickle.UnpicklingError as e:
+            if not str(e).startswith("refusing to load"):
+                return f"neither a zip archive nor a pickle ({_first_line(e)})"
+            first = None  # a pickle of classes we do not load
+        except Exception as e:  # noqa: BLE001  random bytes fail in many ways
+            return f"neither a zip archive nor a pickle ({_first_line(e)})"
+        if first != torch.serialization.MAGIC_NUMBER:
+            return "a pickle, but not one torch.save wrote (no torch magic number first)"
+    return None
+
+
 def load_reference(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"reference checkpoint not found: {path}")
+    why = _not_torch_file(path)
+    if why:
+        raise ckpt.CheckpointError(f"{path}: not a PyTorch checkpoint: {why}")
     try:  # torch's wrapper resolves storage types itself and asks our find_class for everything else
         return torch.load(path, map_location="cpu", pickle_module=_reference_pickle, weights_only=False)
     except Exception as e:  # noqa: BLE001  torch raises several types for foreign files
-        raise ckpt.CheckpointError(f"{path}: cannot load ({_first_line(e)})") from None
+        msg = _first_line(e)
+        if isinstance(e, EOFError) or any(s in msg for s in ("truncated", "unexpected EOF", "Ran out of input")):
+            raise ckpt.CheckpointError(f"{path}: not a PyTorch checkpoint: truncated (its data ends early)") from None
+        raise ckpt.CheckpointError(f"{path}: cannot load ({msg})") from None
 
 
 def _plain(x):
+    """Nested dicts, lists and JSON scalars: what the reference config holds, without its classes."""
     if isinstance(x, dict):
         return {str(k): _plain(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [_plain(v) for v in x]
+    if isinstance(x, (set, frozenset)):
+        return sorted((_plain(v) for v in x), key=repr)
+    if hasattr(x, "item") and getattr(x, "shape", None) == ():  # numpy / torch scalars
+        x = x.item()
     return x if isinstance(x, (str, int, float, bool, type(None))) else str(x)
 
 
@@ -273,8 +359,21 @@ def _looks_like_reference(path: Path) -> bool:
     return isinstance(sd, dict) and any(k.startswith("module.") and ".backbone." in k for k in sd)
 
 
+def _queue_file(obj, path: Path) -> str | None:
+    """The error for a SwAV queue file (the trainer's OUTPUT_DIR/queue<rank>.pth, {"queue": tensor}), else None."""
+    if not (isinstance(obj, dict) and "queue" in obj and "state_dict" not in obj):
+        return None
+    found = sorted(str(p) for d in (path.parent / "checkpoints", path.parent) if d.is_dir() for p in d.glob("*.pth.tar"))
+    beside = f"e.g. {found[0]}" if found else "SWAV_<arch>_last_ckpt.pth.tar, in checkpoints/ beside it"
+    return (f"{path}: a SwAV queue file (the features SwAV keeps between epochs), not a model checkpoint; "
+            f"import the run's *.pth.tar checkpoint instead ({beside})")
+
+
 def _reference_state(obj, path: Path) -> tuple[dict, str]:
     """(state dict, the prefix it uses for DDP: 'module.' or '') out of a reference checkpoint."""
+    queue = _queue_file(obj, path)
+    if queue:
+        raise ExportError(queue)
     sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(sd, dict) or not any(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ckpt.CheckpointError(f"{path}: no 'state_dict' of tensors: not a reference SSLight checkpoint")
@@ -337,12 +436,60 @@ def shipped_config(method: str, backbone: str, variant: str) -> Path:
                           "name one with --config") from None
 
 
+# The reference's view sampling (its config's MULTI_VIEWS_TRANSFORMS) and, for each, where our config has it:
+# the only settings in which a method's baseline and sslight runs differ (reference spec §1.3, §1.6).
+VIEW_KEYS = {"GLOBAL_CROPS_SCALE": lambda r: r.global_.scale, "LOCAL_CROPS_SCALE": lambda r: r.local.scale,
+             "LOCAL_CROPS_NUMBER": lambda r: r.local.count, "LOCAL_CROP_SIZE": lambda r: r.local.size,
+             "LAMBDAS": lambda r: r.loss_weights}
+VARIANTS = ("baseline", "sslight")
+
+
+def _numbers(value) -> list[float] | None:
+    values = value if isinstance(value, (list, tuple)) else [value]
+    ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    return [float(v) for v in values] if ok and values else None
+
+
+def _describe_views(v: dict) -> str:
+    (g0, g1), (l0, l1), (n,), (size,), (w0, w1) = (v[k] for k in VIEW_KEYS)
+    return (f"global scale ({g0!r}, {g1!r}), local scale ({l0!r}, {l1!r}), {n:.0f} x {size:.0f} px locals, "
+            f"LAMBDAS [{w0!r}, {w1!r}]")
+
+
+def choose_config(method: str, backbone: str, reference_cfg, path: Path) -> tuple[Path, str]:
+    """(shipped config, why): the variant whose view sampling equals the file's reference config; the file
+    name (`baseline`/`sslight` in it, as in the released files) only when the file has no config."""
+    stem = f"{method}/{CONFIG_STEM[backbone]}"
+    if not reference_cfg:
+        named = [v for v in VARIANTS if v in path.name.lower()]
+        if len(named) != 1:
+            raise ExportError(f"{path}: the file has no reference config and its name says neither 'baseline' nor "
+                              "'sslight'; name the config to store with --config FILE")
+        return shipped_config(method, backbone, named[0]), f"the file has no config; its name says {named[0]}"
+    views = reference_cfg.get("MULTI_VIEWS_TRANSFORMS") if isinstance(reference_cfg, dict) else None
+    got = {}
+    for key in VIEW_KEYS:
+        got[key] = _numbers(views.get(key)) if isinstance(views, dict) else None
+        if got[key] is None or len(got[key]) != (2 if key.endswith(("SCALE", "LAMBDAS")) else 1):
+            raise ExportError(f"{path}: its reference config has no usable MULTI_VIEWS_TRANSFORMS.{key}; "
+                              "name the config to store with --config FILE")
+    for variant in VARIANTS:
+        cfg_path = shipped_config(method, backbone, variant)
+        recipe = load_config(cfg_path).recipe
+        want = {k: _numbers(f(recipe)) for k, f in VIEW_KEYS.items()}
+        if all(len(got[k]) == len(want[k]) and all(abs(a - b) <= 1e-6 for a, b in zip(got[k], want[k]))
+               for k in VIEW_KEYS):
+            return cfg_path, f"the file's reference config has {_describe_views(got)}"
+    raise ExportError(f"{path}: its reference config ({_describe_views(got)}) matches neither {stem}_baseline nor "
+                      f"{stem}_sslight; name the config to store with --config FILE")
+
+
 def import_reference(src, out, config: str | None = None) -> dict:
     """Map a reference checkpoint onto this project's layout; returns a summary.
 
     The stored config (what `sslight eval` and the export sidecar read) is `config`, or else the shipped
-    configs/<method>/<backbone>_<variant>.yaml, where variant is `baseline` if the file name says so
-    (the released files are named *_baseline.pth.tar / *_sslight.pth.tar) and `sslight` otherwise.
+    configs/<method>/<backbone>_{baseline,sslight}.yaml whose view sampling the file's own reference config
+    states (choose_config). The summary says which and why (`config_reason`).
     """
     src, out = Path(src), Path(out)
     _check_out(out, src, with_sidecar=False)
@@ -353,24 +500,30 @@ def import_reference(src, out, config: str | None = None) -> dict:
     model = {student + k: v for k, v in map_reference(sd, ddp + student, backbone, src).items()}
     if teacher is not None:
         model.update({teacher + k: v for k, v in map_reference(sd, ddp + teacher, backbone, src).items()})
-    cfg_path = Path(config) if config else shipped_config(method, backbone,
-                                                          "baseline" if "baseline" in src.name else "sslight")
+    meta = obj if isinstance(obj, dict) and "state_dict" in obj else {}
+    reference_cfg = _plain(meta.get("config") or {})
+    if config:
+        cfg_path, reason = Path(config), "given with --config"
+    else:
+        cfg_path, reason = choose_config(method, backbone, reference_cfg, src)
     cfg = load_config(cfg_path)
     if (cfg.method, cfg.model.backbone) != (method, backbone):
         raise ExportError(f"--config {cfg_path}: is {cfg.method} {cfg.model.backbone}, "
                           f"the checkpoint is {method} {backbone}")
-    meta = obj if isinstance(obj, dict) and "state_dict" in obj else {}
     state = {
         "model": model, "config": to_dict(cfg),
         "epoch": int(meta.get("epoch", 0) or 0), "step": int(meta.get("steps", 0) or 0),
-        "imported_from": {"path": str(src.resolve()), "config": str(cfg_path),
-                          "reference_config": _plain(meta.get("config", {}))},
+        "imported_from": {"path": str(src.resolve()), "config": str(cfg_path), "config_reason": reason,
+                          "reference_config": reference_cfg},
     }
     buf = io.BytesIO()
     torch.save(state, buf)
     write_files({out: lambda f: f.write(buf.getvalue())})
     return {"method": method, "backbone": backbone, "teacher": teacher is not None, "config": str(cfg_path),
-            "epoch": state["epoch"], "step": state["step"], "keys": len(model), "out": str(out)}
+            "config_reason": reason, "epoch": state["epoch"], "step": state["step"], "keys": len(model),
+            # the trainer's optimizer, DINO loss center, fp16 scaler, ...: read, not carried over
+            "not_imported": sorted(k for k in meta if k not in ("state_dict", "config", "epoch", "steps")),
+            "out": str(out)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -384,6 +537,10 @@ def export_main(args) -> int:
 
 
 def import_main(args) -> int:
-    print(json.dumps(import_reference(args.file, args.out, args.config), indent=2))
+    summary = import_reference(args.file, args.out, args.config)
+    print(json.dumps(summary, indent=2))
+    name = Path(summary["config"])
+    shown = f"{name.parent.name}/{name.stem}" if not args.config else str(name)
+    print(f"config {shown}: {summary['config_reason']}", file=sys.stderr)
     return 0
 

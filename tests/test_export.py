@@ -5,13 +5,12 @@ a teacher that differs from the student, saved with the fields a training checkp
 """
 import json
 import pickle
-import sys
-import types
 
 import pytest
 import timm
 import torch
 import torchvision
+import yacs.config
 from torch import nn
 from torch.nn import functional as F
 
@@ -177,6 +176,33 @@ def test_detectron2_export_follows_detectron2_names(backbone, depth, checkpoints
     d2.load_state_dict({k: torch.from_numpy(v) for k, v in obj["model"].items()}, strict=True)
     torch.testing.assert_close(features(d2, 64), features(ours, 64), atol=1e-5, rtol=0)
 
+    # The sidecar's Detectron2 settings: pixel mean/std on Detectron2's 0-255 scale, RGB, the R18/R34 ResNet.
+    settings = json.loads((tmp_path / "d2.pkl.json").read_text())["detectron2"]
+    aug = load_config(CASES[backbone][0]).recipe.augment
+    assert settings["MODEL.PIXEL_MEAN"] == pytest.approx([255 * m for m in aug.mean], abs=1e-6)
+    assert settings["MODEL.PIXEL_STD"] == pytest.approx([255 * s for s in aug.std], abs=1e-6)
+    assert settings["MODEL.PIXEL_MEAN"] == pytest.approx([123.675, 116.28, 103.53], abs=1e-6)  # torchvision's, x255
+    assert (settings["INPUT.FORMAT"], settings["MODEL.RESNETS.DEPTH"], settings["MODEL.RESNETS.RES2_OUT_CHANNELS"],
+            settings["MODEL.RESNETS.STEM_OUT_CHANNELS"], settings["MODEL.WEIGHTS"]) == ("RGB", depth, 64, 64, str(out))
+    # They merge into a Detectron2-style config (the keys and value types of Detectron2's defaults) as the
+    # README says: cfg.merge_from_list over the sidecar's items.
+    cfg = yacs.config.CfgNode({"MODEL": {"WEIGHTS": "", "PIXEL_MEAN": [103.53, 116.28, 123.675],
+                                         "PIXEL_STD": [1.0, 1.0, 1.0],
+                                         "RESNETS": {"DEPTH": 50, "RES2_OUT_CHANNELS": 256, "STEM_OUT_CHANNELS": 64,
+                                                     "STRIDE_IN_1X1": True}},
+                               "INPUT": {"FORMAT": "BGR"}})
+    cfg.merge_from_list([x for item in settings.items() for x in item])
+    assert (cfg.MODEL.RESNETS.DEPTH, cfg.MODEL.RESNETS.RES2_OUT_CHANNELS, cfg.INPUT.FORMAT) == (depth, 64, "RGB")
+    assert cfg.MODEL.PIXEL_STD == settings["MODEL.PIXEL_STD"] and cfg.MODEL.RESNETS.STRIDE_IN_1X1 is False
+
+
+def test_detectron2_export_needs_a_pkl_name(checkpoints, tmp_path, capsys):
+    for out in (tmp_path / "r18.pth", tmp_path / "new" / "r18.pkl.pth", tmp_path / "r18"):
+        assert run("export", checkpoints["resnet18"], "--out", out, "--format", "detectron2") == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"--out {out}" in err and ".pkl" in err and "DetectionCheckpointer" in err
+    assert listing(tmp_path) == []  # nothing written, no folder made
+
 
 @pytest.mark.parametrize("backbone,fmt", [("vit_tiny_patch16_224", "torchvision"),
                                           ("vit_tiny_patch16_224", "detectron2"), ("mobilenetv2_100", "detectron2")])
@@ -278,29 +304,6 @@ def test_import_reference_cnn_maps_back_exactly(kind, tmp_path):
     assert run("export", tmp_path / "imp.pt", "--out", tmp_path / "e.pth", "--format", "torchvision") == 0
 
 
-def test_import_reference_vit_and_its_yacs_config(tmp_path, monkeypatch):
-    vit = timm.create_model("vit_tiny_patch16_224", num_classes=0)
-    # The reference pickles its yacs CfgNode (a dict subclass) into the checkpoint; yacs is not installed here.
-    yacs, yacs_config = types.ModuleType("yacs"), types.ModuleType("yacs.config")
-    CfgNode = types.new_class("CfgNode", (dict,))
-    CfgNode.__module__ = "yacs.config"
-    yacs_config.CfgNode = CfgNode
-    monkeypatch.setitem(sys.modules, "yacs", yacs)
-    monkeypatch.setitem(sys.modules, "yacs.config", yacs_config)
-    src = tmp_path / "dino_vitt16_sslight.pth.tar"
-    sd = {f"module.student.backbone.{k}": v for k, v in vit.state_dict().items()}
-    cfg = CfgNode({"MODEL": CfgNode({"ARCH": "vit_tiny"}), "SOLVER": CfgNode({"BASE_LR": 0.0005})})
-    torch.save({"state_dict": sd, "config": cfg, "epoch": 100, "steps": 125100}, src)
-    monkeypatch.delitem(sys.modules, "yacs.config")
-    monkeypatch.delitem(sys.modules, "yacs")
-    assert run("import-reference", src, "--out", tmp_path / "imp.pt") == 0
-    state = ckpt.load(tmp_path / "imp.pt")
-    assert state["imported_from"]["reference_config"] == {"MODEL": {"ARCH": "vit_tiny"}, "SOLVER": {"BASE_LR": 0.0005}}
-    pre = load_pretrained(tmp_path / "imp.pt")
-    assert pre.cfg.model.backbone == "vit_tiny_patch16_224" and pre.cfg.data.recipe.endswith("sslight.yaml")
-    assert all(torch.equal(v, sd["module.student.backbone." + k]) for k, v in pre.backbone.state_dict().items())
-
-
 class CallsOnLoad:
     def __reduce__(self):
         import os
@@ -350,6 +353,7 @@ def test_import_reference_config_option(tmp_path, capsys):
     base, moco = "configs/dino/resnet18_baseline.yaml", "configs/moco/resnet18_sslight.yaml"
     assert run("import-reference", src, "--out", tmp_path / "a.pt", "--config", base) == 0
     assert load_pretrained(tmp_path / "a.pt").cfg.data.recipe.endswith("baseline.yaml")  # not what the name says
+    assert capsys.readouterr().err.strip() == f"config {base}: given with --config"
     assert run("import-reference", src, "--out", tmp_path / "b.pt", "--config", moco) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--config configs/moco/resnet18_sslight.yaml" in err
