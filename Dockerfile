@@ -2,7 +2,8 @@
 #
 # The NGC PyTorch image already ships torch, torchvision, NVIDIA DALI (the CUDA 13 build) and NVIDIA
 # apex, built together for its CUDA/cuDNN. They are NOT reinstalled here. Everything else in
-# requirements.txt (the same pinned file `make` installs) is installed at its pin.
+# requirements.txt is installed at its pin, under the same constraints.txt that `make` uses (less the
+# lines for what the image builds together: torch, torchvision, triton and the NVIDIA/CUDA libraries).
 #
 # Build and run (the "video" capability exposes the hardware JPEG decoder of A100/H100 to DALI):
 #   docker build -t sslight-dali .
@@ -17,13 +18,16 @@ ENV PIP_NO_CACHE_DIR=1 \
 
 WORKDIR /workspace
 
-# Dependencies first (a cached layer). The grep drops exactly the lines the base image provides
+# Dependencies first (a cached layer). The first grep drops exactly the lines the base image provides
 # (torch, torchvision, nvidia-dali-cuda*); every other pinned line of requirements.txt is installed.
+# The second keeps the constraints off what the base image built together with torch, so pip never
+# replaces its torch or CUDA libraries to satisfy a pin.
 # Never `pip install apex`: the PyPI package of that name is unrelated to NVIDIA apex.
-COPY requirements.txt ./
+COPY requirements.txt constraints.txt ./
 RUN grep -vE '^(torch|torchvision|nvidia-dali-cuda[0-9]+)==' requirements.txt > /tmp/requirements-image.txt \
- && pip install -r /tmp/requirements-image.txt \
- && rm /tmp/requirements-image.txt
+ && grep -viE '^(torch|torchvision|triton|nvidia-[a-z0-9-]+|cuda-[a-z-]+)==' constraints.txt > /tmp/constraints-image.txt \
+ && pip install -r /tmp/requirements-image.txt -c /tmp/constraints-image.txt \
+ && rm /tmp/requirements-image.txt /tmp/constraints-image.txt
 
 # This package, with the shipped configs and recipes inside it (`sslight train dino/resnet18_sslight`
 # works from any folder, the repository paths `configs/...` too), without touching the dependencies

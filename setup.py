@@ -26,6 +26,7 @@ setup(
         "tensorboard>=2.14",
         "matplotlib>=3.7",
     ],
-    extras_require={"test": ["pytest>=8.0"]},
+    # tests: the runner, and yacs/fvcore for the reference checkpoints built in tests/test_export.py
+    extras_require={"test": ["pytest>=8.0", "yacs>=0.1.8", "fvcore>=0.1.5"]},
     entry_points={"console_scripts": ["sslight=sslight_dali.cli:main"]},
 )

@@ -290,12 +290,81 @@ def test_core_packages_pinned_exactly(prefix):
     Version(specs[0].version)  # a concrete version, no wildcard
 
 
-def test_makefile_installs_the_same_requirements_file():
+def constraint_files(args: list[str]) -> list[str]:
+    it = iter(args)
+    return [next(it) if a in ("-c", "--constraint") else a.split("=", 1)[1]
+            for a in it if a in ("-c", "--constraint") or a.startswith("--constraint=")]
+
+
+def _venv_installs() -> list[list[str]]:
+    """The arguments of each `$(PY) -m pip install` in the recipe that builds the venv."""
     recipe = [ln.strip() for ln in (REPO / "Makefile").read_text().splitlines()]
     installs = [pip_install_args(shlex.split(ln)[2:] if ln.startswith("$(PY) -m pip") else [])
                 for ln in recipe]
-    files = [f for a in installs if a for f in split_pip_args(a)[0]]
-    assert files == ["requirements.txt"], recipe
+    return [a for a in installs if a]
+
+
+def test_makefile_installs_the_same_requirements_file():
+    installs = _venv_installs()
+    files = [f for a in installs for f in split_pip_args(a)[0]]
+    assert files == ["requirements.txt"], installs
+    # every install that resolves packages (all but this package's own --no-deps one) is constrained
+    for a in installs:
+        if "--no-deps" not in split_pip_args(a)[2]:
+            assert constraint_files(a) == ["constraints.txt"], a
+
+
+def _pins(path: Path) -> dict[str, str]:
+    pins = {}
+    for ln in requirement_lines(path.read_text()):
+        r = Requirement(ln)
+        specs = list(r.specifier)
+        assert len(specs) == 1 and specs[0].operator == "==", f"{path.name}: {ln} is not an exact pin"
+        pins[canonicalize_name(r.name)] = specs[0].version
+    return pins
+
+
+def test_requirements_and_constraints_agree_and_pin_exactly():
+    reqs, cons = _pins(REQUIREMENTS), _pins(REPO / "constraints.txt")
+    for name, version in reqs.items():
+        assert cons.get(name) == version, f"{name}: requirements.txt {version}, constraints.txt {cons.get(name)}"
+    assert "pip" in cons  # `make` upgrades pip to the pinned one, not to whatever is newest
+
+
+def test_constraints_cover_every_package_the_requirements_pull_in():
+    """Walk the installed dependency closure of requirements.txt (the environment running these tests,
+    which `make test` built from the two files): every package in it is pinned, at the version here."""
+    from importlib import metadata
+    cons = _pins(REPO / "constraints.txt")
+    seen, todo = set(), [(n, frozenset()) for n in _pins(REQUIREMENTS)]
+    while todo:
+        name, extras = todo.pop()
+        if (name, extras) in seen:
+            continue
+        seen.add((name, extras))
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            pytest.skip(f"{name} is not installed here: run from the venv `make test` builds")
+        assert cons.get(name) == dist.version, f"{name} {dist.version} is installed, constraints.txt pins {cons.get(name)}"
+        for spec in dist.requires or []:
+            r = Requirement(spec)
+            if r.marker is None or any(r.marker.evaluate({"extra": e}) for e in (extras or {""})):
+                todo.append((canonicalize_name(r.name), frozenset(r.extras)))
+
+
+def test_image_constrains_everything_but_what_the_base_image_builds(commands, pip_installs):
+    grep = [c for c in commands if c["argv"] and Path(c["argv"][0]).name == "grep" and "constraints.txt" in c["argv"]]
+    assert len(grep) == 1 and grep[0]["stdout"], grep
+    installs = [a for a in (pip_install_args(c["argv"]) for c in commands) if a]
+    req_install = [a for a in installs if _filter_command(commands)["stdout"] in split_pip_args(a)[0]]
+    assert len(req_install) == 1 and constraint_files(req_install[0]) == [grep[0]["stdout"]], req_install
+    cons = _pins(REPO / "constraints.txt")
+    kept = {canonicalize_name(Requirement(ln).name) for ln in _run_filter(grep[0]["argv"])}
+    dropped = set(cons) - kept
+    built_with_torch = {n for n in cons if n in ("torch", "torchvision", "triton") or n.startswith(("nvidia-", "cuda-"))}
+    assert dropped == built_with_torch, (sorted(dropped ^ built_with_torch))
+    assert {"numpy", "pillow", "timm"} <= kept
 
 
 def test_setup_py_names_the_same_packages_as_ranges():
