@@ -235,9 +235,12 @@ class DataCfg:
         "help": "where view sampling runs; auto = the GPU if there is one", "aliases": {"cuda": "gpu"}})
     num_threads: int = _f(4, 1, 256, help="DALI CPU threads / torchvision workers per process")
     prefetch: int = _f(2, 1, 16, help="DALI prefetch queue depth")
-    pipelines: int = _f(1, 1, 16, help="DALI training pipelines per process, taking turns batch by batch, each with "
-                        "num_threads/pipelines threads: fills the cores DALI's one-operator-at-a-time CPU execution "
-                        "leaves idle (2 on a CPU-only node: 5-9 percent more img/s on 2 cores; `sslight bench tune` sweeps it)")
+    pipelines: int | Literal["auto"] = _f("auto", 1, 16, help=(
+        "DALI training pipelines per process, taking turns batch by batch, each with num_threads/pipelines threads: "
+        "fills the cores DALI's one-operator-at-a-time CPU execution leaves idle. auto = 1 where the DALI pipeline "
+        "runs on the GPU (its operators are GPU kernels); on the CPU 2 when data.num_threads >= 2 (what `sslight "
+        "bench tune` found best on a 2-core node), else 1; a resumed run keeps its checkpoint's count. The run's "
+        "config.yaml and bench records show the count used; `sslight bench tune` sweeps it"))
     hw_decoder_load: float = _f(0.65, 0.0, 1.0, "share of JPEGs sent to the hardware decoder (A100/H100)")
     skip_bad_files: bool = field(default=False, metadata={"help": "exclude undecodable files up front (counted and logged) instead of failing"})
     verify_cache: str = field(default="auto", metadata={
@@ -392,6 +395,14 @@ def _resolved_type(cls, f):
 
 def _check_value(path: str, value, tp, meta):
     origin = typing.get_origin(tp)
+    if origin is typing.Union:  # a number or a word (data.pipelines: int | Literal["auto"])
+        words = [w for arm in typing.get_args(tp) if typing.get_origin(arm) is Literal for w in typing.get_args(arm)]
+        (number,) = [arm for arm in typing.get_args(tp) if typing.get_origin(arm) is not Literal]
+        if isinstance(value, str):
+            if value not in words:
+                raise ConfigError(f"{path}: {value!r} is not allowed; give a number or one of {words}")
+            return value
+        return _check_value(path, value, number, meta)
     if origin is Literal or "choices" in meta:
         allowed = meta["choices"]() if "choices" in meta else typing.get_args(tp)
         # An old spelling still read (train.device: cuda, from before devices were named gpu/cpu).

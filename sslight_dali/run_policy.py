@@ -147,7 +147,12 @@ RESUME_KEYS = ("method", "model.backbone", "optim.name", "train.batch_size", "tr
 
 
 def check_resumable(saved: dict, cfg: Config, path: Path) -> None:
+    """Refuse a checkpoint whose RESUME_KEYS differ from cfg's. data.pipelines=auto takes the
+    checkpoint's count (the data order depends on it); an explicit other count is refused by the loader."""
     from .methods import method_class
+    if cfg.data.pipelines == "auto":
+        kept = (saved.get("data") or {}).get("pipelines", 1)  # 1: written before data.pipelines existed
+        cfg.data.pipelines = kept if isinstance(kept, int) else "auto"
     now = to_dict(cfg)
     keys = RESUME_KEYS + tuple(f"{cfg.method}.{k}" for k in method_class(cfg.method).resume_keys)
     for key in keys:

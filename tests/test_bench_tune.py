@@ -34,9 +34,10 @@ def slow_when(monkeypatch, seconds):
     monkeypatch.setattr(runs, "endless", batches)
 
 
-def tune(tmp_path, capsys, *extra, data):
+def tune(tmp_path, capsys, *extra, data, overrides=()):
     out = tmp_path / "tune.json"
-    code = cli_main(["bench", "tune", CONFIG, *TINY, *FAST, "--data", str(data), "--json", str(out), *extra])
+    code = cli_main(["bench", "tune", CONFIG, *TINY, *overrides, *FAST, "--data", str(data), "--json", str(out),
+                     *extra])
     printed = capsys.readouterr()
     return code, out, printed
 
@@ -47,7 +48,7 @@ def test_tune_records_every_candidate_and_prints_the_argmax(tmp_path, capsys, da
     slow_when(monkeypatch, lambda threads, prefetch, pipelines:
               0.3 * (threads == 1) + 0.15 * (prefetch == 2) + 0.15 * (pipelines == 1))
     code, out, printed = tune(tmp_path, capsys, "--threads", "1", "--candidates", "threads=1,2",
-                              "--candidates", "prefetch=1,2", data=data)
+                              "--candidates", "prefetch=1,2", data=data, overrides=["data.pipelines=1"])
     assert code == 0, printed.err
     result = json.loads(out.read_text())
     t, recs = result["tune"], result["runs"]
@@ -81,6 +82,24 @@ def test_tune_records_every_candidate_and_prints_the_argmax(tmp_path, capsys, da
     cfg = load_config(CONFIG, line.split())
     assert (cfg.data.num_threads, cfg.data.pipelines, cfg.data.prefetch) == (2, 2, 1)
     assert "num_threads: 2" in shown and "pipelines: 2" in shown and "prefetch: 1" in shown
+
+
+def test_tune_from_auto_pipelines_sweeps_counts(tmp_path, capsys, data, monkeypatch):
+    # data.pipelines=auto (the default): in the threads round the pipelines follow the threads as auto
+    # does (1 thread: 1, 2 threads: 2), then the pipelines round measures the counts 1 and 2. Two
+    # threads are faster, two pipelines slower: the answer is threads=2, pipelines=1. Every record
+    # says how many pipelines its loader ran.
+    slow_when(monkeypatch, lambda threads, prefetch, pipelines: 0.3 * (threads == 1) + 0.15 * (pipelines == 2))
+    code, out, printed = tune(tmp_path, capsys, "--threads", "1", "--knobs", "threads,pipelines",
+                              "--candidates", "threads=1,2", data=data)
+    assert code == 0, printed.err
+    result = json.loads(out.read_text())
+    t, recs = result["tune"], result["runs"]
+    assert [r["tune_setting"] for r in recs] == [
+        {"threads": 1, "pipelines": 1}, {"threads": 2, "pipelines": 2}, {"threads": 2, "pipelines": 1}]
+    assert [r["pipelines"] for r in recs] == [1, 2, 1]
+    assert t["start"] == {"threads": 1, "pipelines": 1} and t["candidates"]["pipelines"] == [1, 2]
+    assert t["best"] == {"threads": 2, "pipelines": 1} and t["best_overrides"] == ["data.num_threads=2", "data.pipelines=1"]
 
 
 def test_tune_budget_and_batch_size_caveat(tmp_path, capsys, data):

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from sslight_dali.data import build_train_loader
+from sslight_dali.data import build_eval_loader, build_train_loader
+from sslight_dali.data.build import resolve_pipelines
 from sslight_dali.data.sources import DataError
 
 
@@ -17,7 +18,8 @@ def test_pipelines_take_turns_over_their_own_shards(make_cfg):
     loader = build_train_loader(cfg)
     assert loader.steps_per_epoch == 8
     # one pipeline's epoch-0 order: pipeline j's shard is its j-th half
-    perm = torch.cat([b[2] for b in _epoch(build_train_loader(make_cfg("train.batch_size=4")), 0)]).tolist()
+    one = make_cfg("train.batch_size=4", "data.pipelines=1")
+    perm = torch.cat([b[2] for b in _epoch(build_train_loader(one), 0)]).tolist()
     halves = [set(perm[:16]), set(perm[16:])]
     orders = []
     for e in range(3):
@@ -75,7 +77,7 @@ def test_resume_with_two_pipelines_gives_the_same_batches(make_cfg, consumed):
 
 def test_resume_refuses_another_pipeline_count(make_cfg):
     state = build_train_loader(make_cfg("data.pipelines=2", "train.batch_size=4")).state_dict()
-    one = build_train_loader(make_cfg("train.batch_size=4"))
+    one = build_train_loader(make_cfg("train.batch_size=4", "data.pipelines=1"))
     with pytest.raises(DataError, match="data.pipelines=2"):
         one.load_state_dict(state)
     # and a one-pipeline state (the single-string form of earlier checkpoints) into two pipelines
@@ -115,3 +117,26 @@ def test_a_loader_state_from_another_graph_is_one_line(make_cfg):
     with pytest.raises(DataError, match="does not fit this version's view-sampling graph") as e:
         build_train_loader(make_cfg()).load_state_dict(state)
     assert "\n" not in str(e.value)
+
+
+def test_auto_pipelines():
+    # auto: 1 where the DALI pipeline runs on the GPU; on the CPU 2 with at least 2 threads, else 1.
+    # An integer is kept as given.
+    assert resolve_pipelines("auto", "cpu", 2) == 2 and resolve_pipelines("auto", "cpu", 8) == 2
+    assert resolve_pipelines("auto", "cpu", 1) == 1
+    assert resolve_pipelines("auto", "gpu", 1) == resolve_pipelines("auto", "gpu", 8) == 1
+    assert resolve_pipelines(1, "cpu", 8) == 1 and resolve_pipelines(3, "gpu", 4) == 3
+
+
+def test_auto_is_resolved_where_the_training_loader_is_built(make_cfg):
+    # The default is auto: 2 on this CPU graph with 2 threads, written back into the config the run
+    # saves; the probe / eval loaders keep one pipeline.
+    cfg = make_cfg("train.batch_size=4")
+    assert cfg.data.pipelines == "auto"
+    loader = build_train_loader(cfg)
+    assert loader.pipelines == 2 and cfg.data.pipelines == 2 and len(loader.state_dict()["dali"]) == 2
+    one = make_cfg("train.batch_size=4", "data.num_threads=1")
+    assert build_train_loader(one).pipelines == 1 and one.data.pipelines == 1
+    probe = build_eval_loader(make_cfg("train.batch_size=4"), "train", train_augment=True, batch_size=4, drop_last=True)
+    assert probe.loader.pipelines == 1
+    assert build_train_loader(make_cfg(), drop_last=False).pipelines == 1

@@ -77,18 +77,23 @@ RESUME_CASES = {
     "moco-resnet18": ("moco/resnet18_sslight", []),
     # two loader pipelines taking turns (4 steps each per epoch): step 6 is pipeline 1's turn
     "dino-resnet18-2pipelines": ("dino/resnet18_sslight", ["data.pipelines=2", "data.num_threads=2"]),
+    # a one-pipeline checkpoint (as every run before data.pipelines=auto wrote) resumed with auto,
+    # which would choose 2 on this CPU with 2 threads: it keeps 1
+    "dino-resnet18-1pipeline-resumed-auto": ("dino/resnet18_sslight", ["data.pipelines=1", "data.num_threads=2"],
+                                             ["data.pipelines=auto"]),
 }
 
 
 @pytest.mark.parametrize("case", RESUME_CASES)
 def test_resume_reproduces_the_uninterrupted_run(case, tiny_data, tmp_path):
-    name, extra = RESUME_CASES[case]
+    name, extra, *resume_extra = RESUME_CASES[case]
+    resume_extra = [*extra, *(resume_extra[0] if resume_extra else [])]
     path = REPO / f"configs/{name}.yaml"
     # 32 images / batch 4 = 8 steps per epoch: stop at step 5 (mid-epoch), resume to step 11 (mid-epoch 1).
     train(tiny_cfg(path, tiny_data, tmp_path / "full", "train.max_steps=11", *extra))
     train(tiny_cfg(path, tiny_data, tmp_path / "split", "train.max_steps=5", *extra))
     assert ckpt.load(tmp_path / "split" / "checkpoint.pt")["step"] == 5
-    train(tiny_cfg(path, tiny_data, tmp_path / "split", "train.max_steps=11", "resume=auto", *extra))
+    train(tiny_cfg(path, tiny_data, tmp_path / "split", "train.max_steps=11", "resume=auto", *resume_extra))
     full = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "full")}
     split = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "split")}
     assert sorted(full) == sorted(split) == list(range(1, 12))
@@ -98,6 +103,7 @@ def test_resume_reproduces_the_uninterrupted_run(case, tiny_data, tmp_path):
     assert a["step"] == b["step"] == 11
     for key in ("model", "optimizer", "method_rank", "rng"):
         assert_same_state(a[key], b[key], key)
+    assert b["loader"]["pipelines"] == a["loader"]["pipelines"] and b["config"]["data"] == a["config"]["data"]
     if case.startswith("swav"):
         assert int(a["model"]["queue_filled"]) == 8 and a["model"]["queue"].abs().sum() > 0
 
@@ -192,6 +198,20 @@ def test_resume_with_a_different_shape_names_the_key(tiny_data, tmp_path):
     train(tiny_cfg(path, tiny_data, tmp_path, "train.max_steps=2"))
     with pytest.raises(ckpt.CheckpointError, match=r"train\.batch_size is 4 in the checkpoint but 8 now"):
         train(tiny_cfg(path, tiny_data, tmp_path, "train.max_steps=4", "train.batch_size=8", "resume=auto"))
+
+
+def test_auto_pipelines_are_recorded_and_an_explicit_other_count_is_refused(tiny_data, tmp_path):
+    # auto on this CPU with 2 threads runs 2 pipelines and says so in config.yaml and the checkpoint;
+    # a resume with an explicit other count is refused in one line naming the checkpoint's count.
+    from sslight_dali.data.sources import DataError
+    path = REPO / "configs/dino/resnet18_sslight.yaml"
+    train(tiny_cfg(path, tiny_data, tmp_path, "train.max_steps=2", "data.num_threads=2"))
+    state = ckpt.load(tmp_path / "checkpoint.pt")
+    assert state["loader"]["pipelines"] == state["config"]["data"]["pipelines"] == 2
+    assert load_config(tmp_path / "config.yaml").data.pipelines == 2
+    with pytest.raises(DataError, match="saved with data.pipelines=2 and this run has 1: resume with data.pipelines=2"):
+        train(tiny_cfg(path, tiny_data, tmp_path, "train.max_steps=4", "data.num_threads=2", "data.pipelines=1",
+                       "resume=auto"))
 
 
 def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):

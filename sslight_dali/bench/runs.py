@@ -127,7 +127,7 @@ def bench_pipeline(cfg, warmup: int, steps: int, repeats: int) -> dict:
     loader = build_train_loader(cfg, **_loader_layout(cfg))
     reps = measure(endless(loader), None, warmup, steps, repeats, synchronizer(loader.device == "gpu"))
     return {"repeats": reps, "backend": cfg.data.backend, "device": loader.device,
-            "extra": {"gpu_memory": memory.read()}}
+            "pipelines": getattr(loader, "pipelines", None), "extra": {"gpu_memory": memory.read()}}
 
 
 class SyntheticLoader:
@@ -252,7 +252,8 @@ def bench_train(cfg, warmup: int, steps: int, repeats: int) -> dict:
         model = measure(endless(fake), step, warmup, steps, repeats, sync)
     train_ips = summarize([r["images_per_sec"] for r in train])["median"]
     model_ips = summarize([r["images_per_sec"] for r in model])
-    return {"repeats": train, "backend": cfg.data.backend, "device": loader.device, "extra": {
+    return {"repeats": train, "backend": cfg.data.backend, "device": loader.device,
+            "pipelines": getattr(loader, "pipelines", None), "extra": {
         "compute_device": device.type,
         "data_wait_fraction": summarize([r["data_wait_fraction"] for r in train])["median"],
         "model": {"images_per_sec": model_ips["median"], "images_per_sec_min": model_ips["min"],
@@ -285,6 +286,7 @@ def make_record(kind: str, cfg, config_path: str, overrides: list[str], result: 
         "method": cfg.method, "backbone": cfg.model.backbone, "recipe": cfg.recipe.name,
         "views": [f"{g.count}x{g.size}" for g in (cfg.recipe.global_, cfg.recipe.local) if g.count],
         "batch_size": cfg.train.batch_size, "num_threads": cfg.data.num_threads, "prefetch": cfg.data.prefetch,
+        "pipelines": result.get("pipelines"),  # DALI pipelines per process the loader ran (None: torchvision)
         "hw_decoder_load": cfg.data.hw_decoder_load,
         "precision": resolve_precision(cfg, torch_device(device)), "channels_last": cfg.train.channels_last,
         "warmup_batches": result["warmup"], "steps_per_repeat": result["steps"],

@@ -118,6 +118,7 @@ def run_tune(args) -> dict:
     from ..config import load_config
     from ..data import DataError, PipelinesDoNotFit
     from ..data.base import resolve_device
+    from ..data.build import resolve_pipelines
     knobs, given = parse_knobs(args)
     cfg = load_config(args.config, list(args.overrides) + flag_overrides(args))
     backend, device = cfg.data.backend, resolve_device(cfg.data.device)
@@ -126,12 +127,21 @@ def run_tune(args) -> dict:
     cores = len(os.sched_getaffinity(0))
     skipped = {k: r for k in knobs if (r := skip_reason(k, backend, device))}
     tuned = [k for k in knobs if k not in skipped]
+
+    def concrete(setting: dict) -> dict:
+        """The setting with data.pipelines=auto as the count it gives at the setting's threads: until
+        its own round the pipelines follow the threads as auto does, and runs are keyed by counts."""
+        if setting.get("pipelines") != "auto":
+            return setting
+        return {**setting, "pipelines": resolve_pipelines("auto", device, setting.get("threads", cfg.data.num_threads))}
+
     start = {k: values[k] for k in tuned}
     candidates = {}
     for k in tuned:
-        cands = sorted(set(given.get(k) or default_candidates(k, start[k], cores)) | {start[k]})
+        first = concrete(start)[k]
+        cands = sorted(set(given.get(k) or default_candidates(k, first, cores)) | {first})
         if args.quick:
-            i = cands.index(start[k])
+            i = cands.index(first)
             cands = cands[max(0, i - 1):i + 2]
         candidates[k] = cands
     for k, cands in candidates.items():  # bad values fail now, in one line, not after minutes of runs
@@ -148,8 +158,8 @@ def run_tune(args) -> dict:
     for knob in tuned:
         entries = []
         # The current value first: with a --budget, the starting setting is always measured.
-        for v in sorted(candidates[knob], key=lambda v: v != current[knob]):
-            setting = {**current, knob: v}
+        for v in sorted(candidates[knob], key=lambda v: v != concrete(current)[knob]):
+            setting = concrete({**current, knob: v})
             key = tuple(setting.items())
             entry = {"value": v}
             if key in measured:
@@ -179,11 +189,13 @@ def run_tune(args) -> dict:
             entries.append(entry)
         entries.sort(key=lambda e: e["value"])
         ok = [e for e in entries if "run" in e]
+        current = concrete(current) if knob == "pipelines" else current  # measured as a count
         if ok:
             current[knob] = max(ok, key=lambda e: e["images_per_sec"])["value"]
         rounds.append({"knob": knob, "key": KNOBS[knob][0], "candidates": entries, "chosen": current[knob]})
     if not runs:
         raise BenchError("tune: no candidate could be measured (see the errors above)")
+    current, start = concrete(current), concrete(start)
     best = runs[measured[tuple(current.items())]] if tuple(current.items()) in measured else None
     if best is None:  # the starting setting failed and nothing in its round ran: report the best run seen
         best = max(runs, key=lambda r: r["images_per_sec"])

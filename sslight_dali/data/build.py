@@ -27,6 +27,16 @@ def _dali_loaders():
     return loader
 
 
+def resolve_pipelines(setting: int | str, device: str, num_threads: int) -> int:
+    """data.pipelines as a count for a DALI training loader on `device` ("gpu" or "cpu"): an integer as
+    given; auto = 1 on the GPU (its operators are GPU kernels: no CPU cores wait on one another), and
+    on the CPU 2 when there are at least 2 threads (DALI runs one CPU operator at a time, so one
+    pipeline leaves cores idle; 2 is what `sslight bench tune` found best on a 2-core node), else 1."""
+    if setting != "auto":
+        return int(setting)
+    return 2 if device == "cpu" and num_threads >= 2 else 1
+
+
 def linear_probe_recipe(recipe: Recipe, crop: int) -> Recipe:
     """Supervised linear-probe training views: RandomResizedCrop(crop, 0.08-1, bicubic) + flip only."""
     probe = copy.deepcopy(recipe)
@@ -61,10 +71,16 @@ def build_train_loader(cfg: Config, rank: int = 0, world_size: int = 1, channels
         return TorchLoader(MultiViewDataset(samples, recipe, cfg.data.skip_bad_files), batch_size, num_workers=cfg.data.num_threads,
                            seed=cfg.train.seed, device=device, shuffle=True, drop_last=drop_last,
                            classes=samples.classes, **common)
-    return _dali_loaders().DaliTrainLoader(samples, recipe, debug=debug, hw_decoder_load=cfg.data.hw_decoder_load, drop_last=drop_last,
+    # Several pipelines drop up to a batch per pipeline per epoch: only with drop_last (pre-training).
+    pipelines = resolve_pipelines(cfg.data.pipelines, device, cfg.data.num_threads) if drop_last else 1
+    loader = _dali_loaders().DaliTrainLoader(samples, recipe, debug=debug, hw_decoder_load=cfg.data.hw_decoder_load, drop_last=drop_last,
                            batch_size=batch_size, device=device, num_threads=cfg.data.num_threads,
-                           prefetch=cfg.data.prefetch, seed=cfg.train.seed,
-                           pipelines=cfg.data.pipelines if drop_last else 1, **common)
+                           prefetch=cfg.data.prefetch, seed=cfg.train.seed, pipelines=pipelines, **common)
+    if drop_last:
+        # The count auto chose, in the config the run saves (config.yaml, checkpoints: a resumed run
+        # keeps it, run_policy.check_resumable) and in bench records
+        cfg.data.pipelines = pipelines
+    return loader
 
 
 class _FirstView:
