@@ -186,7 +186,14 @@ def _write(path: Path, write_fn) -> Path:
 
 
 def write_files(files: dict[Path, callable], option: str = "--out") -> None:
-    """Write every file or none: all go to temp files first, then each is renamed into place."""
+    """Write every file or none: all go to temp files first, then each is renamed into place. Missing
+    folders are made here, once the inputs have been checked, as `cp`-like tools do not but users of
+    `--out` expect."""
+    for path in files:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ExportError(f"{option} {path}: cannot create directory {path.parent} ({e.strerror})") from None
     tmps = {}
     try:
         for path, fn in files.items():
@@ -205,10 +212,6 @@ def _check_out(out: Path, source: Path, with_sidecar: bool) -> None:
             raise ExportError(f"--out {out}: would overwrite the input {source}")
     if out.is_dir():
         raise ExportError(f"--out {out}: is a directory")
-    try:  # create the folder as `cp`-like tools do not, but as users of `--out` expect
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ExportError(f"--out {out}: cannot create directory {out.parent} ({e.strerror})") from None
 
 
 def _first_line(e: Exception) -> str:

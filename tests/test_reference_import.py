@@ -294,7 +294,7 @@ def test_not_a_checkpoint_is_one_line_and_exit_2(name, tmp_path, capsys):
     make, reason = NOT_CHECKPOINTS[name]
     src = tmp_path / name
     src.write_bytes(make())
-    assert run("import-reference", src, "--out", tmp_path / "imp.pt") == 2
+    assert run("import-reference", src, "--out", tmp_path / "new" / "imp.pt") == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith(f"sslight: error: {src}: not a PyTorch checkpoint: {reason}"), err
-    assert os.listdir(tmp_path) == [name]  # nothing written
+    assert os.listdir(tmp_path) == [name]  # nothing written, no folder made
