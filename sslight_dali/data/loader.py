@@ -23,7 +23,7 @@ iterator (which accounts for batches already prefetched) plus the epoch and step
 Several pipelines per process (`pipelines` > 1, training only): DALI runs its CPU operators one at a
 time, each split over the pipeline's threads, so threads wait for each other at every operator. k
 pipelines with num_threads/k threads each, taking turns batch by batch, keep the cores busy instead
-(2 x 1 thread vs 1 x 2 threads on the 2-core dev machine: +5-9% images/s, bench/README.md). Pipeline j
+(data.pipelines=auto picks 2 on the CPU with 2+ threads: data/build.py resolve_pipelines). Pipeline j
 of rank r reads shard r*k + j of world*k (contiguous ranges of the same permutation), so an epoch
 still reads every sample at most once; step s comes from pipeline s % k, each pipeline
 has its own augmentation seed and its own checkpoint, and resume stays exact. An epoch has
