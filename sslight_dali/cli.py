@@ -96,7 +96,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     exp = sub.add_parser("export", help="write a checkpoint's backbone alone, for timm, torchvision or Detectron2 "
                                         "(+ a FILE.json sidecar)")
     exp.add_argument("checkpoint", help="a checkpoint written by `sslight train` (or `sslight import-reference`)")
-    exp.add_argument("--out", required=True, help="output file (written atomically; FILE.json beside it)")
+    exp.add_argument("--out", required=True, help="output file (written atomically; FILE.json beside it); "
+                                                  "a .pkl name for detectron2")
     exp.add_argument("--format", required=True, choices=("timm", "torchvision", "detectron2"),
                      help="timm: all backbones; torchvision: resnet18/34, mobilenetv2; detectron2: resnet18/34 (.pkl)")
     exp.add_argument("--weights", default="student", choices=("student", "teacher"),
@@ -105,10 +106,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     imp = sub.add_parser("import-reference", help="map a released reference SSLight checkpoint onto this "
                                                   "project's backbones (for eval and export)")
-    imp.add_argument("file", help="e.g. dino_r18_sslight.pth.tar")
+    imp.add_argument("file", help="a checkpoint the reference's trainer wrote (DINO_resnet18_last_ckpt.pth.tar) "
+                                  "or a released one (dino_r18_sslight.pth.tar)")
     imp.add_argument("--out", required=True, help="checkpoint to write (atomically)")
     imp.add_argument("--config", default=None, help="config to store with it (default: the shipped "
-                     "configs/<method>/<backbone>_<baseline|sslight>.yaml, by the file name)")
+                     "configs/<method>/<backbone>_<baseline|sslight>.yaml whose view sampling the file's own "
+                     "config states; by the file name if it has none)")
     imp.set_defaults(func=_import_reference)
 
     ev = sub.add_parser("eval", help="evaluate a pre-trained checkpoint with the reference's protocols")
