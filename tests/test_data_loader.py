@@ -11,18 +11,23 @@ def _epoch(loader, e):
     return [(views, labels, index) for views, labels, index in loader.epoch(e)]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + ["dali-auto"])
 def test_every_epoch_has_steps_per_epoch_batches(make_cfg, backend):
     # 32 samples, batch 6: 5 full batches, 2 samples dropped. The solo-learn pitfall ran every other
-    # epoch empty, so check several epochs and that the order changes between them.
-    loader = build_train_loader(make_cfg(f"data.backend={backend}", "train.batch_size=6"))
-    assert loader.steps_per_epoch == 5 and loader.num_samples == 32 and loader.num_classes == 4
+    # epoch empty, so check several epochs and that the order changes between them. dali-auto: the
+    # default data.pipelines=auto runs 2 pipelines here (CPU, 2 threads), each over 16 samples: 2
+    # batches each, 4 samples dropped each.
+    pipelines = "auto" if backend == "dali-auto" else 1
+    loader = build_train_loader(make_cfg(f"data.backend={backend.split('-')[0]}", "train.batch_size=6",
+                                         f"data.pipelines={pipelines}"))
+    steps, seen = (4, 24) if backend == "dali-auto" else (5, 30)
+    assert loader.steps_per_epoch == steps and loader.num_samples == 32 and loader.num_classes == 4
     orders = []
     for e in range(3):
         batches = _epoch(loader, e)
-        assert len(batches) == 5
+        assert len(batches) == steps
         index = torch.cat([b[2] for b in batches])
-        assert len(set(index.tolist())) == 30  # no repeats within an epoch
+        assert len(set(index.tolist())) == seen  # no repeats within an epoch
         orders.append(index.tolist())
     assert orders[0] != orders[1] != orders[2]
 
