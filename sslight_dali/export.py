@@ -366,7 +366,8 @@ def _queue_file(obj, path: Path) -> str | None:
     """The error for a SwAV queue file (the trainer's OUTPUT_DIR/queue<rank>.pth, {"queue": tensor}), else None."""
     if not (isinstance(obj, dict) and "queue" in obj and "state_dict" not in obj):
         return None
-    found = sorted(str(p) for d in (path.parent / "checkpoints", path.parent) if d.is_dir() for p in d.glob("*.pth.tar"))
+    found = sorted(str(p) for d in (path.parent / "checkpoints", path.parent) if d.is_dir()
+                   for p in d.glob("*.pth.tar"))
     beside = f"e.g. {found[0]}" if found else "SWAV_<arch>_last_ckpt.pth.tar, in checkpoints/ beside it"
     return (f"{path}: a SwAV queue file (the features SwAV keeps between epochs), not a model checkpoint; "
             f"import the run's *.pth.tar checkpoint instead ({beside})")

@@ -240,7 +240,8 @@ def test_without_a_config_the_file_name_decides(tmp_path, capsys):
     named = tmp_path / "dino_r18_baseline.pth.tar"  # as the released files are named
     torch.save(state, named)
     assert run("import-reference", named, "--out", tmp_path / "a.pt") == 0
-    assert capsys.readouterr().err.strip() == "config dino/resnet18_baseline: the file has no config; its name says baseline"
+    assert capsys.readouterr().err.strip() == ("config dino/resnet18_baseline: the file has no config; "
+                                               "its name says baseline")
     unnamed = tmp_path / "DINO_resnet18_last_ckpt.pth.tar"
     torch.save(state, unnamed)
     assert run("import-reference", unnamed, "--out", tmp_path / "b.pt") == 2
@@ -258,7 +259,8 @@ def test_a_swav_queue_file_is_named_as_such(tmp_path, capsys):
     assert run("import-reference", queue, "--out", tmp_path / "imp.pt") == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith(f"sslight: error: {queue}: a SwAV queue file")
-    assert "not a model checkpoint" in err and str(run_dir / "checkpoints" / "SWAV_mobilenet_v2_last_ckpt.pth.tar") in err
+    assert "not a model checkpoint" in err
+    assert str(run_dir / "checkpoints" / "SWAV_mobilenet_v2_last_ckpt.pth.tar") in err
     assert not (tmp_path / "imp.pt").exists()
 
 
@@ -296,5 +298,6 @@ def test_not_a_checkpoint_is_one_line_and_exit_2(name, tmp_path, capsys):
     src.write_bytes(make())
     assert run("import-reference", src, "--out", tmp_path / "new" / "imp.pt") == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith(f"sslight: error: {src}: not a PyTorch checkpoint: {reason}"), err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"sslight: error: {src}: not a PyTorch checkpoint: {reason}"), err
     assert os.listdir(tmp_path) == [name]  # nothing written, no folder made
