@@ -6,6 +6,8 @@ export: the student (or teacher) backbone of a training checkpoint, alone, in th
   detectron2  the pickle Detectron2's checkpointer reads for an R18/R34 `build_resnet_backbone`
               ({"model": numpy arrays, "__author__", "matching_heuristics": True}), named as MoCo's
               and Detectron2's own torchvision converters name them; FILE must end in .pkl.
+  onnx        the eval-mode model, verified in onnxruntime before it is written: onnx_export.py (the cli
+              dispatches there; it needs the optional onnx packages).
   and a JSON sidecar (FILE.json) that says what the weights are and how to feed them (for detectron2
   also the config keys it needs, under "detectron2").
 
@@ -218,6 +220,19 @@ def _first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
+def load_backbone(checkpoint: Path, weights: str):
+    """load_pretrained, with a reference checkpoint named as such (it needs import-reference first)."""
+    if weights not in WEIGHTS:
+        raise ExportError(f"--weights must be one of {WEIGHTS}, got {weights!r}")
+    try:
+        return load_pretrained(checkpoint, weights)
+    except ckpt.CheckpointError as e:
+        if _looks_like_reference(checkpoint):
+            raise ExportError(f"{checkpoint}: a reference SSLight checkpoint, not one of this project's; convert it "
+                              f"first: sslight import-reference {checkpoint} --out FILE") from None
+        raise ckpt.CheckpointError(_first_line(e)) from None
+
+
 def export(checkpoint, out, fmt: str = "timm", weights: str = "student") -> dict:
     """Write the backbone (`fmt` key names) to `out` and its sidecar to `out`.json; returns the sidecar."""
     checkpoint, out = Path(checkpoint), Path(out)
@@ -228,13 +243,7 @@ def export(checkpoint, out, fmt: str = "timm", weights: str = "student") -> dict
     if weights not in WEIGHTS:
         raise ExportError(f"--weights must be one of {WEIGHTS}, got {weights!r}")
     _check_out(out, checkpoint, with_sidecar=True)
-    try:
-        pre = load_pretrained(checkpoint, weights)
-    except ckpt.CheckpointError as e:
-        if _looks_like_reference(checkpoint):
-            raise ExportError(f"{checkpoint}: a reference SSLight checkpoint, not one of this project's; convert it "
-                              f"first: sslight import-reference {checkpoint} --out FILE") from None
-        raise ckpt.CheckpointError(_first_line(e)) from None
+    pre = load_backbone(checkpoint, weights)
     state = exported_state(pre.backbone, pre.cfg.model.backbone, fmt)
     meta = sidecar(pre, fmt, checkpoint, out)
     if fmt == "detectron2":
@@ -534,6 +543,9 @@ def import_reference(src, out, config: str | None = None) -> dict:
 # CLI (arguments are declared in cli.py)
 # --------------------------------------------------------------------------------------------
 def export_main(args) -> int:
+    for option, given in (("--fp16", getattr(args, "fp16", False)), ("--feature", getattr(args, "feature", None))):
+        if given:
+            raise ExportError(f"{option} is for --format onnx only")
     meta = export(args.checkpoint, args.out, args.format, args.weights)
     print(json.dumps(meta, indent=2))
     print(f"wrote {args.out} and {args.out}.json", file=sys.stderr)

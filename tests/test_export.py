@@ -234,7 +234,7 @@ def test_bad_export_inputs_exit_2_with_one_line_and_write_nothing(checkpoints, t
     assert run("export", good, "--out", tmp_path / "new" / "o.pth", "--format", "timm") == 0  # a missing folder is made
     assert (tmp_path / "new" / "o.pth").is_file() and (tmp_path / "new" / "o.pth.json").is_file()
     with pytest.raises(SystemExit) as e:  # an unknown format is argparse's choice error
-        run("export", good, "--out", tmp_path / "o.pth", "--format", "onnx")
+        run("export", good, "--out", tmp_path / "o.pth", "--format", "tflite")
     assert e.value.code == 2 and "--format" in capsys.readouterr().err
 
 
