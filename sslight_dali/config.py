@@ -239,7 +239,8 @@ class DataCfg:
         "DALI training pipelines per process, taking turns batch by batch, each with num_threads/pipelines threads: "
         "fills the cores DALI's one-operator-at-a-time CPU execution leaves idle. auto = 1 where the DALI pipeline "
         "runs on the GPU (its operators are GPU kernels); on the CPU 2 when data.num_threads >= 2 (what `sslight "
-        "bench tune` found best on a 2-core node), else 1; a resumed run keeps its checkpoint's count. The run's "
+        "bench tune` found best on a 2-core node) and each pipeline gets a full batch, else 1; a resumed run "
+        "keeps its checkpoint's count. The run's "
         "config.yaml and bench records show the count used; `sslight bench tune` sweeps it"))
     hw_decoder_load: float = _f(0.65, 0.0, 1.0, "share of JPEGs sent to the hardware decoder (A100/H100)")
     skip_bad_files: bool = field(default=False, metadata={"help": "exclude undecodable files up front (counted and logged) instead of failing"})

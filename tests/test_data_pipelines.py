@@ -126,6 +126,9 @@ def test_auto_pipelines():
     assert resolve_pipelines("auto", "cpu", 1) == 1
     assert resolve_pipelines("auto", "gpu", 1) == resolve_pipelines("auto", "gpu", 8) == 1
     assert resolve_pipelines(1, "cpu", 8) == 1 and resolve_pipelines(3, "gpu", 4) == 3
+    # and only where each pipeline gets a full batch of the process's samples (32 / 2 = 16)
+    assert resolve_pipelines("auto", "cpu", 2, 32, 16) == 2 and resolve_pipelines("auto", "cpu", 2, 31, 16) == 1
+    assert resolve_pipelines(2, "cpu", 2, 31, 16) == 2  # an explicit count is refused by the loader instead
 
 
 def test_auto_is_resolved_where_the_training_loader_is_built(make_cfg):
@@ -137,6 +140,10 @@ def test_auto_is_resolved_where_the_training_loader_is_built(make_cfg):
     assert loader.pipelines == 2 and cfg.data.pipelines == 2 and len(loader.state_dict()["dali"]) == 2
     one = make_cfg("train.batch_size=4", "data.num_threads=1")
     assert build_train_loader(one).pipelines == 1 and one.data.pipelines == 1
+    big = make_cfg("train.batch_size=20")  # 32 samples: 16 per pipeline would be less than a batch
+    assert build_train_loader(big).pipelines == 1 and big.data.pipelines == 1
+    assert build_train_loader(make_cfg("train.batch_size=8"), rank=1, world_size=2).pipelines == 2  # 16 per rank
+    assert build_train_loader(make_cfg("train.batch_size=9"), rank=1, world_size=2).pipelines == 1
     probe = build_eval_loader(make_cfg("train.batch_size=4"), "train", train_augment=True, batch_size=4, drop_last=True)
     assert probe.loader.pipelines == 1
     assert build_train_loader(make_cfg(), drop_last=False).pipelines == 1

@@ -27,14 +27,17 @@ def _dali_loaders():
     return loader
 
 
-def resolve_pipelines(setting: int | str, device: str, num_threads: int) -> int:
+def resolve_pipelines(setting: int | str, device: str, num_threads: int, per_process: int | None = None,
+                      batch_size: int = 1) -> int:
     """data.pipelines as a count for a DALI training loader on `device` ("gpu" or "cpu"): an integer as
     given; auto = 1 on the GPU (its operators are GPU kernels: no CPU cores wait on one another), and
     on the CPU 2 when there are at least 2 threads (DALI runs one CPU operator at a time, so one
-    pipeline leaves cores idle; 2 is what `sslight bench tune` found best on a 2-core node), else 1."""
+    pipeline leaves cores idle; 2 is what `sslight bench tune` found best on a 2-core node) and each
+    pipeline gets a full batch of this process's `per_process` samples, else 1."""
     if setting != "auto":
         return int(setting)
-    return 2 if device == "cpu" and num_threads >= 2 else 1
+    fits = per_process is None or per_process // 2 >= batch_size
+    return 2 if device == "cpu" and num_threads >= 2 and fits else 1
 
 
 def linear_probe_recipe(recipe: Recipe, crop: int) -> Recipe:
@@ -72,7 +75,8 @@ def build_train_loader(cfg: Config, rank: int = 0, world_size: int = 1, channels
                            seed=cfg.train.seed, device=device, shuffle=True, drop_last=drop_last,
                            classes=samples.classes, **common)
     # Several pipelines drop up to a batch per pipeline per epoch: only with drop_last (pre-training).
-    pipelines = resolve_pipelines(cfg.data.pipelines, device, cfg.data.num_threads) if drop_last else 1
+    pipelines = resolve_pipelines(cfg.data.pipelines, device, cfg.data.num_threads, len(samples) // world_size,
+                                  batch_size) if drop_last else 1
     loader = _dali_loaders().DaliTrainLoader(samples, recipe, debug=debug, hw_decoder_load=cfg.data.hw_decoder_load, drop_last=drop_last,
                            batch_size=batch_size, device=device, num_threads=cfg.data.num_threads,
                            prefetch=cfg.data.prefetch, seed=cfg.train.seed, pipelines=pipelines, **common)
