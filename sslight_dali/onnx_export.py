@@ -42,9 +42,10 @@ VERIFY_BATCHES = (1, 7)         # two batch sizes, neither the one traced with: 
 TRACE_BATCH = 2
 VERIFY_SEED = 0
 # Refusal bounds on the max relative error (max abs error / max abs PyTorch feature) against the fp32
-# PyTorch model: float32 rounding differences only, and half-precision weights and activations.
+# PyTorch model: float32 rounding differences only (measured ~1e-6), and half-precision weights and
+# activations (measured below 1e-3 on all four backbones).
 FP32_MAX_REL_ERR = 1e-4
-FP16_MAX_REL_ERR = 2e-2
+FP16_MAX_REL_ERR = 1e-2
 # the packages this format needs, with what `pip install` calls them
 REQUIRED = {"onnx": "onnx", "onnxscript": "onnxscript", "onnxruntime": "onnxruntime"}
 
@@ -105,8 +106,10 @@ def verify_images(batch: int, crop: int, mean, std, seed: int) -> torch.Tensor:
 def verify(data: bytes, model: nn.Module, crop: int, mean, std, bound: float) -> dict:
     """Run the serialised model in onnxruntime (CPU) against `model`; raise ExportError above `bound`."""
     import onnxruntime as ort  # optional dependency (see require)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # errors only: its graph-optimiser notes are not the user's concern
     try:
-        session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001
         raise ExportError(f"--format onnx: onnxruntime cannot load the exported model ({e})") from None
     abs_err, scale = 0.0, 0.0
