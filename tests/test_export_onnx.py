@@ -251,3 +251,24 @@ def test_help_states_the_opset_and_bounds():
     text = " ".join(exp.format_help().split())
     assert f"opset {onnx_export.OPSET}" in text
     assert f"{onnx_export.FP16_MAX_REL_ERR:g} instead of {onnx_export.FP32_MAX_REL_ERR:g}" in text
+
+
+def test_the_torchscript_exporter_is_the_fallback_and_is_named(checkpoints, tmp_path, monkeypatch):
+    real = torch.onnx.export
+
+    def dynamo_fails(*args, dynamo=True, **kwargs):
+        if dynamo:
+            raise RuntimeError("planted dynamo failure\nsecond line")
+        return real(*args, dynamo=False, **kwargs)
+    monkeypatch.setattr(torch.onnx, "export", dynamo_fails)
+    out = tmp_path / "m.onnx"
+    assert run("export", checkpoints["resnet18"], "--out", out, "--format", "onnx") == 0
+    o = json.loads((tmp_path / "m.onnx.json").read_text())["onnx"]
+    assert o["exporter"] == "torchscript" and o["dynamo_error"] == \
+        "RuntimeError: planted dynamo failure"
+    ours = load_pretrained(checkpoints["resnet18"]).backbone
+    s = session(out)
+    for batch in (1, 7):
+        x = images(batch, SMALL_CROP, seed=batch)
+        with torch.no_grad():
+            assert rel_err(s.run(["features"], {"images": x.numpy()})[0], ours(x).numpy()) <= 1e-4
