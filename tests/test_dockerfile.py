@@ -370,8 +370,8 @@ def test_image_constrains_everything_but_what_the_base_image_builds(commands, pi
 def test_setup_py_names_the_same_packages_as_ranges():
     kw = setup_kwargs()
     install = [Requirement(s) for s in kw["install_requires"]]
-    test_extra = [Requirement(s) for s in kw.get("extras_require", {}).get("test", [])]
-    setup_names = {canonicalize_name(r.name) for r in install + test_extra}
+    extras = [Requirement(s) for reqs in kw.get("extras_require", {}).values() for s in reqs]
+    setup_names = {canonicalize_name(r.name) for r in install + extras}
     assert setup_names == set(requirements())
     pinned = requirements()
     for r in install:
