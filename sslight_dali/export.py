@@ -216,10 +216,6 @@ def _check_out(out: Path, source: Path, with_sidecar: bool) -> None:
         raise ExportError(f"--out {out}: is a directory")
 
 
-def _first_line(e: Exception) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-
-
 def load_backbone(checkpoint: Path, weights: str):
     """load_pretrained, with a reference checkpoint named as such (it needs import-reference first)."""
     if weights not in WEIGHTS:
@@ -230,7 +226,7 @@ def load_backbone(checkpoint: Path, weights: str):
         if _looks_like_reference(checkpoint):
             raise ExportError(f"{checkpoint}: a reference SSLight checkpoint, not one of this project's; convert it "
                               f"first: sslight import-reference {checkpoint} --out FILE") from None
-        raise ckpt.CheckpointError(_first_line(e)) from None
+        raise ckpt.CheckpointError(ckpt.first_line(e)) from None
 
 
 def export(checkpoint, out, fmt: str = "timm", weights: str = "student") -> dict:
@@ -240,8 +236,6 @@ def export(checkpoint, out, fmt: str = "timm", weights: str = "student") -> dict
         raise ExportError(f"--out {out}: --format detectron2 needs a name ending in .pkl: Detectron2's "
                           "DetectionCheckpointer reads a file as a pickle only when its name ends in .pkl "
                           "(any other it hands to torch.load, which fails)")
-    if weights not in WEIGHTS:
-        raise ExportError(f"--weights must be one of {WEIGHTS}, got {weights!r}")
     _check_out(out, checkpoint, with_sidecar=True)
     pre = load_backbone(checkpoint, weights)
     state = exported_state(pre.backbone, pre.cfg.model.backbone, fmt)
@@ -266,11 +260,11 @@ def export(checkpoint, out, fmt: str = "timm", weights: str = "student") -> dict
 # containers and numbers only: a CfgNode (a dict subclass) becomes a plain dict, anything not listed
 # here is refused by name.
 class _CfgNode(dict):
-    """A yacs/fvcore CfgNode read as a dict. Pickle restores the node's own attributes (__immutable__,
-    __deprecated_keys__, ...) through BUILD: they are kept as data in `node_state`, never applied."""
+    """A yacs/fvcore CfgNode read as a dict. Pickle hands the node's own attributes (__immutable__,
+    __deprecated_keys__, ...) to BUILD: they say nothing about the run, so they are dropped, never applied."""
 
     def __setstate__(self, state):
-        self.node_state = state
+        pass
 
 
 CFG_NODES = {("yacs.config", "CfgNode"), ("fvcore.common.config", "CfgNode")}
@@ -314,7 +308,7 @@ def _not_torch_file(path: Path) -> str | None:
                 with zipfile.ZipFile(f) as z:
                     names = z.namelist()
             except (zipfile.BadZipFile, OSError, ValueError) as e:
-                return f"a damaged zip archive ({_first_line(e)})"
+                return f"a damaged zip archive ({ckpt.first_line(e)})"
             if not any(n.count("/") == 1 and n.endswith("/data.pkl") for n in names):
                 return "a zip archive without the data.pkl that torch.save writes"
             return None
@@ -325,10 +319,10 @@ def _not_torch_file(path: Path) -> str | None:
             first = _ReferenceUnpickler(f).load()
         except pickle.UnpicklingError as e:
             if not str(e).startswith("refusing to load"):
-                return f"neither a zip archive nor a pickle ({_first_line(e)})"
+                return f"neither a zip archive nor a pickle ({ckpt.first_line(e)})"
             first = None  # a pickle of classes we do not load
         except Exception as e:  # noqa: BLE001  random bytes fail in many ways
-            return f"neither a zip archive nor a pickle ({_first_line(e)})"
+            return f"neither a zip archive nor a pickle ({ckpt.first_line(e)})"
         if first != torch.serialization.MAGIC_NUMBER:
             return "a pickle, but not one torch.save wrote (no torch magic number first)"
     return None
@@ -343,23 +337,48 @@ def load_reference(path: Path) -> dict:
     try:  # torch's wrapper resolves storage types itself and asks our find_class for everything else
         return torch.load(path, map_location="cpu", pickle_module=_reference_pickle, weights_only=False)
     except Exception as e:  # noqa: BLE001  torch raises several types for foreign files
-        msg = _first_line(e)
+        msg = ckpt.first_line(e)
         if isinstance(e, EOFError) or any(s in msg for s in ("truncated", "unexpected EOF", "Ran out of input")):
             raise ckpt.CheckpointError(f"{path}: not a PyTorch checkpoint: truncated (its data ends early)") from None
         raise ckpt.CheckpointError(f"{path}: cannot load ({msg})") from None
 
 
-def _plain(x):
-    """Nested dicts, lists and JSON scalars: what the reference config holds, without its classes."""
-    if isinstance(x, dict):
-        return {str(k): _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    if isinstance(x, (set, frozenset)):
-        return sorted((_plain(v) for v in x), key=repr)
-    if hasattr(x, "item") and getattr(x, "shape", None) == ():  # numpy / torch scalars
-        x = x.item()
-    return x if isinstance(x, (str, int, float, bool, type(None))) else str(x)
+# A reference config has a few hundred values; pickle's memo lets a small file name one container many
+# times (or inside itself), which a plain copy would expand without bound.
+MAX_CONFIG_VALUES = 100_000
+
+
+def _plain(x, path: Path | None = None):
+    """Nested dicts, lists and JSON scalars: what the reference config holds, without its classes. A
+    config that names a container inside itself or holds over MAX_CONFIG_VALUES values is refused."""
+    count, open_ids = 0, set()
+
+    def walk(v):
+        nonlocal count
+        count += 1
+        if count > MAX_CONFIG_VALUES:
+            raise ckpt.CheckpointError(f"{path}: its config holds over {MAX_CONFIG_VALUES} values: not a "
+                                       "reference SSLight config")
+        if isinstance(v, (dict, list, tuple, set, frozenset)):
+            if id(v) in open_ids:
+                raise ckpt.CheckpointError(f"{path}: its config contains itself: not a reference SSLight config")
+            open_ids.add(id(v))
+            try:
+                if isinstance(v, dict):
+                    return {str(k): walk(e) for k, e in v.items()}
+                if isinstance(v, (set, frozenset)):
+                    return sorted((walk(e) for e in v), key=repr)
+                return [walk(e) for e in v]
+            finally:
+                open_ids.discard(id(v))
+        if hasattr(v, "item") and getattr(v, "shape", None) == ():  # numpy / torch scalars
+            v = v.item()
+        return v if isinstance(v, (str, int, float, bool, type(None))) else str(v)
+
+    try:
+        return walk(x)
+    except RecursionError:
+        raise ckpt.CheckpointError(f"{path}: its config is nested too deeply: not a reference SSLight config") from None
 
 
 def _looks_like_reference(path: Path) -> bool:
@@ -486,15 +505,19 @@ def choose_config(method: str, backbone: str, reference_cfg, path: Path) -> tupl
         if got[key] is None or len(got[key]) != (2 if key.endswith(("SCALE", "LAMBDAS")) else 1):
             raise ExportError(f"{path}: its reference config has no usable MULTI_VIEWS_TRANSFORMS.{key}; "
                               "name the config to store with --config FILE")
+    matches = []
     for variant in VARIANTS:
         cfg_path = shipped_config(method, backbone, variant)
         recipe = load_config(cfg_path).recipe
         want = {k: _numbers(f(recipe)) for k, f in VIEW_KEYS.items()}
         if all(len(got[k]) == len(want[k]) and all(abs(a - b) <= 1e-6 for a, b in zip(got[k], want[k]))
                for k in VIEW_KEYS):
-            return cfg_path, f"the file's reference config has {_describe_views(got)}"
-    raise ExportError(f"{path}: its reference config ({_describe_views(got)}) matches neither {stem}_baseline nor "
-                      f"{stem}_sslight; name the config to store with --config FILE")
+            matches.append(cfg_path)
+    if len(matches) == 1:
+        return matches[0], f"the file's reference config has {_describe_views(got)}"
+    which = "both" if matches else "neither"
+    raise ExportError(f"{path}: its reference config ({_describe_views(got)}) matches {which} {stem}_baseline "
+                      f"{'and' if matches else 'nor'} {stem}_sslight; name the config to store with --config FILE")
 
 
 def import_reference(src, out, config: str | None = None) -> dict:
@@ -514,7 +537,7 @@ def import_reference(src, out, config: str | None = None) -> dict:
     if teacher is not None:
         model.update({teacher + k: v for k, v in map_reference(sd, ddp + teacher, backbone, src).items()})
     meta = obj if isinstance(obj, dict) and "state_dict" in obj else {}
-    reference_cfg = _plain(meta.get("config") or {})
+    reference_cfg = _plain(meta.get("config") or {}, src)
     if config:
         cfg_path, reason = Path(config), "given with --config"
     else:

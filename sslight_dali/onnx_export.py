@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .checkpoint import first_line
 from .evaluate.common import feature_model
 from .export import ExportError, _check_out, load_backbone, sidecar, write_files
 
@@ -77,7 +78,7 @@ def export_proto(model: nn.Module, crop: int):
                                     dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), **names)
         return program.model_proto, "dynamo", None
     except Exception as e:  # noqa: BLE001  the exporter raises many types; the reason goes into the sidecar
-        why = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        why = f"{type(e).__name__}: {first_line(e)}"
     import onnx  # optional dependency (see require)
     buf = io.BytesIO()
     try:
@@ -120,7 +121,7 @@ def verify(data: bytes, model: nn.Module, crop: int, mean, std, bound: float) ->
             got = session.run([OUTPUT], {INPUT: x.numpy()})[0]
         except Exception as e:  # noqa: BLE001  e.g. a batch axis fixed at export
             raise ExportError(f"--format onnx: verification failed: onnxruntime cannot run batch {batch} "
-                              f"({str(e).strip().splitlines()[0]})") from None
+                              f"({first_line(e)})") from None
         if got.shape != ref.shape:
             raise ExportError(f"--format onnx: verification failed: batch {batch} gives features of shape "
                               f"{list(got.shape)}, PyTorch {list(ref.shape)}")
@@ -149,8 +150,10 @@ def export_onnx(checkpoint, out, weights: str = "student", feature: str = "poole
     mean, std = list(pre.cfg.recipe.augment.mean), list(pre.cfg.recipe.augment.std)
     model = feature_module(pre.backbone, arch, feature)
     torch_threads = torch.get_num_threads()
-    proto, exporter, dynamo_error = export_proto(model, crop)
-    torch.set_num_threads(torch_threads)  # the exporter may change it
+    try:
+        proto, exporter, dynamo_error = export_proto(model, crop)
+    finally:
+        torch.set_num_threads(torch_threads)  # the exporter may change it
     if fp16:
         proto = to_fp16(proto)
     data = proto.SerializeToString()

@@ -234,6 +234,43 @@ def test_a_config_that_matches_neither_variant_needs_config(tmp_path, capsys):
     assert ckpt.load(out)["imported_from"]["config_reason"] == "given with --config"
 
 
+def test_a_config_that_matches_both_variants_is_not_guessed(tmp_path, capsys, monkeypatch):
+    import sslight_dali.export as export
+    sslight = export.shipped_config("dino", "resnet18", "sslight")
+    monkeypatch.setattr(export, "shipped_config", lambda method, backbone, variant: sslight)  # two equal variants
+    src, _ = write_trainer_checkpoint(tmp_path / "run", "DINO", "resnet18", "sslight")
+    assert run("import-reference", src, "--out", tmp_path / "imp.pt") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "matches both" in err and "--config" in err
+    assert not (tmp_path / "imp.pt").exists()
+
+
+def _nested(depth):
+    x = []
+    for _ in range(depth):
+        x = [x, x]  # pickled once per level (the memo), 2**depth leaves when copied
+    return x
+
+
+def _looped():
+    d = {"A": 1}
+    d["SELF"] = d
+    return d
+
+
+@pytest.mark.parametrize("config,why", [(_looped, "contains itself"), (lambda: _nested(40), "over 100000 values")])
+def test_a_config_built_to_explode_is_refused_in_one_line(config, why, tmp_path, capsys):
+    src, _ = write_trainer_checkpoint(tmp_path / "run", "DINO", "resnet18", "sslight")
+    state = torch.load(src, weights_only=False)
+    state["config"] = config()
+    assert len(__import__("pickle").dumps(state["config"])) < 1000  # a small file can hold it
+    torch.save(state, src)
+    assert run("import-reference", src, "--out", tmp_path / "imp.pt") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(src) in err and why in err
+    assert not (tmp_path / "imp.pt").exists()
+
+
 def test_without_a_config_the_file_name_decides(tmp_path, capsys):
     sd, _ = source_backbone("resnet18")
     state = {"state_dict": {f"module.student.backbone.{k}": v for k, v in sd.items()}, "epoch": 1, "steps": 2}
