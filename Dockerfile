@@ -1,9 +1,9 @@
 # Training image for sslight-dali.
 #
 # The NGC PyTorch image already ships torch, torchvision, NVIDIA DALI (the CUDA 13 build) and NVIDIA
-# apex, built together for its CUDA/cuDNN. They are NOT reinstalled here. Everything else in
-# requirements.txt is installed at its pin, under the same constraints.txt that `make` uses (less the
-# lines for what the image builds together: torch, torchvision, triton and the NVIDIA/CUDA libraries).
+# apex, built together for its CUDA/cuDNN, with the packages torch and torchvision depend on (numpy,
+# Pillow, sympy, ...). None of these is reinstalled here. Everything else in requirements.txt is
+# installed at its pin, under the same constraints.txt that `make` uses, less the lines for those.
 #
 # Build and run (the "video" capability exposes the hardware JPEG decoder of A100/H100 to DALI):
 #   docker build -t sslight-dali .
@@ -19,13 +19,14 @@ ENV PIP_NO_CACHE_DIR=1 \
 WORKDIR /workspace
 
 # Dependencies first (a cached layer). The first grep drops exactly the lines the base image provides
-# (torch, torchvision, nvidia-dali-cuda*); every other pinned line of requirements.txt is installed.
-# The second keeps the constraints off what the base image built together with torch, so pip never
-# replaces its torch or CUDA libraries to satisfy a pin.
+# (torch, torchvision, numpy, pillow, nvidia-dali-cuda*); every other pinned line of requirements.txt is
+# installed. The second keeps the constraints off torch's and torchvision's dependencies and the
+# NVIDIA/CUDA libraries, so pip never replaces what the base image built together to satisfy a pin.
 # Never `pip install apex`: the PyPI package of that name is unrelated to NVIDIA apex.
 COPY requirements.txt constraints.txt ./
-RUN grep -vE '^(torch|torchvision|nvidia-dali-cuda[0-9]+)==' requirements.txt > /tmp/requirements-image.txt \
- && grep -viE '^(torch|torchvision|triton|nvidia-[a-z0-9-]+|cuda-[a-z-]+)==' constraints.txt > /tmp/constraints-image.txt \
+RUN grep -vE '^(torch|torchvision|numpy|pillow|nvidia-dali-cuda[0-9]+)==' requirements.txt > /tmp/requirements-image.txt \
+ && grep -viE '^(torch|torchvision|triton|numpy|pillow|sympy|mpmath|networkx|jinja2|markupsafe|filelock|fsspec|typing.extensions|setuptools|nvidia-[a-z0-9-]+|cuda-[a-z-]+)==' \
+      constraints.txt > /tmp/constraints-image.txt \
  && pip install -r /tmp/requirements-image.txt -c /tmp/constraints-image.txt \
  && rm /tmp/requirements-image.txt /tmp/constraints-image.txt
 
