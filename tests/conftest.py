@@ -17,6 +17,12 @@ CONFIG = "configs/dino/resnet18_sslight.yaml"
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="sslight-test-cache-")
 atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], True)
 
+# Perturbation runs: SSLIGHT_TEST_THREADS=1 (or 2, ...) runs the suite with that many torch threads,
+# which changes the order of float reductions; no test's outcome may depend on it (README, Tests).
+if os.environ.get("SSLIGHT_TEST_THREADS"):
+    torch.set_num_threads(int(os.environ["SSLIGHT_TEST_THREADS"]))
+    os.environ["OMP_NUM_THREADS"] = os.environ["SSLIGHT_TEST_THREADS"]  # the child processes tests start
+
 
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory):
