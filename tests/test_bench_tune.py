@@ -102,6 +102,19 @@ def test_tune_from_auto_pipelines_sweeps_counts(tmp_path, capsys, data, monkeypa
     assert t["best"] == {"threads": 2, "pipelines": 1} and t["best_overrides"] == ["data.num_threads=2", "data.pipelines=1"]
 
 
+def test_tune_resolves_auto_as_training_would_on_a_small_data_set(tmp_path, capsys, data, monkeypatch):
+    # 16 images at batch 12: two pipelines would get 8 each, under a batch, so auto runs one, in
+    # training and in tune's starting point alike (it used to start at 2, which could not run).
+    slow_when(monkeypatch, lambda threads, prefetch, pipelines: 0.0)
+    code, out, printed = tune(tmp_path, capsys, "--threads", "2", "--batch-size", "12", "--knobs",
+                              "threads,pipelines", "--candidates", "threads=2", data=data)
+    assert code == 0, printed.err
+    result = json.loads(out.read_text())
+    assert result["tune"]["start"] == {"threads": 2, "pipelines": 1}
+    assert [r["tune_setting"] for r in result["runs"]] == [{"threads": 2, "pipelines": 1}]  # 2 cannot run
+    assert [r["pipelines"] for r in result["runs"]] == [1]
+
+
 def test_tune_budget_and_batch_size_caveat(tmp_path, capsys, data):
     code, out, printed = tune(tmp_path, capsys, "--threads", "1", "--knobs", "batch_size", "--quick",
                               "--candidates", "batch_size=1,2,4,8,16", "--budget", "0.001", data=data)

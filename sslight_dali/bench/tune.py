@@ -13,7 +13,7 @@ import sys
 import time
 
 from .environment import hw_jpeg_decoder_available, nvjpeg_hw_probe, static_environment
-from .runs import flag_overrides, release_memory, run_one
+from .runs import flag_overrides, release_memory, resolve_dataset, run_one
 from .timing import BenchError
 
 # knob -> (config key, type). The order of DEFAULT_KNOBS is the order they are tuned in: threads
@@ -128,12 +128,16 @@ def run_tune(args) -> dict:
     skipped = {k: r for k in knobs if (r := skip_reason(k, backend, device))}
     tuned = [k for k in knobs if k not in skipped]
 
+    # auto gives 2 pipelines only where each gets a full batch of the data set's images (one process)
+    images = resolve_dataset(cfg)["images"] if values["pipelines"] == "auto" and backend == "dali" else None
+
     def concrete(setting: dict) -> dict:
-        """The setting with data.pipelines=auto as the count it gives at the setting's threads: until
+        """The setting with data.pipelines=auto as the count the training loader would give it: until
         its own round the pipelines follow the threads as auto does, and runs are keyed by counts."""
         if setting.get("pipelines") != "auto":
             return setting
-        return {**setting, "pipelines": resolve_pipelines("auto", device, setting.get("threads", cfg.data.num_threads))}
+        return {**setting, "pipelines": resolve_pipelines("auto", device, setting.get("threads", cfg.data.num_threads),
+                                                          images, setting.get("batch_size", values["batch_size"]))}
 
     start = {k: values[k] for k in tuned}
     candidates = {}
