@@ -251,7 +251,7 @@ class DaliTrainLoader(_DaliLoader):
     def epoch(self, epoch: int):
         """Yield (views, labels, indices) for one epoch: exactly steps_per_epoch batches.
 
-        With debug=True each item also carries a list of per-view records [B, len(FLAG_FIELDS)].
+        With debug=True each item also carries a list of per-view records [B, len(augment.record_fields())].
         """
         n = len(self.view_names)
         for out in self._batches(epoch):
