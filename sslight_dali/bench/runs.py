@@ -10,6 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..config import load_config, to_dict
 from ..files import atomic_write
 from .environment import hw_decoder_info, static_environment
 from .timing import BenchError, GpuMemory, endless, measure, summarize, synchronizer
@@ -30,7 +31,6 @@ def flag_overrides(args) -> list[str]:
 
 def run_one(args, extra: list[str] = (), label: str | None = None, kind: str | None = None) -> dict:
     """Load the config with the user's overrides, the flags and `extra` (in that order), run, record."""
-    from ..config import load_config
     kind = kind or args.bench_command
     overrides = list(args.overrides) + flag_overrides(args) + list(extra)
     cfg = load_config(args.config, overrides)
@@ -48,11 +48,11 @@ def run_one(args, extra: list[str] = (), label: str | None = None, kind: str | N
 def release_memory() -> None:
     """Free the previous run's loader (DALI threads, DataLoader workers, GPU pools) before the next."""
     gc.collect()
-    import torch
+    import torch  # light: torch (`sslight bench --help` loads none)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         try:
-            from nvidia.dali.backend import ReleaseUnusedMemory
+            from nvidia.dali.backend import ReleaseUnusedMemory  # optional: DALI
             ReleaseUnusedMemory()
         except ImportError:
             pass
@@ -77,7 +77,7 @@ def ensure_bench_data(root: Path = BENCH_DATA) -> Path:
     """The synthetic bench set: BENCH_SYNTH's unique JPEGs, each linked BENCH_COPIES times under train/.
     Copies cost nothing to make and decode exactly like the original, and a long epoch keeps every
     DataLoader worker busy (a 1000-image epoch at batch 128 has 7 batches: 16 workers would idle)."""
-    from ..synth import synth_dataset
+    from ..synth import synth_dataset  # light: numpy
     if not _synth_matches(root / "synth.json"):
         print(f"writing the synthetic bench dataset to {root} (once)", file=sys.stderr)
         synth_dataset(root, **BENCH_SYNTH, workers=os.cpu_count() or 1)
@@ -104,7 +104,7 @@ def _synth_matches(meta: Path) -> bool:
 
 
 def dataset_info(cfg) -> dict:
-    from ..data import list_samples
+    from ..data import list_samples  # light: torch (`sslight bench --help` loads none)
     samples = list_samples(cfg.data.root, cfg.data.train_split, cfg.data.format, check=False)
     sizes = [samples.size(i) for i in range(len(samples))]
     unique = {os.stat(f).st_ino for f in samples.files} if samples.members is None else samples.files
@@ -117,12 +117,12 @@ def dataset_info(cfg) -> dict:
 # The three benches
 # ------------------------------------------------------------------------------------------------
 def _loader_layout(cfg) -> dict:
-    from ..runtime import uses_channels_last
+    from ..runtime import uses_channels_last  # light: torch (`sslight bench --help` loads none)
     return {"channels_last": uses_channels_last(cfg)}
 
 
 def bench_pipeline(cfg, warmup: int, steps: int, repeats: int) -> dict:
-    from ..data import build_train_loader
+    from ..data import build_train_loader  # light: torch (`sslight bench --help` loads none)
     memory = GpuMemory()
     loader = build_train_loader(cfg, **_loader_layout(cfg))
     reps = measure(endless(loader), None, warmup, steps, repeats, synchronizer(loader.device == "gpu"))
@@ -135,7 +135,7 @@ class SyntheticLoader:
     what the trainer could do if data were free."""
 
     def __init__(self, views, labels, num_classes: int, steps_per_epoch: int = 1000):
-        import torch
+        import torch  # light: torch (`sslight bench --help` loads none)
         self.views, self.labels = views, labels
         self.indices = torch.arange(labels.shape[0], device=labels.device)
         self.num_classes, self.steps_per_epoch = num_classes, steps_per_epoch
@@ -145,7 +145,8 @@ class SyntheticLoader:
     @classmethod
     def random(cls, cfg, device, num_classes: int) -> "SyntheticLoader":
         """Views of the recipe's shapes, layout and dtype, as the real loader delivers them."""
-        import torch
+        import torch  # light: torch (`sslight bench --help` loads none)
+
         from ..runtime import torch_dtype
         dtype = torch_dtype(cfg.data.dtype)
         fmt = torch.channels_last if _loader_layout(cfg)["channels_last"] else torch.contiguous_format
@@ -172,7 +173,7 @@ class _BenchTrainer:
         self.cfg, self.loader, self.device = cfg, loader, device
 
     def __enter__(self):
-        from ..runtime import prepare_process
+        from ..runtime import prepare_process  # light: torch (`sslight bench --help` loads none)
         from ..train import Trainer
         prepare_process(self.cfg.train.seed, self.device)
         self.cfg.train.tensorboard = False
@@ -218,7 +219,7 @@ def startup(cfg, first: FirstCall, steady_ips: float) -> dict:
 
 
 def compute_device(cfg):
-    from ..runtime import init_distributed
+    from ..runtime import init_distributed  # light: torch (`sslight bench --help` loads none)
     return init_distributed(cfg)[2]
 
 
@@ -239,7 +240,7 @@ def bench_model(cfg, warmup: int, steps: int, repeats: int) -> dict:
 def bench_train(cfg, warmup: int, steps: int, repeats: int) -> dict:
     """The real loader into the Trainer; then the same Trainer on one of the loader's own batches,
     held on the device (the `model` figure beside it, with identical shapes, layout and dtype)."""
-    from ..data import build_train_loader
+    from ..data import build_train_loader  # light: torch (`sslight bench --help` loads none)
     device = compute_device(cfg)
     memory = GpuMemory()
     loader = build_train_loader(cfg, **_loader_layout(cfg))
@@ -269,8 +270,7 @@ def bench_train(cfg, warmup: int, steps: int, repeats: int) -> dict:
 def make_record(kind: str, cfg, config_path: str, overrides: list[str], result: dict, dataset: dict | None,
                 label: str | None = None) -> dict:
     """The one JSON record of a run; the key figures at the top level."""
-    from ..config import to_dict
-    from ..runtime import resolve_precision, torch_device
+    from ..runtime import resolve_precision, torch_device  # light: torch (`sslight bench --help` loads none)
     ips = [r["images_per_sec"] for r in result["repeats"]]
     s = summarize(ips)
     device = result.get("extra", {}).get("compute_device") or result["device"]

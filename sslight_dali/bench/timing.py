@@ -24,7 +24,7 @@ def synchronizer(on_cuda: bool):
     DALI's work, which runs on DALI's own streams; synchronize waits for every stream."""
     if not on_cuda:
         return lambda: None
-    import torch
+    import torch  # light: `sslight bench --help` loads no torch
     return torch.cuda.synchronize
 
 
@@ -102,7 +102,7 @@ class GpuMemory:
     cache) and torch's own peak. None on a machine without CUDA."""
 
     def __init__(self):
-        import torch
+        import torch  # light: `sslight bench --help` loads no torch
         self.on = torch.cuda.is_available()
         if self.on:
             torch.cuda.synchronize()
@@ -113,7 +113,7 @@ class GpuMemory:
     def read(self) -> dict | None:
         if not self.on:
             return None
-        import torch
+        import torch  # light: `sslight bench --help` loads no torch
         torch.cuda.synchronize()
         free, total = torch.cuda.mem_get_info()
         return {"device_used_delta_bytes": int(self.free_before - free),
