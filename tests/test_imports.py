@@ -276,8 +276,10 @@ def test_package_and_help_are_light(code, allowed):
 
 
 # --- the checks catch what they are for --------------------------------------------------------
-def _package(tmp_path: Path, files: dict[str, str]) -> Path:
-    for name, text in files.items():
+def _package(tmp_path: Path, monkeypatch, files: dict[str, str]) -> Path:
+    """A package sslight_dali of `files` under tmp_path, which becomes ROOT."""
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    for name, text in {"__init__.py": "", **files}.items():
         p = tmp_path / "sslight_dali" / name
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(text)
@@ -285,9 +287,7 @@ def _package(tmp_path: Path, files: dict[str, str]) -> Path:
 
 
 def test_a_cycle_through_a_function_level_import_is_found(tmp_path, monkeypatch):
-    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
-    pkg = _package(tmp_path, {
-        "__init__.py": "",
+    pkg = _package(tmp_path, monkeypatch, {
         "augment.py": "def f():\n    from .data import dali_views  # optional: DALI\n",
         "data/__init__.py": "from .build import x\n",
         "data/build.py": "from ..config import y\nx = 1\n",
@@ -302,9 +302,7 @@ def test_a_cycle_through_a_function_level_import_is_found(tmp_path, monkeypatch)
 
 
 def test_a_layer_violation_and_an_unreasoned_import_are_found(tmp_path, monkeypatch):
-    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
-    pkg = _package(tmp_path, {
-        "__init__.py": "",
+    pkg = _package(tmp_path, monkeypatch, {
         "config.py": "def f():\n    from .train import t\n    import json  # light: cheap\n",
         "train.py": "from .config import f\n\n\ndef g():\n    # light: torch\n    import torch\n    from . import config\n",
     })
