@@ -90,7 +90,7 @@ class Op:
 
 # --- torchvision/PIL implementations (the reference's order: crop, flip, jitter, gray, blur, solarize) ---
 def _rand() -> float:
-    import torch  # light: `sslight bench --help` imports this table (bench/sweeps.py), not torch
+    import torch  # light: `sslight bench --help` loads this table (bench/sweeps.py) but not torch
     return torch.rand(()).item()
 
 
