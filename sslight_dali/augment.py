@@ -1,35 +1,31 @@
 """The augmentation-op table: every optional op of a view, one entry each.
 
-A view is always a random resized crop, then the ops below in table order (each applied with its own
-probability), then normalization. An entry holds everything about its op:
-- `knobs`: its recipe fields, with defaults, ranges and help. `config.py` builds the recipe's
-  `augment` section (scope "augment": one value for all views) and the per-view probability lists of
-  `recipe.global` / `recipe.local` (scope "view") from them;
-- `record`: the debug-record fields it fills (`sslight views`, the parity tests), by name;
-- `name`: its ablation name (`sslight bench pipeline --profile-ops` measures the recipe without it);
-- `torch`: the torchvision/PIL implementation (the reference backend, src/data/transforms.py:45-111);
-- `dali`: the DALI implementation; its signature depends on `stage`, which says where the DALI graph
-  runs it (sslight_dali/data/dali_views.py):
+A view is a random resized crop, then the ops below in table order (each with its own probability),
+then normalization. An entry holds everything about its op: `knobs` (its recipe fields, from which
+config.py builds `recipe.augment` and the per-view lists of `recipe.global`/`recipe.local`), `record`
+(the debug-record fields it fills, for `sslight views` and the parity tests), `name` (its ablation
+name in `sslight bench pipeline --profile-ops`), `torch` (the torchvision/PIL implementation,
+src/data/transforms.py:45-111) and `dali`, whose signature depends on `stage`, where the DALI graph
+(data/dali_views.py) runs it:
     "mirror": folded into the final crop_mirror_normalize (the ops between are pointwise or
               symmetric, so flipping last equals flipping first). dali(aug) -> (mirror, record).
-    "colour": a parameter of the one colour pass a group of same-size views shares (brightness and
-              contrast blends, then a colour matrix; brightness, contrast and saturation multiply, hue
-              adds; 1, 1, 1, 0 is the identity). dali(aug, n) -> (params, record) for n frames, each
-              value a float or a per-frame [n] DataNode. With `jitter_order: random` the views run one
-              by one and the op applies itself: dali_view(img, aug) -> (img, record).
-    "pixel":  on each view after the colour pass. dali(img, view, aug) -> (img, record); img is
-              uint8 or float, one sample per image of the batch.
-  A record value is a float or a DataNode (per sample, or per frame [n] for colour ops).
+    "colour": parameters of the one colour pass a group of same-size views shares (brightness,
+              contrast, saturation multiply, hue adds; IDENTITY is no change). dali(aug, n) ->
+              (params, record), each value a float or a per-frame [n] DataNode. With
+              `jitter_order: random` views run one by one: dali_view(img, aug) -> (img, record).
+    "pixel":  on each view after the colour pass. dali(img, view, aug) -> (img, record).
+A record value is a float or a DataNode (per sample, or per frame [n] for colour ops).
 
-Adding an op: one entry in OPS (the knobs appear in every config and in `sslight config show`, the op
-in both backends, the viewer and bench's ablations) plus its parity test. DALI is imported only inside
-the DALI implementations, so importing this module (config.py does) needs neither DALI nor torch.
+Adding an op is one entry in OPS plus its parity test. config.py imports this module, so torch,
+torchvision and DALI are imported by the implementations when they run.
 """
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
+
+from PIL import ImageFilter, ImageOps
 
 # A view's record fields that no op owns: its crop window and source size.
 FRAME_FIELDS = ("crop_y", "crop_x", "crop_h", "crop_w", "image_h", "image_w")
@@ -94,7 +90,7 @@ class Op:
 
 # --- torchvision/PIL implementations (the reference's order: crop, flip, jitter, gray, blur, solarize) ---
 def _rand() -> float:
-    import torch
+    import torch  # light: `sslight bench --help` loads this table (bench/sweeps.py) but not torch
     return torch.rand(()).item()
 
 
@@ -103,29 +99,27 @@ def _uniform(lo: float, hi: float) -> float:
 
 
 def _flip_torch(img, view, aug, rec):
-    import torchvision.transforms.functional as F
+    import torchvision.transforms.functional as F  # light: torchvision, as torch above
     rec["flip"] = _rand() < aug.flip_p
     return F.hflip(img) if rec["flip"] else img
 
 
 def _jitter_torch(img, view, aug, rec):
     """torchvision ColorJitter: the four ops in a random order (or the fixed one), each its own factor."""
-    import torch
-    import torchvision.transforms as T
+    import torchvision.transforms as T  # light: torchvision, as torch above
     import torchvision.transforms.functional as F
     rec["jitter"] = _rand() < aug.jitter_p
     if not rec["jitter"]:
         return img
     j = T.ColorJitter(aug.brightness, aug.contrast, aug.saturation, aug.hue)
     order, b, c, s, h = T.ColorJitter.get_params(j.brightness, j.contrast, j.saturation, j.hue)
-    if aug.jitter_order == "fixed":
-        order = torch.arange(4)
+    order = [0, 1, 2, 3] if aug.jitter_order == "fixed" else order.tolist()
     # randperm(4) also places the ops that are off (factor None); the order that ran is the others'
-    ran = tuple(k for k in order.tolist() if k in jitter_ops(aug))
+    ran = tuple(k for k in order if k in jitter_ops(aug))
     rec.update(brightness=b, contrast=c, saturation=s, hue_deg=None if h is None else 360.0 * h,
-               jitter_order=jitter_orders(aug).index(ran))
+               jitter_perm=jitter_orders(aug).index(ran))
     ops = {0: (F.adjust_brightness, b), 1: (F.adjust_contrast, c), 2: (F.adjust_saturation, s), 3: (F.adjust_hue, h)}
-    for k in order.tolist():
+    for k in order:
         fn, factor = ops[k]
         if factor is not None:
             img = fn(img, factor)
@@ -133,13 +127,12 @@ def _jitter_torch(img, view, aug, rec):
 
 
 def _gray_torch(img, view, aug, rec):
-    import torchvision.transforms.functional as F
+    import torchvision.transforms.functional as F  # light: torchvision, as torch above
     rec["gray"] = _rand() < aug.grayscale_p
     return F.rgb_to_grayscale(img, num_output_channels=3) if rec["gray"] else img
 
 
 def _blur_torch(img, view, aug, rec):
-    from PIL import ImageFilter
     rec["blur_sigma"] = 0.0
     if _rand() < view.blur_p:
         rec["blur_sigma"] = _uniform(*aug.blur_sigma)
@@ -148,17 +141,22 @@ def _blur_torch(img, view, aug, rec):
 
 
 def _solarize_torch(img, view, aug, rec):
-    from PIL import ImageOps
     rec["solarize"] = _rand() < view.solarize_p
     return ImageOps.solarize(img, threshold=aug.solarize_threshold) if rec["solarize"] else img
 
 
 # --- DALI implementations -------------------------------------------------------------------------
+def _dali():
+    """sslight_dali.dali_ops, the DALI building blocks of these implementations."""
+    from . import dali_ops  # optional: DALI, needed only once a DALI graph is built
+    return dali_ops
+
+
 def _flip_dali(aug):
-    from .data import dali_views as dv
+    dali = _dali()
     if aug.flip_p <= 0:
         return 0, {"flip": 0.0}
-    coin = dv.fn.random.coin_flip(probability=aug.flip_p, dtype=dv.types.INT32)
+    coin = dali.fn.random.coin_flip(probability=aug.flip_p, dtype=dali.types.INT32)
     return coin, {"flip": coin}
 
 
@@ -168,7 +166,7 @@ def jitter_ops(aug) -> list[int]:
 
 
 def jitter_orders(aug) -> list[tuple[int, ...]]:
-    """Every order of the enabled ops (amount > 0), lexicographic; a view record's `jitter_order` is
+    """Every order of the enabled ops (amount > 0), lexicographic; a view record's `jitter_perm` is
     the index into this list of the order that ran, on both backends. With all four enabled these are
     torchvision's 24 randperm(4) orders; an op that is off runs nowhere, so it has no place in an
     order (torchvision's randperm still places it: its record drops it, and each of the n! orders of
@@ -178,82 +176,82 @@ def jitter_orders(aug) -> list[tuple[int, ...]]:
     return list(itertools.permutations(jitter_ops(aug)))
 
 
-def _jitter_factors(dv, aug, n):
+def _jitter_factors(dali, aug, n):
     """brightness, contrast, saturation factors and hue in degrees, drawn for every sample or frame
     (cheap), so the record reports them even where the op is off."""
-    return (dv.draw_uniform(max(0.0, 1 - aug.brightness), 1 + aug.brightness, n),
-            dv.draw_uniform(max(0.0, 1 - aug.contrast), 1 + aug.contrast, n),
-            dv.draw_uniform(max(0.0, 1 - aug.saturation), 1 + aug.saturation, n),
-            dv.draw_uniform(-360.0 * aug.hue, 360.0 * aug.hue, n))
+    return (dali.draw_uniform(max(0.0, 1 - aug.brightness), 1 + aug.brightness, n),
+            dali.draw_uniform(max(0.0, 1 - aug.contrast), 1 + aug.contrast, n),
+            dali.draw_uniform(max(0.0, 1 - aug.saturation), 1 + aug.saturation, n),
+            dali.draw_uniform(-360.0 * aug.hue, 360.0 * aug.hue, n))
 
 
 def _jitter_dali(aug, n):
     """Fixed order: each enabled factor where the frame's coin says jitter, the identity elsewhere."""
-    from .data import dali_views as dv
-    factors = _jitter_factors(dv, aug, n)
+    dali = _dali()
+    factors = _jitter_factors(dali, aug, n)
     ops = jitter_ops(aug)
-    coin = dv.coins(aug.jitter_p, n) if ops else None
-    params = {name: dv.gate(f, coin if k in ops else None, IDENTITY[name])
+    coin = dali.coins(aug.jitter_p, n) if ops else None
+    params = {name: dali.gate(f, coin if k in ops else None, IDENTITY[name])
               for k, (name, f) in enumerate(zip(JITTER_OPS, factors))}
     record = dict(zip(("brightness", "contrast", "saturation", "hue_deg"), factors))
-    record.update(jitter=0.0 if coin is None else coin, jitter_order=0.0)
+    record.update(jitter=0.0 if coin is None else coin, jitter_perm=0.0)
     return params, record
 
 
 def _jitter_dali_view(img, aug):
-    """Random order: one per-sample order, applied slot by slot (dali_views.jitter_random_order)."""
-    from .data import dali_views as dv
-    factors = _jitter_factors(dv, aug, None)
-    order = dv.fn.random.uniform(values=list(range(len(jitter_orders(aug)))), dtype=dv.types.INT32)
-    img, applied = dv.apply_with_p(aug.jitter_p, dv.jitter_random_order, img, aug, order, *factors)
+    """Random order: one per-sample order, applied slot by slot (dali_ops.jitter_random_order)."""
+    dali = _dali()
+    factors = _jitter_factors(dali, aug, None)
+    orders = jitter_orders(aug)
+    perm = dali.fn.random.uniform(values=list(range(len(orders))), dtype=dali.types.INT32)
+    img, applied = dali.apply_with_p(aug.jitter_p, dali.jitter_random_order, img, orders, perm, *factors)
     record = dict(zip(("brightness", "contrast", "saturation", "hue_deg"), factors))
-    record.update(jitter=applied, jitter_order=order)
+    record.update(jitter=applied, jitter_perm=perm)
     return img, record
 
 
 def _gray_dali(aug, n):
     """Grayscale is saturation 0, drawn with probability grayscale_p."""
-    from .data import dali_views as dv
-    keep = dv.coins(1 - aug.grayscale_p, n)
+    dali = _dali()
+    keep = dali.coins(1 - aug.grayscale_p, n)
     if keep is None:
         return {"saturation": 0.0}, {"gray": 1.0}
     if isinstance(keep, int):
         return {}, {"gray": 0.0}
-    return {"saturation": dv.fn.cast(keep, dtype=dv.types.FLOAT)}, {"gray": 1 - keep}
+    return {"saturation": dali.to_float(keep)}, {"gray": 1 - keep}
 
 
 def _gray_dali_view(img, aug):
-    from .data import dali_views as dv
-    img, applied = dv.apply_with_p(aug.grayscale_p, lambda x: dv.fn.saturation(x, saturation=0.0), img)
+    dali = _dali()
+    img, applied = dali.apply_with_p(aug.grayscale_p, lambda x: dali.fn.saturation(x, saturation=0.0), img)
     return img, {"gray": applied}
 
 
 def _blur_dali(img, view, aug):
     """Blur with probability p, sigma ~ U(blur_sigma) drawn only for the blurred samples. A per-sample
-    conditional: on the CPU skipping the unselected samples beat an identity kernel on every sample
-    (a 1-tap blur costs 0.44 of a real one; bench/README.md)."""
-    from .data import dali_views as dv
-    img, sigma = dv.blur_with_p(img, view.blur_p, *aug.blur_sigma)
+    conditional: on the CPU skipping the unselected samples costs less than an identity kernel on
+    every sample (bench/README.md)."""
+    img, sigma = _dali().blur_with_p(img, view.blur_p, *aug.blur_sigma)
     return img, {"blur_sigma": sigma}
 
 
 def _solarize_dali(img, view, aug):
     """v >= threshold -> 255 - v with probability solarize_p. On the GPU a per-sample threshold (256
     where not drawn) runs every sample through one kernel with no conditional; on the CPU a conditional
-    that skips the unselected samples costs less (a per-sample threshold tensor takes DALI's slower
-    tensor-tensor path: +0.5 CPU ms per image for the DINO-SSLight recipe, 1-thread A/B)."""
-    from .data import dali_views as dv
+    that skips the unselected samples costs less, since a per-sample threshold tensor takes DALI's
+    slower tensor-tensor path there (bench/README.md)."""
+    dali = _dali()
     thr = float(aug.solarize_threshold)
     if view.solarize_p <= 0:
         return img, {"solarize": 0.0}
     if view.solarize_p >= 1:
-        return dv.solarize(img, thr), {"solarize": 1.0}
+        return dali.solarize(img, thr), {"solarize": 1.0}
     if img.device == "cpu":
         # Both branches of a conditional must agree on the type (the random-order chain is uint8 here).
-        img, applied = dv.apply_with_p(view.solarize_p, lambda x: dv.fn.cast_like(dv.solarize(x, thr), x), img)
+        img, applied = dali.apply_with_p(view.solarize_p, lambda x: dali.fn.cast_like(dali.solarize(x, thr), x), img)
         return img, {"solarize": applied}
-    coin = dv.coins(view.solarize_p, None)
-    return dv.solarize(img, (256.0 - coin * (256.0 - thr)).gpu()), {"solarize": coin}
+    coin = dali.coins(view.solarize_p, None)
+    return dali.solarize(img, (256.0 - coin * (256.0 - thr)).gpu()), {"solarize": coin}
 
 
 # --- the table ------------------------------------------------------------------------------------
@@ -269,8 +267,8 @@ OPS: list[Op] = [
         Knob("hue", float, 0.1, 0.0, 0.5, "torchvision hue factor; DALI gets U(-360h, 360h) degrees"),
         Knob("jitter_order", Literal["random", "fixed"], "fixed",
              help="fixed = brightness, contrast, saturation, hue; random = a per-sample order, as torchvision "
-                  "(4.4x slower DALI GPU pipeline on H100: per-slot conditionals)")),
-       record=("jitter", "brightness", "contrast", "saturation", "hue_deg", "jitter_order"),
+                  "(much slower DALI GPU pipeline: per-slot conditionals; bench/README.md)")),
+       record=("jitter", "brightness", "contrast", "saturation", "hue_deg", "jitter_perm"),
        torch=_jitter_torch, dali=_jitter_dali, dali_view=_jitter_dali_view,
        label=lambda r: "jit" if r["jitter"] else None),
     Op("grayscale", "colour",

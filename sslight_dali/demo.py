@@ -21,11 +21,9 @@ DEMO_CONFIG = "configs/dino/resnet18_sslight.yaml"
 DEMO_DATA = dict(classes=10, per_class=100, val_per_class=30, clutter=0.0, colors=2)
 
 # Small-scale settings: a short schedule (warm-up shortened to match) and a smaller DINO head for ~1k
-# images. The reference's DINO settings (teacher momentum 0.996, temperature 0.04 -> 0.07, center
-# momentum 0.9, peak LR 0.12 at batch 64) collapse towards a uniform output within ~200 steps: on
-# this data kNN went 45.7% at init -> 24% after 3 epochs -> 37.7% after 12 (2 CPU cores). So the
-# teacher follows the student faster (0.99), stays sharp (0.04 throughout), its center moves slower
-# (0.99), and the LR is 10x the reference's (+10.7 points; 5x gave +8.0, 20x +9.0).
+# images. The reference's DINO settings drift towards a uniform output within a few hundred steps, so
+# here the teacher follows the student faster (0.99), stays sharp (0.04 throughout), its center moves
+# slower (0.99), and the LR is 10x the reference's (the README's demo section has the measurements).
 COMMON = [
     "train.epochs=12", "optim.warmup_epochs=1", "optim.base_lr=4.8", "dino.out_dim=1024",
     "dino.momentum_teacher=0.99", "dino.warmup_teacher_temp=0.04", "dino.teacher_temp=0.04",
@@ -46,18 +44,20 @@ def add_arguments(p) -> None:
 
 
 def knn_top1(cfg, backbone, device) -> float:
-    from .knn import knn_evaluate
+    from .knn import knn_evaluate  # light: `sslight demo --help` loads no torch
     return knn_evaluate(cfg, backbone, device)[0]["top1"]
 
 
 def probe_top1(cfg, backbone, device) -> float:
-    from .evaluate.linear import fast_probe
+    from .evaluate.linear import fast_probe  # light: as knn_top1
     return fast_probe(cfg, backbone, device)["top1_best"]
 
 
 def main(args) -> int:
+    # light: `sslight demo --help` loads no torch
     import torch
 
+    from .checkpoint import LATEST
     from .config import load_config
     from .models import build_backbone
     from .pretrained import load_pretrained
@@ -87,7 +87,6 @@ def main(args) -> int:
     result = train(cfg)
     minutes = (time.perf_counter() - t0) / 60
 
-    from .checkpoint import LATEST
     trained = load_pretrained(Path(args.out) / LATEST).backbone.to(device)  # the student, as training's kNN
     after = knn_top1(cfg, trained, device)
     probe_after = probe_top1(cfg, trained, device)

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .data import build_eval_loader
 from .runtime import world_size
 
 
@@ -43,8 +44,6 @@ def extract_features(backbone: torch.nn.Module, loader, device: torch.device,
 def knn_evaluate(cfg, backbone: torch.nn.Module, device: torch.device, autocast_dtype: torch.dtype | None = None,
                  rank: int = 0, world_size: int = 1, channels_last: bool = True):
     """kNN of `backbone` under cfg.eval.knn_mode. Returns (knn_classify's result, val features, val labels)."""
-    from .data import build_eval_loader
-
     def features(split):
         loader = build_eval_loader(cfg, split=split, rank=rank, world_size=world_size, channels_last=channels_last)
         return extract_features(backbone, loader, device, autocast_dtype)

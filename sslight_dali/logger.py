@@ -63,7 +63,7 @@ class RunLogger:
         self.jsonl = open(path, "a", buffering=1)
         if self.tensorboard:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # optional: tensorboard (see below)
                 # purge_step: TensorBoard hides the earlier attempt's events from this step on.
                 self.tb = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=step + 1 if step else None)
             except ImportError:

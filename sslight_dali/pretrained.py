@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from . import checkpoint as ckpt
@@ -63,10 +62,3 @@ def load_pretrained(path: str | Path, weights: str = "student") -> Pretrained:
         raise ckpt.CheckpointError(f"{path}: backbone keys do not fit {cfg.model.backbone} "
                                    f"({'missing' if missing else 'unexpected'} key {first!r})")
     return Pretrained(model.eval(), cfg, weights, int(state.get("epoch", 0)), int(state.get("step", 0)), path)
-
-
-@torch.no_grad()
-def tensors_equal(a: nn.Module, b: nn.Module) -> bool:
-    """Whether two modules hold the same state (used by tests and by export's self-check)."""
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

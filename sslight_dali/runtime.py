@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 import random
+import threading
 
 import numpy as np
 import torch
@@ -77,8 +79,6 @@ def on_rank0(work, poll_s: float):
     bound that stops a run whose rank died): while rank 0 works in a thread, every rank takes part in a
     one-number all_reduce every `poll_s` seconds. A rank 0 that dies still stops the others after the
     timeout, as in training."""
-    import pickle
-    import threading
     rank, box, done = dist.get_rank(), [None, None], threading.Event()
 
     def run():

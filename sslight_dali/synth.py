@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import math
+from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
@@ -159,7 +160,6 @@ def synth_dataset(out: str | Path, classes: int = 10, per_class: int = 60, val_p
             for split, n, split_seed in (("train", per_class, 0), ("val", val_per_class, 1))
             for c, shape in enumerate(SHAPES[:classes])]
     if workers > 1:
-        from multiprocessing import Pool
         with Pool(workers) as pool:
             per_job = pool.map(_write_class, jobs)
     else:

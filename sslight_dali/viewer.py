@@ -24,13 +24,15 @@ def _ops_label(name: str, r: dict) -> str:
 
 def sample_views(cfg, image_path: str | Path, samples: int = 4, seed: int | None = None):
     """[(view names, [HWC uint8 per view], [record dict per view])] for `samples` draws (DALI on the CPU)."""
-    # DALI is imported here, not at module level: `sslight --help` must work without it.
+    # optional: DALI (and `sslight views --help` loads no torch)
+    import torch
+
     from .data.dali_views import record_dict
     from .data.loader import DaliTrainLoader
     from .data.sources import Samples, verify_samples
     data = verify_samples(Samples([str(image_path)] * samples, [0] * samples, ["image"]))
     loader = DaliTrainLoader(data, cfg.recipe, debug=True, batch_size=samples, device="cpu", rank=0, world_size=1,
-                             channels_last=False, dtype=__import__("torch").float32, num_threads=1, prefetch=1,
+                             channels_last=False, dtype=torch.float32, num_threads=1, prefetch=1,
                              seed=cfg.train.seed if seed is None else seed, hw_decoder_load=0.0)
     views, _, _, records = next(loader.epoch(0))
     aug = cfg.recipe.augment

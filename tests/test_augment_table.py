@@ -55,12 +55,13 @@ def test_disable_matches_off():
 
 def test_both_backends_fill_every_record_field(make_cfg):
     # Every op on for every view: the torchvision backend's record has each op's fields and the
-    # frame, and the DALI records (by name, FLAG_FIELDS) report each op applied.
+    # frame, and the DALI records (by name, augment.record_fields) report each op applied.
     import torch
     from PIL import Image
 
+    from sslight_dali.augment import record_fields
     from sslight_dali.data import build_train_loader
-    from sslight_dali.data.dali_views import FLAG_FIELDS, record_dict
+    from sslight_dali.data.dali_views import record_dict
     from sslight_dali.data.torch_views import ViewTransform
 
     on = [o for op in OPS for o in (op.off())]
@@ -69,8 +70,8 @@ def test_both_backends_fill_every_record_field(make_cfg):
     view = cfg.recipe.views()[0]
     rec = {}
     ViewTransform(view, cfg.recipe.augment)(Image.new("RGB", (40, 30), (120, 90, 60)), rec)
-    assert set(rec) == set(FLAG_FIELDS)
-    assert all(rec[k] for op in OPS for k in op.record if k not in ("jitter_order", "hue_deg"))
+    assert set(rec) == set(record_fields())
+    assert all(rec[k] for op in OPS for k in op.record if k not in ("jitter_perm", "hue_deg"))
     loader = build_train_loader(cfg, channels_last=False, dtype=torch.float32, debug=True)
     _, _, _, records = next(loader.epoch(0))
     for r in records:
@@ -90,11 +91,11 @@ NEW_OP = textwrap.dedent("""
         return ImageOps.invert(img) if rec["invert"] else img
 
     def invert_dali(img, view, aug):
-        from sslight_dali.data import dali_views as dv
-        coin = dv.coins(aug.invert_p, None)
+        from sslight_dali import dali_ops
+        coin = dali_ops.coins(aug.invert_p, None)
         if coin is None:
             return img, {"invert": 0.0}
-        return dv.dmath.abs(coin * 255.0 - img), {"invert": coin}
+        return dali_ops.dmath.abs(coin * 255.0 - img), {"invert": coin}
 
     A.OPS.append(A.Op("invert", "pixel", (A.Knob("invert_p", float, 0.0, 0.0, 1.0, "invert probability", prob=True),),
                       record=("invert",), torch=invert_torch, dali=invert_dali,

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from sslight_dali import bench
-from sslight_dali.bench import runs  # the module whose step and batch source the tests replace
+from sslight_dali.bench import benches  # the module whose step and batch source the tests replace
 from sslight_dali.cli import main as cli_main
 from sslight_dali.synth import synth_dataset
 
@@ -208,7 +208,7 @@ def test_model_bench_follows_a_step_of_known_duration(tmp_path, monkeypatch):
             time.sleep(STEP_S)
         return run
 
-    monkeypatch.setattr(runs, "trainer_step", sleeping_step)
+    monkeypatch.setattr(benches, "trainer_step", sleeping_step)
     rec = run(tmp_path, "model", "--steps", "2")
     assert calls == [4] * (1 + 2 * 2)  # warmup 1, then 2 repeats of 2 steps
     for r in rec["per_repeat"]:
@@ -229,7 +229,7 @@ def test_first_step_is_timed_apart_as_the_start_up_cost(tmp_path, monkeypatch, f
             time.sleep(3 * STEP_S if len(calls) == 1 else STEP_S)  # the first call compiles
         return run
 
-    monkeypatch.setattr(runs, "trainer_step", slow_first_step)
+    monkeypatch.setattr(benches, "trainer_step", slow_first_step)
     rec = run(tmp_path, "model", "--steps", "2", *flag)
     assert 3 * STEP_S <= rec["first_step_s"] < 3 * STEP_S + 0.5
     steady = rec["batch_size"] / rec["images_per_sec"]
@@ -242,14 +242,14 @@ def test_first_step_is_timed_apart_as_the_start_up_cost(tmp_path, monkeypatch, f
 
 
 def test_pipeline_bench_counts_time_spent_waiting_for_batches(tmp_path, data, monkeypatch):
-    real = runs.endless
+    real = benches.endless
 
     def slow_batches(loader):
         for batch in real(loader):
             time.sleep(STEP_S)
             yield batch
 
-    monkeypatch.setattr(runs, "endless", slow_batches)
+    monkeypatch.setattr(benches, "endless", slow_batches)
     rec = run(tmp_path, "pipeline", "--backend", "dali", "--device", "cpu", "--steps", "2", data=data)
     for r in rec["per_repeat"]:
         assert 2 * STEP_S <= r["seconds"] < 2 * STEP_S + 3.0

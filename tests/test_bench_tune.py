@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from sslight_dali.bench import runs
+from sslight_dali.bench import benches
 from sslight_dali.cli import main as cli_main
 from sslight_dali.config import load_config
 
@@ -23,7 +23,7 @@ FAST = ["--batch-size", "4", "--warmup", "1", "--steps", "1", "--repeats", "2", 
 
 def slow_when(monkeypatch, seconds):
     """Each batch costs seconds(threads, prefetch, pipelines) more: a known ranking of the settings."""
-    real = runs.endless
+    real = benches.endless
 
     def batches(loader):
         delay = seconds(loader.num_threads, loader.prefetch, getattr(loader, "pipelines", 1))
@@ -31,7 +31,7 @@ def slow_when(monkeypatch, seconds):
             time.sleep(delay)
             yield batch
 
-    monkeypatch.setattr(runs, "endless", batches)
+    monkeypatch.setattr(benches, "endless", batches)
 
 
 def tune(tmp_path, capsys, *extra, data, overrides=()):

@@ -7,9 +7,9 @@ import torch
 import torchvision.transforms.functional as F
 from nvidia.dali import fn, pipeline_def, types
 
-from sslight_dali.augment import OPS
+from sslight_dali.augment import OPS, jitter_orders
 from sslight_dali.config import load_config
-from sslight_dali.data import dali_views as dv
+from sslight_dali.dali_ops import jitter_random_order
 from sslight_dali.synth import make_image
 
 FACTORS = (1.4, 0.6, 1.5, 25.0)  # brightness, contrast, saturation, hue (deg): strong enough to clip
@@ -27,7 +27,7 @@ def photo():
 
 def jitter(photo, aug, orders, factors=FACTORS):
     """Jittered copies of `photo` with fixed factors, one per entry of `orders` (an index into
-    dv.jitter_orders(aug), or None: drawn per sample). Returns (images [n, H, W, 3], order indices)."""
+    jitter_orders(aug), or None: drawn per sample). Returns (images [n, H, W, 3], order indices)."""
     arr, n = np.asarray(photo), len(orders)
     drawn = orders[0] is None
 
@@ -35,11 +35,11 @@ def jitter(photo, aug, orders, factors=FACTORS):
     def pipe():
         img = fn.external_source(source=lambda: [arr] * n, layout="HWC", batch=True)
         if drawn:
-            k = fn.random.uniform(values=list(range(len(dv.jitter_orders(aug)))), dtype=types.INT32)
+            k = fn.random.uniform(values=list(range(len(jitter_orders(aug)))), dtype=types.INT32)
         else:
             k = fn.external_source(source=lambda: [np.int32(o) for o in orders], batch=True)
         consts = [types.Constant(f, dtype=types.FLOAT, device="cpu") for f in factors]
-        return dv.jitter_random_order(img, aug, k, *consts), k
+        return jitter_random_order(img, jitter_orders(aug), k, *consts), k
 
     p = pipe()
     p.build()
@@ -50,7 +50,7 @@ def jitter(photo, aug, orders, factors=FACTORS):
 def test_each_sample_gets_the_image_of_its_order(aug, photo):
     # The order's distribution is the graph's (tests/test_data_stats.py checks its records); here:
     # the slots run exactly the order a sample holds.
-    orders = dv.jitter_orders(aug)
+    orders = jitter_orders(aug)
     assert len(orders) == 24
     refs, _ = jitter(photo, aug, list(range(24)))
     assert len({r.tobytes() for r in refs}) == 24  # every order gives a different image here
@@ -68,7 +68,7 @@ def test_orders_mean_what_torchvision_means(aug, photo):
     b, c, s, _ = FACTORS
     ops = {0: (F.adjust_brightness, b), 1: (F.adjust_contrast, c), 2: (F.adjust_saturation, s)}
     pil = []
-    for order in dv.jitter_orders(aug):
+    for order in jitter_orders(aug):
         img = photo
         for op in order:
             img = ops[op][0](img, ops[op][1])
@@ -82,7 +82,7 @@ def test_orders_mean_what_torchvision_means(aug, photo):
 def test_single_op_needs_no_order(aug, photo):
     aug = copy.deepcopy(aug)
     aug.contrast = aug.saturation = aug.hue = 0.0
-    assert dv.jitter_orders(aug) == [(0,)]
+    assert jitter_orders(aug) == [(0,)]
     out, _ = jitter(photo, aug, [0, 0])
     assert np.abs(out[0].astype(np.float32) - np.asarray(F.adjust_brightness(photo, 1.4), np.float32)).mean() < 0.6
 
@@ -90,12 +90,12 @@ def test_single_op_needs_no_order(aug, photo):
 def test_fixed_order_is_fused_and_means_brightness_contrast_saturation_hue(aug, photo):
     fixed = copy.deepcopy(aug)
     fixed.jitter_order = "fixed"
-    assert dv.jitter_orders(fixed) == [(0, 1, 2, 3)]
+    assert jitter_orders(fixed) == [(0, 1, 2, 3)]
     out, k = jitter(photo, fixed, [None] * 4)
     assert (k == 0).all() and all(np.array_equal(o, out[0]) for o in out)
     # Two passes instead of four: the same image as the op-by-op chain in that order, except where
     # an intermediate clips (brightness 1.4 clips here).
-    chain, _ = jitter(photo, aug, [dv.jitter_orders(aug).index((0, 1, 2, 3))])
+    chain, _ = jitter(photo, aug, [jitter_orders(aug).index((0, 1, 2, 3))])
     err = float(np.abs(out[0].astype(np.float32) - chain[0]).mean())
     assert err < 3.0, err
     # And torchvision's meaning of that order (hue off: DALI's YIQ hue is not PIL's HSV hue).
@@ -119,7 +119,7 @@ def test_torchvision_records_the_order_that_ran_among_the_enabled_ops(aug, photo
     aug.brightness, aug.contrast, aug.saturation, aug.hue = 0.8, 0.8, 0.8, 0.2
     setattr(aug, off, 0.0)
     aug.jitter_p = 1.0
-    orders = dv.jitter_orders(aug)
+    orders = jitter_orders(aug)
     assert len(orders) == 6 and all(({"hue": 3, "brightness": 0}[off]) not in o for o in orders)
     op = next(o for o in OPS if o.name == "color_jitter")
     torch.manual_seed(0)
@@ -127,7 +127,7 @@ def test_torchvision_records_the_order_that_ran_among_the_enabled_ops(aug, photo
     for _ in range(60):
         rec = {}
         out = np.asarray(op.torch(photo, None, aug, rec))
-        k = int(rec["jitter_order"])
+        k = int(rec["jitter_perm"])
         assert 0 <= k < len(orders), rec
         seen.add(k)
         fns = {0: (F.adjust_brightness, rec["brightness"]), 1: (F.adjust_contrast, rec["contrast"]),

@@ -8,7 +8,8 @@ import torchvision.transforms.functional as F
 from nvidia.dali import fn, pipeline_def, types
 from PIL import Image, ImageFilter, ImageOps
 
-from sslight_dali.data import dali_views as dv
+from sslight_dali import dali_ops
+from sslight_dali.data import dali_views
 from sslight_dali.synth import make_image
 
 
@@ -61,10 +62,10 @@ def test_brightness(photo, factor):
 
 @pytest.mark.parametrize("factor", [0.6, 1.4])
 def test_contrast_blends_with_mean_luma(photo, factor):
-    got = run_dali(lambda i: dv._contrast(i, _c(factor)), photo)
+    got = run_dali(lambda i: dali_ops._contrast(i, _c(factor)), photo)
     assert mae(got, F.adjust_contrast(photo, factor)) < 0.8
     # The grey it blends with is the mean luma: a contrast of 0 gives a flat image of that value.
-    flat = run_dali(lambda i: dv._contrast(i, _c(0.0)), photo)
+    flat = run_dali(lambda i: dali_ops._contrast(i, _c(0.0)), photo)
     luma = np.asarray(photo.convert("L"), np.float32).mean()
     assert flat.min() == flat.max() and abs(float(flat[0, 0, 0]) - luma) <= 1.0
 
@@ -114,7 +115,7 @@ def test_grayscale_601_luma(photo):
 @pytest.mark.parametrize("sigma", [0.5, 1.0, 2.0])
 def test_blur_matches_pil_gaussian(photo, sigma):
     # PIL's GaussianBlur is an iterated box blur approximating a Gaussian of std `radius`.
-    got = run_dali(lambda i: dv._blur(i, _c(sigma)), photo)
+    got = run_dali(lambda i: dali_ops._blur(i, _c(sigma)), photo)
     ref = photo.filter(ImageFilter.GaussianBlur(radius=sigma))
     assert mae(got, ref) < 1.0
     assert mae(got, ref) < 0.5 * mae(photo, ref)
@@ -124,7 +125,7 @@ def test_blur_matches_pil_gaussian(photo, sigma):
 
 
 def test_solarize(photo):
-    assert mae(run_dali(lambda i: dv.solarize(i, 128), photo), ImageOps.solarize(photo, 128)) == 0.0
+    assert mae(run_dali(lambda i: dali_ops.solarize(i, 128), photo), ImageOps.solarize(photo, 128)) == 0.0
 
 
 def test_normalize_and_mirror(photo):
@@ -160,7 +161,7 @@ def test_colour_pass_is_torchvision_fixed_order_per_frame(photo):
     # not floored (measured: MAE 0.22-0.48, mean +0.2..+0.5 grey level; the previous op-by-op chain,
     # which rounded to nearest, 0.7-1.3 MAE, all of it bias; brightness and contrast fused in one pass
     # without the clip in between: 3-5).
-    out = run_frames(lambda s, b, c, sat: dv.colour_pass(s, b, c, sat, 0.0), photo, JITTER)
+    out = run_frames(lambda s, b, c, sat: dali_views.colour_pass(s, b, c, sat, 0.0), photo, JITTER)
     refs = [np.asarray(F.adjust_saturation(F.adjust_contrast(F.adjust_brightness(photo, b), c), s), np.float32)
             for b, c, s in JITTER]
     for k in range(len(JITTER)):
@@ -173,30 +174,30 @@ def test_colour_pass_is_torchvision_fixed_order_per_frame(photo):
 def test_colour_pass_identity_is_exact_and_gray_is_601_luma(photo):
     # "Not applied" is identity parameters: the frame must come out unchanged (to float precision:
     # the hsv matrix is an identity up to ~1e-7).
-    out = run_frames(lambda s, b, c, sat: dv.colour_pass(s, b, c, sat, 0.0), photo, [(1.0, 1.0, 1.0), (1.0, 1.0, 0.0)])
+    out = run_frames(lambda s, b, c, sat: dali_views.colour_pass(s, b, c, sat, 0.0), photo, [(1.0, 1.0, 1.0), (1.0, 1.0, 0.0)])
     assert np.abs(out[0] - np.asarray(photo, np.float32)).max() < 1e-3
     assert mae(out[1], F.rgb_to_grayscale(photo, num_output_channels=3)) < 0.6
 
 
 @pytest.mark.parametrize("h", [-0.1, 0.05])
 def test_colour_pass_hue_in_degrees(photo, h):
-    out = run_frames(lambda s, hue: dv.colour_pass(s, 1.0, 1.0, 1.0, hue), photo, [(360.0 * h,)])
+    out = run_frames(lambda s, hue: dali_views.colour_pass(s, 1.0, 1.0, 1.0, hue), photo, [(360.0 * h,)])
     got = np.round(out[0]).astype(np.uint8)
     assert abs(_mean_hue_shift(photo, got) - 360 * h) < 0.3 * abs(360 * h)
 
 
 def test_solarize_float_with_per_sample_threshold(photo):
     ref = np.asarray(ImageOps.solarize(photo, 128), np.float32)
-    got = run_frames(lambda s, t: dv.solarize(fn.cast(s, dtype=types.FLOAT), t), photo, [(128.0,)])
+    got = run_frames(lambda s, t: dali_ops.solarize(fn.cast(s, dtype=types.FLOAT), t), photo, [(128.0,)])
     assert np.array_equal(got[0], ref)
-    off = run_dali(lambda i: dv.solarize(fn.cast(i, dtype=types.FLOAT), 256.0), photo)
+    off = run_dali(lambda i: dali_ops.solarize(fn.cast(i, dtype=types.FLOAT), 256.0), photo)
     assert np.array_equal(off, np.asarray(photo, np.float32))  # threshold 256: off
 
 
 @pytest.mark.parametrize("sigma", [0.5, 2.0])
 def test_blur_on_float_frames_matches_pil(photo, sigma):
     # The graph blurs the colour pass's float output.
-    got = run_dali(lambda i: dv._blur(fn.cast(i, dtype=types.FLOAT), _c(sigma)), photo)
+    got = run_dali(lambda i: dali_ops._blur(fn.cast(i, dtype=types.FLOAT), _c(sigma)), photo)
     assert mae(got, photo.filter(ImageFilter.GaussianBlur(radius=sigma))) < 1.0
 
 
@@ -208,7 +209,7 @@ def test_gpu_contrast_blend_equals_the_cpu_pass(photo):
     def blend(arithmetic):
         def op(seq, c):
             center = fn.coord_transform(fn.reductions.mean(seq, axes=[1, 2], keep_dims=True), M=[0.299, 0.587, 0.114])
-            return dv._contrast_frames(seq, c, center, arithmetic)
+            return dali_views._contrast_frames(seq, c, center, arithmetic)
         return run_frames(op, photo, params)
     cpu, gpu_formula = blend(False), blend(True)
     assert gpu_formula.dtype == np.uint8 and np.array_equal(gpu_formula[1], np.asarray(photo))  # identity exact

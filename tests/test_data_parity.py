@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from sslight_dali.augment import jitter_orders
+from sslight_dali.augment import jitter_orders, record_fields
 from sslight_dali.data import build_train_loader, list_samples
-from sslight_dali.data.dali_views import FLAG_FIELDS
 from sslight_dali.data.torch_views import ViewTransform, load_rgb
 
 N_BATCHES, BATCH = 40, 32  # 1,280 samples per view, 2,560 per global/local group pair
@@ -50,7 +49,7 @@ def _records(synth_root, order, *extra, n_batches=N_BATCHES):
             for v, r in enumerate(recs):
                 dali[v].append(r.numpy())
         e += 1
-    dali = [{k: np.concatenate(r)[:, i] for i, k in enumerate(FLAG_FIELDS)} for r in dali]
+    dali = [{k: np.concatenate(r)[:, i] for i, k in enumerate(record_fields())} for r in dali]
 
     torch.manual_seed(0)
     samples = list_samples(synth_root, "train")
@@ -62,7 +61,7 @@ def _records(synth_root, order, *extra, n_batches=N_BATCHES):
             rec = {}
             t(images[n % len(images)], rec)
             recs.append(rec)
-        ref.append({k: np.array([float(r[k] or 0.0) if k in r else np.nan for r in recs]) for k in FLAG_FIELDS})
+        ref.append({k: np.array([float(r[k] or 0.0) if k in r else np.nan for r in recs]) for k in record_fields()})
     return cfg.recipe, views, dali, ref
 
 
@@ -103,7 +102,7 @@ def test_crop_distributions_match_torchvision(records, kind):
     idx = [i for i, v in enumerate(views) if v.kind == kind]
     stats = {}
     for name, backend in (("dali", dali), ("torchvision", ref)):
-        rec = {k: np.concatenate([backend[i][k] for i in idx]) for k in FLAG_FIELDS}
+        rec = {k: np.concatenate([backend[i][k] for i in idx]) for k in record_fields()}
         area = rec["crop_h"] * rec["crop_w"] / (rec["image_h"] * rec["image_w"])
         stats[name] = (area, np.log(rec["crop_w"] / rec["crop_h"]))
         lo, hi = views[idx[0]].scale
@@ -129,7 +128,7 @@ def test_jitter_factor_ranges(records):
             sd = (hi - lo) / math.sqrt(12)
             assert abs(x.mean() - (lo + hi) / 2) < 4.5 * sd / math.sqrt(len(x)), (name, key, x.mean())
         # Both draw the op order uniformly from the 24 (chi-square, 23 dof, alpha = 0.001).
-        counts = np.bincount(backend["jitter_order"][on].astype(int), minlength=24)
+        counts = np.bincount(backend["jitter_perm"][on].astype(int), minlength=24)
         assert len(counts) == 24 and (((counts - on.sum() / 24) ** 2) / (on.sum() / 24)).sum() < 49.7, (name, counts)
 
 
@@ -142,7 +141,7 @@ def test_jitter_order_records_mean_the_same_orders_with_an_op_off(hue_off_record
     n = len(jitter_orders(recipe.augment))
     assert n == 6
     for name, backend in (("dali", dali), ("torchvision", ref)):
-        order = np.concatenate([b["jitter_order"][b["jitter"] > 0] for b in backend]).astype(int)
+        order = np.concatenate([b["jitter_perm"][b["jitter"] > 0] for b in backend]).astype(int)
         assert order.min() >= 0 and order.max() < n, (name, order.max())
         counts = np.bincount(order, minlength=n)
         assert (((counts - len(order) / n) ** 2) / (len(order) / n)).sum() < 20.52, (name, counts)

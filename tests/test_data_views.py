@@ -25,7 +25,8 @@ from PIL import Image, ImageFilter, ImageOps
 
 from sslight_dali.config import load_config
 from sslight_dali.data import build_train_loader
-from sslight_dali.data import dali_views as dv
+from sslight_dali.augment import jitter_orders
+from sslight_dali.data.dali_views import record_dict
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = sorted(p.name for p in (REPO / "pipelines").glob("*.yaml"))
@@ -85,7 +86,7 @@ def colour_matrix(img: Image.Image, m: np.ndarray) -> Image.Image:
 
 
 def jitter(img: Image.Image, rec: dict, aug) -> Image.Image:
-    order = dv.jitter_orders(aug)[int(rec["jitter_order"])]
+    order = jitter_orders(aug)[int(rec["jitter_perm"])]
     if aug.jitter_order == "fixed":  # brightness, contrast, then saturation+hue as one matrix
         if 0 in order:
             img = F.adjust_brightness(img, rec["brightness"])
@@ -142,7 +143,7 @@ def graph_views(root, recipe: str, device: str):
         for out, _, index, records in loader.epoch(e):
             for b, i in enumerate(index.tolist()):
                 per_view = [((out[v][b].cpu().numpy() * std + mean).transpose(1, 2, 0),
-                             dv.record_dict(records[v][b].cpu().numpy())) for v in range(len(views))]
+                             record_dict(records[v][b].cpu().numpy())) for v in range(len(views))]
                 samples.append((i, per_view))
     return cfg, aug, views, samples
 

@@ -55,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..data import DataError
+    from ..data import DataError  # light: the data package loads torch
     try:
         if args.sweep and (args.bench_command in ("compare", "tune") or getattr(args, "profile_ops", False)):
             raise BenchError("--sweep runs one bench per value: use it with pipeline, model or train "

@@ -1,10 +1,12 @@
 """Environment capture: versions, GPU, driver, CPU and the hardware JPEG decoder, for every record."""
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 import re
 import sys
+from importlib import metadata
 from pathlib import Path
 
 HW_JPEG_GPUS = re.compile(r"\b(A100|A800|A30|H100|H800|H200|H20|GH200|B200|GB200)\b")
@@ -16,7 +18,7 @@ def static_environment() -> dict:
     """Versions, GPU, driver, CPU: what does not change within a process (captured once)."""
     if _STATIC_ENV:
         return dict(_STATIC_ENV)
-    import torch
+    import torch  # light: `sslight bench --help` loads no torch
     env = {"python": platform.python_version(), "platform": platform.platform(),
            "torch": torch.__version__, "torchvision": _version("torchvision"), "timm": _version("timm"),
            "numpy": _version("numpy"), "pillow": _version("pillow"), **_dali_version(),
@@ -34,7 +36,6 @@ def static_environment() -> dict:
 
 
 def _version(dist: str) -> str | None:
-    from importlib import metadata
     try:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
@@ -43,7 +44,6 @@ def _version(dist: str) -> str | None:
 
 def _dali_version() -> dict:
     # The wheel's name says its CUDA flavour (nvidia-dali-cuda120 / -cuda130).
-    from importlib import metadata
     for d in metadata.distributions():
         name = (d.metadata["Name"] or "").lower()
         if name.startswith("nvidia-dali"):
@@ -73,7 +73,6 @@ def nvidia_driver_version() -> str | None:
 
 def _driver_cuda_version() -> str | None:
     """Highest CUDA version the driver supports, e.g. '13.0' (cuDriverGetVersion; best effort)."""
-    import ctypes
     try:
         v = ctypes.c_int()
         if ctypes.CDLL("libcuda.so.1").cuDriverGetVersion(ctypes.byref(v)) != 0:
@@ -116,9 +115,8 @@ def nvjpeg_hw_probe() -> dict:
     if _NVJPEG_PROBE:
         return dict(_NVJPEG_PROBE)
     out = {"available": None, "status": None, "library": None}
-    import torch
+    import torch  # light: `sslight bench --help` loads no torch
     if torch.cuda.is_available():
-        import ctypes
         for path in _nvjpeg_candidates():
             try:
                 lib = ctypes.CDLL(path)

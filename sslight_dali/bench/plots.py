@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .tune import summary_lines
+
 
 def report(result: dict) -> None:
     runs = result.get("runs", [result])
@@ -21,7 +23,6 @@ def report(result: dict) -> None:
     for name, ratio in result.get("ratios", {}).items():
         print(f"ratio {name}: {ratio:.2f}x")
     if "tune" in result:
-        from .tune import summary_lines
         print("\n".join(summary_lines(result)))
     if "ops" in result:
         ops = result["ops"]
@@ -32,9 +33,9 @@ def report(result: dict) -> None:
 
 
 def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib  # light: matplotlib is loaded only to draw the PNGs
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt  # light: as matplotlib
     return plt
 
 
@@ -119,6 +120,5 @@ def _save(fig, png: Path) -> None:
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
-    import matplotlib.pyplot as plt
-    plt.close(fig)
+    _pyplot().close(fig)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 from ..augment import OPS, ablations
+from ..config import load_config
 from .runs import flag_overrides, release_memory, run_one
 from .timing import BenchError
 
@@ -38,7 +39,7 @@ def compare_variants(args) -> list[tuple[str, str]]:
                 raise BenchError(f"--variants: {item!r} is not backend:device (dali|torchvision : gpu|cpu|auto)")
             out.append((backend, device))
         return out
-    import torch
+    import torch  # light: `sslight bench --help` loads no torch
     if torch.cuda.is_available():
         return [("dali", "gpu"), ("dali", "cpu"), ("torchvision", "cpu")]
     return [("dali", "cpu"), ("torchvision", "cpu")]
@@ -63,7 +64,6 @@ def compare_ratios(runs: list[dict]) -> dict:
 
 def run_profile(args) -> dict:
     """The full recipe, then the recipe with each op it uses taken out, then all photometric ops out."""
-    from ..config import load_config
     cfg = load_config(args.config, list(args.overrides) + flag_overrides(args))
     ops = [op for op in ABLATIONS if op_in_recipe(cfg.recipe, op)]
     photometric = [o for op in ops if op != "local_views" for o in ABLATIONS[op]]

@@ -1,4 +1,4 @@
-"""Timing: one loop for every bench, and the GPU memory a run adds. No torch at import."""
+"""Timing: one loop for every bench, its CPU time, the summary of the repeats. No torch."""
 from __future__ import annotations
 
 import os
@@ -17,15 +17,6 @@ def summarize(values: list[float]) -> dict:
     if not values:
         raise ValueError("no values to summarize")
     return {"median": float(statistics.median(values)), "min": float(min(values)), "max": float(max(values))}
-
-
-def synchronizer(on_cuda: bool):
-    """Wall time bracketed by a device-wide synchronize. CUDA events on torch's stream would miss
-    DALI's work, which runs on DALI's own streams; synchronize waits for every stream."""
-    if not on_cuda:
-        return lambda: None
-    import torch
-    return torch.cuda.synchronize
 
 
 def endless(loader):
@@ -95,30 +86,3 @@ def measure(batches, step, warmup: int, steps: int, repeats: int, sync) -> list[
         return out
     finally:
         batches.close()  # stops DataLoader workers now, not at some later garbage collection
-
-
-class GpuMemory:
-    """GPU memory a run adds: device-wide (cudaMemGetInfo, so DALI's pools count as well as torch's
-    cache) and torch's own peak. None on a machine without CUDA."""
-
-    def __init__(self):
-        import torch
-        self.on = torch.cuda.is_available()
-        if self.on:
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            self.free_before = torch.cuda.mem_get_info()[0]
-
-    def read(self) -> dict | None:
-        if not self.on:
-            return None
-        import torch
-        torch.cuda.synchronize()
-        free, total = torch.cuda.mem_get_info()
-        return {"device_used_delta_bytes": int(self.free_before - free),
-                "torch_max_allocated_bytes": int(torch.cuda.max_memory_allocated()),
-                "torch_max_reserved_bytes": int(torch.cuda.max_memory_reserved()),
-                "device_total_bytes": int(total)}
-
-

@@ -87,7 +87,6 @@ class LoaderPosition:
                 "world_size": self.world_size, "rank": self.rank}
 
     def _restore_position(self, state: dict) -> None:
-        from .sources import DataError
         if state["num_samples"] != self.num_samples:
             raise DataError(f"the checkpoint was written on {state['num_samples']} images and the data now has "
                             f"{self.num_samples}: the data set changed since. Resume needs the "

@@ -18,7 +18,7 @@ from .torch_views import EvalDataset, MultiViewDataset, TorchLoader
 def _dali_loaders():
     """The DALI loader module, imported on first use; a clear error where DALI is not installed."""
     try:
-        from . import loader
+        from . import loader  # optional: DALI
     except ModuleNotFoundError as e:
         if not (e.name or "").startswith("nvidia"):
             raise

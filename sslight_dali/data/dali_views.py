@@ -1,37 +1,16 @@
-"""The DALI graph of a view-sampling recipe: read -> decode once -> per view: crop, the ops of the op
-table (sslight_dali/augment.py: flip, jitter, grayscale, blur, solarize), normalize. The same code
-builds the CPU and the GPU graph; `device` only switches the decoder and where the image operators
-run. Random parameters (coin flips, factors, crop windows) are always drawn on the CPU, where DALI's
-conditionals and argument inputs need them.
+"""The DALI graph of a view-sampling recipe: read, decode once, then per view a random resized crop,
+the ops of the op table (sslight_dali/augment.py) and normalize. The same code builds the CPU and the
+GPU graph; `device` switches the decoder and where the image operators run. Semantics follow the
+torchvision/PIL reference (src/data/transforms.py:10-111); each function says where they differ.
 
-Semantics follow the torchvision/PIL reference (src/data/transforms.py:10-111):
-- crop: torchvision RandomResizedCrop window (area ~ U(scale), log-aspect ~ U(log ratio)), then a
-  bicubic antialiased resize (PIL bicubic is antialiased when downscaling).
-- flip: folded into crop_mirror_normalize. Every later op is pointwise or a symmetric blur, so
-  flipping last equals flipping right after the crop.
-- colour jitter, applied with p: brightness multiplies, contrast blends with the image's mean luma,
-  saturation blends with luma, hue rotates by U(-360h, 360h) degrees. `jitter_order: fixed` (the
-  default) runs them in that order (group_chain): all views of one size travel as one sequence per
-  image, and the colour ops (jitter, grayscale) give per-frame parameters to one colour pass with no
-  conditional, a frame without them getting identity parameters (brightness, contrast, saturation 1,
-  hue 0; grayscale = saturation 0). Brightness and contrast are two uint8 passes that clip and
-  truncate as PIL's blends do (DALI's colour ops round to nearest: a shift of just under half a
-  level before rounding makes it truncate); saturation, hue and grayscale are one colour matrix
-  (fn.hsv) computed in float, clipped to [0, 255] but not rounded, so those frames sit ~0.5 grey
-  level above PIL's truncated saturation blend; fusing saturation and hue changes pixels only where
-  saturation would have clipped.
-  `jitter_order: random` is torchvision's: a random order per sample, uniform over the n! orders of
-  `jitter_orders`, built from n slots, view by view (view_chain); a slot runs the op the sample's
-  order puts there, chosen with conditionals, and each op rounds to nearest. The ops commute in
-  exact arithmetic; the order matters where a channel clips, ~12 grey levels MAE between two orders
-  with strong factors (measured with torchvision's ops). On the GPU the slots' conditionals made the
-  pipeline 4.4x slower (bench/README.md), hence the fixed default.
-- grayscale: ITU-R 601 luma in 3 channels. Blur: sigma ~ U(blur_sigma), a window of
-  2*ceil(3*sigma)+1 taps per sample. Solarize: v >= threshold -> 255 - v (on the GPU a per-sample
-  threshold, 256 when not drawn; on the CPU a per-sample conditional, which costs less there).
-Blur keeps a per-sample conditional (unselected samples skip it: on the CPU that beat an identity
-kernel on every sample), as do the colour ops of the random-order chain; an op with p == 0 is not in
-the graph and one with p == 1 has no conditional.
+Two chains. `jitter_order: fixed` (the default): the views of one size travel as one sequence per
+image, and the colour ops (jitter, grayscale) give per-frame parameters to one colour pass with no
+conditional, a frame without them getting identity parameters (group_chain, colour_pass).
+`jitter_order: random` (torchvision's per-sample order): each view runs alone, and the jitter ops run
+in slots chosen per sample with conditionals (view_chain, dali_ops.jitter_random_order); it is much
+slower on the GPU (bench/README.md), hence the fixed default. The ops commute in exact arithmetic, so
+the two orders differ only where a channel clips. An op with p == 0 is not in the graph and one with
+p == 1 has no conditional.
 """
 from __future__ import annotations
 
@@ -43,16 +22,13 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
 from nvidia.dali.data_node import DataNode
 
-from ..augment import IDENTITY, OPS, jitter_ops, jitter_orders, record_fields
+from ..augment import FRAME_FIELDS, IDENTITY, OPS, record_fields
 from ..config import Augment, Recipe, ViewSpec
+from ..dali_ops import const, to_float
 from .sources import IMG_EXTENSIONS
 
 READER = "Reader"
 IMAGE_EXTS = ";".join(e.lstrip(".") for e in IMG_EXTENSIONS)  # WebDataset image members (any case)
-# Per-view debug record (float32), by name: what the viewer and the parity tests need to know. Each op
-# of the table (sslight_dali/augment.py) owns its fields. jitter_order, on both backends: the index of the
-# order that ran in jitter_orders(aug), the orders of the enabled ops only (augment.jitter_orders).
-FLAG_FIELDS = record_fields()
 
 
 @dataclass
@@ -117,152 +93,6 @@ def _shape(jpegs):
     return fn.peek_image_shape(jpegs, adjust_orientation=False)
 
 
-def _coin(p: float):
-    return fn.random.coin_flip(probability=p, dtype=types.BOOL)
-
-
-def _const(v: float):
-    return types.Constant(v, dtype=types.FLOAT, device="cpu")  # a DataNode, so it can be stacked
-
-
-def _float(x):
-    return fn.cast(x, dtype=types.FLOAT)
-
-
-# --- helpers for the ops' DALI implementations (sslight_dali/augment.py) ----------------------------
-def coins(p: float, n: int | None):
-    """Per-frame coins [n] (per-sample scalars when n is None), INT32 0/1 with probability p; None when
-    p == 0, 1 when p == 1."""
-    if p <= 0:
-        return None
-    if p >= 1:
-        return 1
-    return fn.random.coin_flip(probability=p, shape=[] if n is None else [n], dtype=types.INT32)
-
-
-def draw_uniform(lo: float, hi: float, n: int | None):
-    """U(lo, hi) per frame [n] (per sample when n is None)."""
-    if hi <= lo:  # an op switched off (amount 0): DALI refuses an empty range
-        return _const(lo) if n is None else types.Constant(np.full(n, lo, np.float32), device="cpu")
-    return fn.random.uniform(range=[lo, hi], shape=[] if n is None else [n], dtype=types.FLOAT)
-
-
-def gate(factor, coin, identity: float):
-    """`factor` where coin is 1, `identity` (1 or 0) where it is 0; coin None: never, 1: always."""
-    if coin is None:
-        return identity
-    if isinstance(coin, int):
-        return factor
-    return factor ** coin if identity == 1.0 else factor * coin
-
-
-def apply_with_p(p: float, op, img, *extra):
-    """Run `op(img, *extra)` on a per-sample coin with probability p (a conditional when 0 < p < 1).
-    Returns (img, applied flag)."""
-    if p <= 0:
-        return img, 0.0
-    if p >= 1:
-        return op(img, *extra), 1.0
-    coin = _coin(p)
-    if coin:
-        img = op(img, *extra)
-    return img, _float(coin)
-
-
-def _blur(img, sigma):
-    # DALI's default window, 2*ceil(3*sigma)+1 taps per sample (3 to 13 for sigma in [0.1, 2]), sums
-    # all but 0.3% of the kernel. A fixed 13-tap window cost 1.4x the CPU time for the same images
-    # within 0.1 grey level (tests/test_data_ops.py).
-    return fn.gaussian_blur(img, sigma=sigma)
-
-
-def blur_with_p(img, p: float, lo: float, hi: float):
-    """Blur with probability p, sigma ~ U(lo, hi) drawn only for the blurred samples (a per-sample
-    conditional when 0 < p < 1). Returns (image, sigma applied, 0 where not blurred)."""
-    if p <= 0:
-        return img, 0.0
-    if p >= 1:
-        sigma = draw_uniform(lo, hi, None)
-        return _blur(img, sigma), sigma
-    if _coin(p):
-        sigma = draw_uniform(lo, hi, None)
-        img = _blur(img, sigma)
-    else:
-        sigma = _const(0.0)
-    return img, sigma
-
-
-def solarize(img, threshold):
-    """v >= threshold -> 255 - v, as |255 m - v| with m the 0/1 mask (4 passes, float out; exact on
-    integers, so a uint8 input gives PIL's values; threshold 256 = off)."""
-    return dmath.abs((img >= threshold) * 255.0 - img)
-
-
-# --- colour jitter, random order (the per-view chain) ---------------------------------------------
-def _mean_luma(img):
-    """Mean ITU-R 601 luma per sample, from the per-channel means (one read of the image, no grey
-    copy). PIL averages per-pixel rounded luma and rounds the mean: within 0.5 grey level of this."""
-    m = fn.reductions.mean(img, axes=[0, 1])
-    return m[0] * 0.299 + m[1] * 0.587 + m[2] * 0.114
-
-
-def _contrast(img, factor):
-    """torchvision/PIL contrast: blend with a flat image of the mean luma."""
-    mean = _mean_luma(img)
-    if img.device == "gpu":
-        # Argument inputs must live on the CPU and this mean is on the GPU: blend with arithmetic.
-        return fn.cast(img * factor.gpu() + mean * (1.0 - factor).gpu(), dtype=types.UINT8)
-    # One pass: out = center + factor * (in - center), rounded and saturated to uint8.
-    return fn.brightness_contrast(img, contrast=factor, contrast_center=mean)
-
-
-def _jitter_op(img, k: int, factors):
-    if k == 0:
-        return fn.brightness(img, brightness=factors[0])
-    if k == 1:
-        return _contrast(img, factors[1])
-    if k == 2:
-        return fn.saturation(img, saturation=factors[2])
-    return fn.hue(img, hue=factors[3])
-
-
-def _jitter_slot(img, slot_op, ops: list[int], factors):
-    # One op per sample: the one its order puts in this slot. if/else splits the batch, so each
-    # sample runs only its own op; the last candidate needs no test.
-    if len(ops) == 1:
-        return _jitter_op(img, ops[0], factors)
-    if slot_op == ops[0]:
-        img = _jitter_op(img, ops[0], factors)
-    else:
-        img = _jitter_slot(img, slot_op, ops[1:], factors)
-    return img
-
-
-def _jitter_fused(img, ops: tuple[int, ...], factors):
-    """The ops in canonical order (brightness, contrast, saturation, hue), with saturation and hue
-    fused into one colour matrix (fn.hsv: half the cost of the two ops on the CPU). Both act on the
-    chroma plane only, so fusing them changes the output only where saturation would have clipped."""
-    for k in (0, 1):
-        if k in ops:
-            img = _jitter_op(img, k, factors)
-    if 2 in ops or 3 in ops:
-        img = fn.hsv(img, saturation=factors[2] if 2 in ops else 1.0, hue=factors[3] if 3 in ops else 0.0)
-    return img
-
-
-def jitter_random_order(img, aug: Augment, order, *factors):
-    """Colour jitter on uint8, in the per-sample `order` (an index into jitter_orders(aug)). Each op
-    saturates like PIL's but rounds to nearest where PIL truncates: brightness, contrast and
-    saturation together sit 0.7-1.3 grey levels above PIL on tests/test_data_ops.py's photo (the
-    fixed-order colour_pass truncates)."""
-    orders = jitter_orders(aug)
-    if len(orders) == 1:  # zero or one op: nothing to permute
-        return _jitter_fused(img, orders[0], factors)
-    for slot in range(len(orders[0])):
-        slot_op = fn.lookup_table(order, keys=list(range(len(orders))), values=[o[slot] for o in orders],
-                                  dtype=types.INT32)
-        img = _jitter_slot(img, slot_op, jitter_ops(aug), factors)
-    return img
 
 
 # --- the fixed-order colour pass (a group of same-size views as one sequence) ----------------------
@@ -301,7 +131,7 @@ def colour_pass(seq, brightness, contrast, saturation, hue):
     center = fn.coord_transform(fn.reductions.mean(seq, axes=[1, 2], keep_dims=True), M=[0.299, 0.587, 0.114])
     seq = _contrast_frames(seq, contrast, center, arithmetic=seq.device == "gpu")
     out = fn.hsv(seq, saturation=_pf(saturation), hue=_pf(hue), dtype=types.FLOAT)
-    return dmath.min(dmath.max(out, 0.0), 255.0)  # 3x cheaper than math.clamp on the CPU
+    return dmath.min(dmath.max(out, 0.0), 255.0)  # cheaper than math.clamp on the CPU (bench/README.md)
 
 
 def _combine(params: dict, extra: dict) -> dict:
@@ -329,8 +159,7 @@ def _crop(images, shape, view: ViewSpec, aug: Augment):
     start = anchor + 0.0  # float, as resize's ROI wants it
     img = fn.resize(images, roi_start=start, roi_end=start + size, size=[view.size, view.size],
                     interp_type=interp, antialias=True, dtype=types.UINT8)
-    window = dict(zip(("crop_y", "crop_x", "crop_h", "crop_w", "image_h", "image_w"),
-                      (t[k] for t in (anchor, size, shape) for k in (0, 1))))
+    window = dict(zip(FRAME_FIELDS, (t[k] for t in (anchor, size, shape) for k in (0, 1))))
     return img, window
 
 
@@ -348,11 +177,12 @@ def _finish(img, view: ViewSpec, aug: Augment, record: dict, *, channels_last: b
             record.update(r)
     out = fn.crop_mirror_normalize(img, mirror=mirror, dtype=dtype, output_layout="HWC" if channels_last else "CHW",
                                    mean=[255 * m for m in aug.mean], std=[255 * s for s in aug.std])
-    missing = [k for k in FLAG_FIELDS if k not in record]
+    fields = record_fields()
+    missing = [k for k in fields if k not in record]
     if missing:  # an op table entry lists a record field its DALI implementation does not fill
         raise RuntimeError(f"no op filled the record fields {missing}")
-    return out, fn.stack(*(_float(v) if isinstance(v, DataNode) else _const(float(v)) for v in
-                           (record[k] for k in FLAG_FIELDS)))
+    return out, fn.stack(*(to_float(v) if isinstance(v, DataNode) else const(float(v)) for v in
+                           (record[k] for k in fields)))
 
 
 def view_chain(images, shape, view: ViewSpec, aug: Augment, *, channels_last: bool, dtype=types.FLOAT):
@@ -384,7 +214,7 @@ def group_chain(images, shape, views: list[ViewSpec], aug: Augment, *, channels_
     if not _is_identity(params):  # nothing to apply: stay uint8
         seq = colour_pass(seq, **params)
 
-    # One operator splits the sequence into its frames (a subscript per frame cost 5x the CPU time)
+    # One operator splits the sequence into its frames (cheaper than a subscript per frame)
     split = fn.element_extract(seq, element_map=list(range(n)))
     split = [split] if isinstance(split, DataNode) else split
     outs, records = [], []
@@ -432,8 +262,8 @@ def _resize_shorter_like_torchvision(shape, size: int):
     a 363x492 image). Integer arithmetic: size * long // short is that truncation exactly."""
     h, w = shape[0], shape[1]
     portrait = h > w
-    return fn.stack(_float(portrait * (size * h // w) + (1 - portrait) * size),
-                    _float(portrait * size + (1 - portrait) * (size * w // h)))
+    return fn.stack(to_float(portrait * (size * h // w) + (1 - portrait) * size),
+                    to_float(portrait * size + (1 - portrait) * (size * w // h)))
 
 
 def _center_crop_pos(side, crop: int):
@@ -444,7 +274,7 @@ def _center_crop_pos(side, crop: int):
     d = side - crop
     q = d // 2
     anchor = q + (d - 2 * q) * (q - 2 * (q // 2))  # q, plus 1 when d is odd and q odd (half to even)
-    return _float(anchor) / _float(fn.cast(d > 0, dtype=types.INT64) * (d - 1) + 1)
+    return to_float(anchor) / to_float(fn.cast(d > 0, dtype=types.INT64) * (d - 1) + 1)
 
 
 @pipeline_def(enable_checkpointing=True)
@@ -466,5 +296,5 @@ def eval_pipeline(reader: ReaderSpec, resize: int, crop: int, mean, std, device:
 
 
 def record_dict(record: np.ndarray) -> dict:
-    """One view's debug record as a dict of FLAG_FIELDS."""
-    return {k: float(v) for k, v in zip(FLAG_FIELDS, np.asarray(record).reshape(-1))}
+    """One view's debug record as a dict by field name (augment.record_fields)."""
+    return {k: float(v) for k, v in zip(record_fields(), np.asarray(record).reshape(-1))}

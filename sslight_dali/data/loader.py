@@ -1,33 +1,18 @@
 """DALI loaders for PyTorch: multi-view training batches and evaluation batches.
 
-Epochs: the file reader reshuffles the whole dataset after every epoch with a seed shared by all
-ranks, and each rank reads its own contiguous shard of that permutation, so every sample is seen once
-per epoch across ranks. The list handed to the reader is pre-shuffled with the same seed because the
-reader's own shuffle only starts after epoch 0. Shard lengths differ by at most one sample; with
-drop_last every shard runs the full batches of the shortest (n // shards // batch), so every rank runs
-exactly `steps_per_epoch` steps.
+Epochs: the reader reshuffles the data set after every epoch with a seed all ranks share, and each
+rank reads its own contiguous shard of that permutation (the list handed to the reader is
+pre-shuffled with the same seed, since the reader's own shuffle starts after epoch 0). With drop_last
+every shard runs the full batches of the shortest, so every rank runs `steps_per_epoch` steps.
+WebDataset tars are read in a reshuffled tar order with a per-rank shuffle buffer; each sample's
+`source_info` is mapped back to its index in `Samples` (`_sample_index`).
 
-WebDataset: DALI's webdataset reader reads the tars in order; the tar order is reshuffled every epoch
-(pre-shuffled for epoch 0) and each rank shuffles within a buffer of samples, so the order is less
-random than the file reader's global shuffle, but sharding, padding, epoch length and resume are the
-same. We write DALI index files listing exactly the verified samples (a temporary directory that
-lives as long as the loader). The reader gives no sample index: the pipeline outputs each sample's
-`source_info` ("<tar>:<offset>:<member>", unique per sample) and `_sample_index` maps it back to the
-sample's position in `Samples` (shards sorted, keys sorted), the index the torchvision backend uses
-too. Labels are those of `Samples`, parsed from the `.cls` members by sources.py.
+Resume: `state_dict()` holds each pipeline's DALI checkpoint (prefetched batches accounted for) and
+the epoch and step, so the next batch after `load_state_dict()` is bit-identical.
 
-Resume: the pipeline is built with DALI checkpointing; `state_dict()` stores the checkpoint of the
-iterator (which accounts for batches already prefetched) plus the epoch and step, and
-`load_state_dict()` rebuilds the pipeline from it, so the next batch is bit-identical.
-
-Several pipelines per process (`pipelines` > 1, training only): DALI runs its CPU operators one at a
-time, each split over the pipeline's threads, so threads wait for each other at every operator. k
-pipelines with num_threads/k threads each, taking turns batch by batch, keep the cores busy instead
-(data.pipelines=auto picks 2 on the CPU with 2+ threads: data/build.py resolve_pipelines). Pipeline j
-of rank r reads shard r*k + j of world*k (contiguous ranges of the same permutation), so an epoch
-still reads every sample at most once; step s comes from pipeline s % k, each pipeline
-has its own augmentation seed and its own checkpoint, and resume stays exact. An epoch has
-k * (n // (world*k) // batch) steps, a batch or so fewer than with one pipeline.
+`pipelines` = k > 1 (training): DALI runs its CPU operators one at a time, each split over the
+pipeline's threads, so k pipelines with num_threads/k threads each, taking turns batch by batch, keep
+the cores busy. Pipeline j of rank r reads shard r*k + j of world*k, with its own seed and checkpoint.
 """
 from __future__ import annotations
 
@@ -43,11 +28,8 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from ..config import Recipe
 from ..runtime import torch_device
+from .base import LoaderPosition, mix_seed, to_device, too_few_samples
 from .dali_views import READER, ReaderSpec, eval_pipeline, train_pipeline
-# load_split, resolve_device and verify_cache_dir are backend-neutral (base.py); they are imported
-# here too so that `from sslight_dali.data.loader import load_split` keeps working.
-from .base import (LoaderPosition, load_split, mix_seed, resolve_device, to_device, too_few_samples,  # noqa: F401
-                   verify_cache_dir)
 from .sources import DataError, PipelinesDoNotFit, Samples, find_bad_samples, write_wds_index
 
 log = logging.getLogger(__name__)
@@ -251,7 +233,7 @@ class DaliTrainLoader(_DaliLoader):
     def epoch(self, epoch: int):
         """Yield (views, labels, indices) for one epoch: exactly steps_per_epoch batches.
 
-        With debug=True each item also carries a list of per-view records [B, len(FLAG_FIELDS)].
+        With debug=True each item also carries a list of per-view records [B, len(augment.record_fields())].
         """
         n = len(self.view_names)
         for out in self._batches(epoch):

@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -279,7 +280,6 @@ def set_pixel_limit(max_pixels: int) -> None:
 
 def find_bad_samples(samples: Samples, workers: int = 8) -> list[tuple[int, str]]:
     """(index, reason) of every sample that is not a usable image. Threads overlap the file reads."""
-    from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         reasons = pool.map(lambda i: check_image(samples.read_bytes(i)), range(len(samples)), chunksize=64)
         return [(i, why) for i, why in enumerate(reasons) if why is not None]
