@@ -10,6 +10,7 @@ import sys
 
 from .backbones import BACKBONES  # torch-free: the export formats each backbone has, for --help
 
+
 def _having(fmt: str) -> str:
     """The backbones whose table entry declares export format `fmt` (for --help)."""
     return ", ".join(name for name, entry in BACKBONES.items() if fmt in entry.formats)
