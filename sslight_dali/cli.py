@@ -8,6 +8,14 @@ import importlib.util
 import json
 import sys
 
+from .backbones import BACKBONES  # torch-free: the export formats each backbone has, for --help
+
+
+def _having(fmt: str) -> str:
+    """The backbones whose table entry declares export format `fmt` (for --help)."""
+    return ", ".join(name for name, entry in BACKBONES.items() if fmt in entry.formats)
+
+
 OVERRIDES_HELP = "overrides as key.sub=value (e.g. train.batch_size=64 data.root=/data/in1k); a bare leaf name works when unambiguous (resume=auto)"
 
 
@@ -102,7 +110,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True, help="output file (written atomically; FILE.json beside it); "
                                                   "a .pkl name for detectron2")
     exp.add_argument("--format", required=True, choices=("timm", "torchvision", "detectron2", "onnx"),
-                     help="timm: all backbones; torchvision: resnet18/34, mobilenetv2; detectron2: resnet18/34 (.pkl); "
+                     help=f"timm: all backbones; torchvision: {_having('torchvision')}; detectron2: "
+                          f"{_having('detectron2')} (.pkl); "
                           "onnx: all backbones, the eval-mode model images [batch, 3, crop, crop] -> features "
                           "[batch, D] with a dynamic batch axis, opset 18, torch's dynamo exporter, checked in "
                           "onnxruntime (CPU) against PyTorch before it is written (needs onnx, onnxscript, "

@@ -26,6 +26,7 @@ from typing import Any, Literal
 import yaml
 
 from .augment import knob_field, knobs
+from .backbones import BACKBONES
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_ROOT = PACKAGE_DIR.parent
@@ -168,7 +169,7 @@ class Recipe:
 # --------------------------------------------------------------------------------------------
 @dataclass
 class ModelCfg:
-    backbone: Literal["mobilenetv2_100", "resnet18", "resnet34", "vit_tiny_patch16_224"] = "resnet18"
+    backbone: str = field(default="resnet18", metadata={"choices": lambda: list(BACKBONES)})  # backbones.py
     drop_path_rate: float = _f(0.0, 0.0, 1.0, "student only (the reference uses 0.1 for ViT)")
     sync_bn: bool = True
 

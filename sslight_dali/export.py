@@ -2,8 +2,10 @@
 
 export: the student (or teacher) backbone of a training checkpoint, alone, in the key names of
   timm        `timm.create_model(name, num_classes=0)` loads it strictly (our backbones are timm models);
-  torchvision `resnet18/34()` / `mobilenet_v2()` load it with only `fc.*` / `classifier.*` missing;
-  detectron2  the pickle Detectron2's checkpointer reads for an R18/R34 `build_resnet_backbone`
+  torchvision (backbones with a torchvision map) `resnet18/34()` / `mobilenet_v2()` load it with only
+              `fc.*` / `classifier.*` missing;
+  detectron2  (backbones with a Detectron2 map) the pickle Detectron2's checkpointer reads for an R18/R34
+              `build_resnet_backbone`
               ({"model": numpy arrays, "__author__", "matching_heuristics": True}), named as MoCo's
               and Detectron2's own torchvision converters name them; FILE must end in .pkl.
   onnx        the eval-mode model, verified in onnxruntime before it is written: onnx_export.py (the cli
@@ -16,8 +18,9 @@ import-reference: checkpoints the reference's trainer writes (its released files
   which fails silently) onto the timm backbones, written as a checkpoint that `load_pretrained`
   accepts, so `sslight eval` and `sslight export` take it like one of ours.
 
-All key maps are functions of one key, built from the timm model's own key list, so every key is
-accounted for in both directions.
+Which formats a backbone has, and its key maps, are its entry in the backbone table (backbones.py);
+the maps are functions of one key, applied to the timm model's own key list, so every key is accounted
+for in both directions.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
+from .backbones import BACKBONES, backbone_entry
 from .config import ConfigError, find_file, load_config, to_dict
 from .models import build_backbone
 from .pretrained import BACKBONE_PREFIX, WEIGHTS, load_pretrained
@@ -45,82 +49,32 @@ class ExportError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------
-# key maps: timm key -> torchvision key -> {detectron2, reference} key
+# key maps (each backbone's are in its backbone table entry, backbones.py)
 # --------------------------------------------------------------------------------------------
-# timm's MobileNetV2 groups torchvision's `features.1..17` into stages of these depths ...
-MNV2_STAGE_DEPTHS = (1, 2, 3, 4, 3, 3, 1)
-# ... and names the layers inside a block; the first block (expansion 1) has no expand conv.
-MNV2_FIRST_BLOCK = {"conv_dw": "conv.0.0", "bn1": "conv.0.1", "conv_pw": "conv.1", "bn2": "conv.2"}
-MNV2_BLOCK = {"conv_pw": "conv.0.0", "bn1": "conv.0.1", "conv_dw": "conv.1.0", "bn2": "conv.1.1",
-              "conv_pwl": "conv.2", "bn3": "conv.3"}
-# stem conv+BN is features.0, the final 1x1 conv (320 -> 1280) + BN is features.18
-MNV2_ENDS = {"conv_stem": "features.0.0", "bn1": "features.0.1", "conv_head": "features.18.0", "bn2": "features.18.1"}
-
-# Detectron2's ResNet (modeling/backbone/resnet.py): BasicStem.conv1 and BasicBlock.conv1/conv2/shortcut
-# are Conv2d modules that hold their BN as `.norm`; stages are res2..res5 (torchvision layer1..4).
-D2_BLOCK = {"conv1": "conv1", "bn1": "conv1.norm", "conv2": "conv2", "bn2": "conv2.norm",
-            "downsample.0": "shortcut", "downsample.1": "shortcut.norm"}
-D2_STEM = {"conv1": "stem.conv1", "bn1": "stem.conv1.norm"}
-
-
-def _split(key: str, head: int) -> tuple[list[str], str]:
-    parts = key.split(".")
-    return parts[:head], ".".join(parts[head:])
-
-
-def torchvision_key(key: str, backbone: str) -> str:
-    """timm key -> torchvision key (resnet: the names are the same; MobileNetV2: features.<i>)."""
-    if backbone.startswith("resnet"):
-        return key
-    if backbone != "mobilenetv2_100":
-        raise ExportError(f"{backbone} has no torchvision equivalent")
-    if key.startswith("blocks."):
-        (_, stage, i, layer), rest = _split(key, 4)
-        index = 1 + sum(MNV2_STAGE_DEPTHS[:int(stage)]) + int(i)
-        return f"features.{index}.{(MNV2_FIRST_BLOCK if index == 1 else MNV2_BLOCK)[layer]}.{rest}"
-    (layer,), rest = _split(key, 1)
-    return f"{MNV2_ENDS[layer]}.{rest}"
-
-
-def detectron2_key(tv_key: str) -> str:
-    """torchvision ResNet18/34 key -> Detectron2 ResNet key (stem.conv1.norm.*, res2.0.conv1.norm.*, ...)."""
-    (layer,), rest = _split(tv_key, 1)
-    if layer in D2_STEM:
-        return f"{D2_STEM[layer]}.{rest}"
-    (layer, block, name), rest = _split(tv_key, 3)
-    if name == "downsample":
-        (_, _, name, sub), rest = _split(tv_key, 4)
-        name = f"{name}.{sub}"
-    return f"res{int(layer[len('layer'):]) + 1}.{block}.{D2_BLOCK[name]}.{rest}"
+def check_format(backbone: str, fmt: str) -> None:
+    """Refuse a format the backbone's table entry does not declare (it has no key map for it)."""
+    formats = backbone_entry(backbone).formats
+    if fmt not in formats:
+        raise ExportError(f"--format {fmt}: {backbone} has no {fmt} equivalent; it exports as "
+                          f"{', '.join(formats)}")
 
 
 def reference_key(key: str, backbone: str) -> str:
-    """timm key -> the reference backbone's key (below its `...backbone.` prefix).
-
-    ViT: DINO's vision_transformer.py names match timm's. CNNs: `encoder` is torchvision's model
-    minus avgpool/fc as one Sequential, so MobileNetV2 `features.<i>` -> `encoder.<i>` and ResNet
-    conv1, bn1, (relu, maxpool), layer1..4 -> encoder.0, encoder.1, encoder.4..7.
-    """
-    if backbone.startswith("vit"):
-        return key
-    tv = torchvision_key(key, backbone)
-    if backbone == "mobilenetv2_100":
-        return "encoder." + tv[len("features."):]
-    (layer,), rest = _split(tv, 1)
-    index = {"conv1": 0, "bn1": 1}[layer] if layer in ("conv1", "bn1") else 3 + int(layer[len("layer"):])
-    return f"encoder.{index}.{rest}"
+    """timm key -> the reference backbone's key (below its `...backbone.` prefix)."""
+    return backbone_entry(backbone).reference.key(key)
 
 
 def key_map(keys, backbone: str, fmt: str) -> dict[str, str]:
     """{timm key: key in `fmt`} for every key of the backbone; fmt: timm, torchvision, detectron2, reference."""
+    entry = backbone_entry(backbone)
     if fmt == "timm":
         return {k: k for k in keys}
     if fmt == "reference":
-        return {k: reference_key(k, backbone) for k in keys}
-    if fmt == "detectron2" and not backbone.startswith("resnet"):
-        raise ExportError(f"{backbone} has no Detectron2 ResNet equivalent (--format detectron2 is for resnet18/34)")
-    tv = {k: torchvision_key(k, backbone) for k in keys}
-    return tv if fmt == "torchvision" else {k: detectron2_key(v) for k, v in tv.items()}
+        name = entry.reference.key
+    else:
+        check_format(backbone, fmt)
+        name = entry.torchvision_key if fmt == "torchvision" else entry.detectron2.key
+    return {k: name(k) for k in keys}
 
 
 # --------------------------------------------------------------------------------------------
@@ -130,8 +84,6 @@ def exported_state(backbone: torch.nn.Module, name: str, fmt: str) -> dict:
     """The backbone's state dict renamed for `fmt` (tensors, or numpy arrays for detectron2)."""
     if fmt not in FORMATS:
         raise ExportError(f"--format must be one of {FORMATS}, got {fmt!r}")
-    if fmt in ("torchvision", "detectron2") and name.startswith("vit"):
-        raise ExportError(f"--format {fmt}: {name} (ViT-Tiny) has no {fmt} equivalent; use --format timm")
     sd = backbone.state_dict()
     names = key_map(sd.keys(), name, fmt)
     out = {names[k]: v.detach().cpu().clone() for k, v in sd.items()}
@@ -143,18 +95,15 @@ def exported_state(backbone: torch.nn.Module, name: str, fmt: str) -> dict:
 
 def detectron2_settings(pre, out: Path) -> dict:
     """The Detectron2 config keys these weights need, as `cfg.merge_from_list` takes them: torchvision-style
-    RGB input normalised on 0-255 pixels (Detectron2 normalises before the backbone), and the R18/R34 ResNet
-    (BasicBlock stages, which build_resnet_backbone accepts only with RES2_OUT_CHANNELS 64)."""
+    RGB input normalised on 0-255 pixels (Detectron2 normalises before the backbone), and the backbone's own
+    (its table entry's: for R18/R34 the BasicBlock ResNet)."""
     aug = pre.cfg.recipe.augment
     return {
         "MODEL.WEIGHTS": str(out.resolve()),
         "MODEL.PIXEL_MEAN": [round(m * 255, 6) for m in aug.mean],
         "MODEL.PIXEL_STD": [round(x * 255, 6) for x in aug.std],
         "INPUT.FORMAT": "RGB",
-        "MODEL.RESNETS.DEPTH": int(pre.cfg.model.backbone[len("resnet"):]),
-        "MODEL.RESNETS.RES2_OUT_CHANNELS": 64,
-        "MODEL.RESNETS.STEM_OUT_CHANNELS": 64,
-        "MODEL.RESNETS.STRIDE_IN_1X1": False,  # torchvision's convention (Detectron2's converter sets it)
+        **backbone_entry(pre.cfg.model.backbone).detectron2.config,
     }
 
 
@@ -418,19 +367,22 @@ def _detect(sd: dict, ddp: str, path: Path) -> tuple[str, str, str | None]:
         keys = [k[len(ddp + student):] for k in sd if k.startswith(ddp + student)]
         if not keys:
             continue
-        if "cls_token" in keys:
-            backbone = "vit_tiny_patch16_224"
-        elif "encoder.1.conv.0.0.weight" in keys:
-            backbone = "mobilenetv2_100"
-        elif "encoder.4.0.conv1.weight" in keys:  # ResNet: layer1 has 2 blocks in R18, 3 in R34
-            backbone = "resnet34" if "encoder.4.2.conv1.weight" in keys else "resnet18"
-        else:
+        backbone = reference_layout(set(keys))
+        if backbone is None:
+            known = ", ".join(n for n, e in BACKBONES.items() if e.reference)
             raise ExportError(f"{path}: key {ddp + student + keys[0]!r}: unknown backbone layout "
-                              "(expected MobileNetV2, ResNet18/34 or ViT-Tiny)")
+                              f"(expected one of {known})")
         has_teacher = teacher != student and any(k.startswith(ddp + teacher) for k in sd)
         return method, backbone, (teacher if has_teacher else None)
     wanted = ", ".join(repr(ddp + s) for s, _ in BACKBONE_PREFIX.values())
     raise ExportError(f"{path}: no key starts with {wanted}: not a reference SSLight checkpoint")
+
+
+def reference_layout(keys: set[str]) -> str | None:
+    """The backbone whose reference layout `keys` (below the backbone prefix) have: of the table's entries
+    whose markers are all present, the one with most markers."""
+    found = [name for name, e in BACKBONES.items() if e.reference and all(m in keys for m in e.reference.markers)]
+    return max(found, key=lambda name: len(BACKBONES[name].reference.markers), default=None)
 
 
 def map_reference(sd: dict, prefix: str, backbone: str, path: Path) -> dict:
@@ -455,12 +407,8 @@ def map_reference(sd: dict, prefix: str, backbone: str, path: Path) -> dict:
     return out
 
 
-CONFIG_STEM = {"mobilenetv2_100": "mobilenetv2", "resnet18": "resnet18", "resnet34": "resnet34",
-               "vit_tiny_patch16_224": "vit_tiny"}
-
-
 def shipped_config(method: str, backbone: str, variant: str) -> Path:
-    name = f"{method}/{CONFIG_STEM[backbone]}_{variant}"
+    name = f"{method}/{backbone_entry(backbone).reference.config_stem}_{variant}"
     try:
         return find_file(name, "configs")
     except ConfigError:
@@ -491,7 +439,7 @@ def _describe_views(v: dict) -> str:
 def choose_config(method: str, backbone: str, reference_cfg, path: Path) -> tuple[Path, str]:
     """(shipped config, why): the variant whose view sampling equals the file's reference config; the file
     name (`baseline`/`sslight` in it, as in the released files) only when the file has no config."""
-    stem = f"{method}/{CONFIG_STEM[backbone]}"
+    stem = f"{method}/{backbone_entry(backbone).reference.config_stem}"
     if not reference_cfg:
         named = [v for v in VARIANTS if v in path.name.lower()]
         if len(named) != 1:

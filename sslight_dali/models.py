@@ -1,13 +1,14 @@
 """Backbones: timm models configured to match the reference's
 (src/sslight/backbone/{mnv2,resnet,vision_transformer}.py).
 
-Every backbone returns pooled features [B, D] (`num_classes=0`) and exposes `.num_features`.
+Every backbone returns pooled features [B, D] (`num_classes=0`) and exposes `.num_features`; which
+backbones there are and how each is made is the backbone table's (backbones.py).
 """
 from __future__ import annotations
 
 from torch import nn
 
-BACKBONES = ("mobilenetv2_100", "resnet18", "resnet34", "vit_tiny_patch16_224")
+from .backbones import backbone_entry
 
 
 def reference_conv_bn_init_(model: nn.Module) -> None:
@@ -24,22 +25,13 @@ def reference_conv_bn_init_(model: nn.Module) -> None:
 
 
 def build_backbone(name: str, drop_path_rate: float = 0.0) -> nn.Module:
-    """A randomly initialised timm backbone returning pooled features.
-
-    ViT: CLS token after the final norm, any input size that is a multiple of the patch
-    (96/128-px local crops; timm resamples pos_embed). CNNs: global average pool.
-    """
+    """A randomly initialised timm backbone returning pooled features, made as its entry in the
+    backbone table (backbones.BACKBONES) says and initialised like the reference's."""
     import timm  # here, not at the top: loading a config imports the method modules, and timm is slow to import
 
-    if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {BACKBONES}")
-    kwargs = dict(pretrained=False, num_classes=0, drop_path_rate=drop_path_rate)
-    if name.startswith("vit"):
-        kwargs.update(dynamic_img_size=True, global_pool="token")
-    elif name.startswith("resnet"):
-        kwargs.update(zero_init_last=False)  # the reference keeps the last BN gamma of a block at 1
-    model = timm.create_model(name, **kwargs)
-    if name.startswith("vit"):
+    entry = backbone_entry(name)
+    model = timm.create_model(name, pretrained=False, num_classes=0, drop_path_rate=drop_path_rate, **entry.timm_args)
+    if entry.family == "vit":
         # DINO's ViT draws cls_token like pos_embed; timm uses N(0, 1e-6).
         nn.init.trunc_normal_(model.cls_token, std=0.02)
     else:

@@ -4,9 +4,10 @@ The model maps `images` [batch, 3, crop, crop] (float32, RGB normalised with the
 the config's eval crop) to `features` [batch, D]:
   pooled  the backbone's pooled features (CNNs: global average pool; ViT-Tiny: the CLS token after the
           final norm), what `timm.create_model(name, num_classes=0)` returns;
-  eval    the feature the reference's linear eval reads (evaluate.common.feature_model): ViT-Tiny the CLS
-          tokens of its last 4 blocks, each through the final norm, concatenated (4 x 192 = 768-d); for the
-          CNNs this is the pooled feature.
+  eval    the feature the reference's linear eval reads (evaluate.common.feature_model, as the backbone
+          table's eval_cls_blocks says): ViT-Tiny the CLS tokens of its last 4 blocks, each through the
+          final norm, concatenated (4 x 192 = 768-d); for the CNNs this is the pooled feature.
+Every backbone in the table declares this format (backbones.Backbone.formats).
 The batch axis is dynamic. The exporter is the one torch recommends (`torch.onnx.export(dynamo=True)`,
 torch.export-based) at opset OPSET; should it fail for a model, the TorchScript exporter is tried and the
 sidecar says which ran and why.
@@ -34,7 +35,7 @@ from torch import nn
 
 from .checkpoint import first_line
 from .evaluate.common import feature_model
-from .export import ExportError, _check_out, load_backbone, sidecar, write_files
+from .export import ExportError, _check_out, check_format, load_backbone, sidecar, write_files
 
 OPSET = 18                      # the ONNX opset written (the dynamo exporter's own, onnxscript's torchlib)
 FEATURES = ("pooled", "eval")
@@ -147,6 +148,7 @@ def export_onnx(checkpoint, out, weights: str = "student", feature: str = "poole
     _check_out(out, checkpoint, with_sidecar=True)
     pre = load_backbone(checkpoint, weights)
     arch, crop = pre.cfg.model.backbone, pre.cfg.eval.crop
+    check_format(arch, "onnx")
     mean, std = list(pre.cfg.recipe.augment.mean), list(pre.cfg.recipe.augment.std)
     model = feature_module(pre.backbone, arch, feature)
     torch_threads = torch.get_num_threads()

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .backbones import backbone_entry
+
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
 
@@ -129,7 +131,7 @@ def resolve_precision(cfg, device: torch.device) -> str:
 
 
 def is_convnet(cfg) -> bool:
-    return not cfg.model.backbone.startswith("vit")
+    return backbone_entry(cfg.model.backbone).family == "cnn"
 
 
 def uses_channels_last(cfg) -> bool:

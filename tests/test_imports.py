@@ -20,7 +20,7 @@ PKG = ROOT / "sslight_dali"
 # (`data` stands for sslight_dali.data and everything in it).
 LAYERS = [
     ["files", "runtime", "checkpoint", "logger", "synth"],
-    ["augment", "dali_ops"],
+    ["augment", "dali_ops", "backbones"],
     ["config"],
     ["data"],
     ["methods", "models", "optim"],

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import checkpoint as ckpt
+from ..backbones import backbone_entry
 from ..config import Config, ConfigError, expand_key, from_dict, parse_overrides, to_dict, validate
 from ..files import atomic_write
 from ..logger import RunLogger, StepTimer, setup_logging, timed_batches
@@ -147,7 +148,8 @@ class LastBlocksCLS(nn.Module):
 
 
 def feature_model(backbone: nn.Module, arch: str) -> nn.Module:
-    return LastBlocksCLS(backbone) if arch.startswith("vit") else backbone
+    n = backbone_entry(arch).eval_cls_blocks  # the backbone table says which feature the reference reads
+    return LastBlocksCLS(backbone, n) if n else backbone
 
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..backbones import backbone_entry
 from ..knn import extract_features
 from ..optim import LARS, cosine_schedule, param_groups
 from .common import EpochLoop, epoch_lrs, feature_model, finish, setup, summarize, write_json
@@ -119,7 +120,7 @@ def fast_probe(cfg, backbone: nn.Module, device: torch.device, amp=None, rank: i
 def reference_linear(run) -> dict:
     from ..data import build_eval_loader
     cfg, lc = run.cfg, run.cfg.eval.linear
-    kind = "vit" if cfg.model.backbone.startswith("vit") else "cnn"
+    kind = backbone_entry(cfg.model.backbone).family
     opt_name, ref_lr, ref_batch, ref_per_gpu = REFERENCE[kind]
     bs = lc.batch_size or ref_per_gpu
     common = dict(rank=run.rank, world_size=run.world, channels_last=run.channels_last, batch_size=bs)
