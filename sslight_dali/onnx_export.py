@@ -25,7 +25,6 @@ from __future__ import annotations
 import importlib
 import io
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -175,11 +174,3 @@ def export_onnx(checkpoint, out, weights: str = "student", feature: str = "poole
                  out.with_name(out.name + ".json"): lambda f: f.write((json.dumps(meta, indent=2) + "\n").encode())})
     return meta
 
-
-def export_main(args) -> int:
-    meta = export_onnx(args.checkpoint, args.out, args.weights, args.feature or "pooled", args.fp16)
-    print(json.dumps(meta, indent=2))
-    v = meta["onnx"]["verification"]
-    print(f"wrote {args.out} and {args.out}.json (onnxruntime vs PyTorch: max abs error {v['max_abs_err']:.3g}, "
-          f"relative {v['max_rel_err']:.3g}, bound {v['max_rel_err_bound']:g})", file=sys.stderr)
-    return 0
