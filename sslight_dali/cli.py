@@ -131,7 +131,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                           "onnx: all backbones, the eval-mode model images [batch, 3, crop, crop] -> features "
                           "[batch, D] with a dynamic batch axis, opset 18, torch's dynamo exporter, checked in "
                           "onnxruntime (CPU) against PyTorch before it is written: refused above a max relative "
-                          "error of 1e-4 (fp16: 1e-2); measured on a 2-core CPU at most 6e-7 (fp16 2e-3) "
+                          "error of 1e-4 (fp16: 1e-2); measured on a 2-core CPU at most 1.2e-6 (fp16 7.5e-4) "
                           "(needs onnx, onnxscript, onnxruntime); "
                           "hf: all backbones, a folder with model.safetensors, timm's config.json and a model card: "
                           "timm.create_model('local-dir:FOLDER', pretrained=True) loads it, and it uploads to "

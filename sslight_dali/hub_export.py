@@ -20,6 +20,7 @@ FOLDER is replaced only if it holds nothing but these files (an earlier export).
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -36,12 +37,21 @@ NOT_OURS = ("tag", "license", "origin_url", "paper_ids", "paper_name", "notes", 
 EVALS = ("knn", "linear", "semi")
 
 
+def crop_pct(crop: int, resize: int) -> float:
+    """crop/resize, the float just below it where needed so that timm's eval transform, which resizes to
+    floor(crop / crop_pct), resizes to `resize` (32/36 would give 35)."""
+    pct = crop / resize
+    while math.floor(crop / pct) < resize:
+        pct = math.nextafter(pct, 0.0)
+    return pct
+
+
 def hub_config(backbone, cfg) -> dict:
     """timm's config.json for `backbone` with this run's eval preprocessing."""
     from timm.models._hub import save_config_for_hf  # timm's writer, so the layout is the installed timm's own
     crop, resize = cfg.eval.crop, cfg.eval.resize
     data = {"input_size": (3, crop, crop), "mean": tuple(cfg.recipe.augment.mean), "std": tuple(cfg.recipe.augment.std),
-            "interpolation": "bicubic", "crop_pct": round(crop / resize, 6), "crop_mode": "center"}
+            "interpolation": "bicubic", "crop_pct": crop_pct(crop, resize), "crop_mode": "center"}
     with tempfile.TemporaryDirectory() as d:
         save_config_for_hf(backbone, os.path.join(d, "config.json"), data_config=data)
         config = json.loads(Path(d, "config.json").read_text())
@@ -79,7 +89,7 @@ def model_card(meta: dict, cfg, evals: dict) -> str:
     lines = ["---", "library_name: timm", "tags:", "- image-feature-extraction", "- timm", "- self-supervised",
              "- sslight-dali", "---", "", f"# {name} (self-supervised, sslight-dali)", "",
              f"A {arch} backbone pre-trained without labels by {meta['method'].upper()} with the `{meta['recipe']}` "
-             f"view recipe (SSLight), {meta['epoch']} epochs ({meta['step']} steps), on `{cfg.data.root}` "
+             f"view recipe (SSLight) for {meta['epoch']} epoch(s) ({meta['step']} steps) on `{cfg.data.root}` "
              f"(format {cfg.data.format}, split {cfg.data.train_split}); the {meta['weights']} weights. Exported by "
              "`sslight export --format hf`.", "", "```python", "import timm",
              'model = timm.create_model("local-dir:THIS_FOLDER", pretrained=True)  # or "hf-hub:USER/REPO"',

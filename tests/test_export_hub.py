@@ -4,6 +4,7 @@ features), the config carries this run's preprocessing and none of timm's defaul
 model card quotes the eval results found beside the checkpoint, and bad input is one line, exit 2, nothing
 written."""
 import json
+import math
 import sys
 
 import pytest
@@ -46,6 +47,14 @@ def test_timm_local_dir_builds_the_backbone_with_our_weights(backbone, checkpoin
     assert not {"tag", "license", "paper_ids", "origin_url"} & set(pcfg)  # timm's default weights', not ours
     data = timm.data.resolve_data_config({}, model=model)
     assert data["input_size"] == (3, cfg.eval.crop, cfg.eval.crop) and tuple(data["mean"]) == tuple(cfg.recipe.augment.mean)
+    resize, crop = timm.data.create_transform(**data).transforms[:2]  # timm's eval transform is our eval view
+    assert resize.size == cfg.eval.resize and list(crop.size) == [cfg.eval.crop] * 2
+
+
+@pytest.mark.parametrize("crop, resize", [(224, 256), (32, 36), (192, 240), (96, 110), (160, 183)])
+def test_timm_resizes_to_our_eval_resize(crop, resize):
+    from sslight_dali.hub_export import crop_pct
+    assert math.floor(crop / crop_pct(crop, resize)) == resize and abs(crop_pct(crop, resize) - crop / resize) < 1e-12
 
 
 def test_a_new_head_on_the_hub_backbone(checkpoints, tmp_path):  # noqa: F811
@@ -71,7 +80,7 @@ def test_the_model_card_quotes_the_eval_results_of_this_checkpoint(checkpoints, 
     assert run("export", ck, "--out", tmp_path / "hub", "--format", "hf") == 0
     card = (tmp_path / "hub" / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: timm\n") and "DINO" in card and "cnn_sslight" in card
-    assert "3 epochs" in card and "| kNN (val_loo, k=20) | 61.25 | 90.50 |" in card and "55.5" not in card
+    assert "3 epoch(s)" in card and "| kNN (val_loo, k=20) | 61.25 | 90.50 |" in card and "55.5" not in card
 
 
 def test_timm_export_to_a_safetensors_name(checkpoints, tmp_path):  # noqa: F811
