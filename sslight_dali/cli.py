@@ -9,6 +9,8 @@ import json
 import sys
 from pathlib import Path
 
+CHECKPOINT_HELP = "a checkpoint written by `sslight train` (or `sslight import-reference`)"
+WEIGHTS_HELP = "student (default, what the reference evaluates) or the momentum teacher"
 OVERRIDES_HELP = "overrides as key.sub=value (e.g. train.batch_size=64 data.root=/data/in1k); a bare leaf name works when unambiguous (resume=auto)"
 
 
@@ -83,6 +85,15 @@ def _delegate(module: str):
     return run
 
 
+def _checkpoint_command(sub, name: str, help_: str, description: str, out_help: str) -> argparse.ArgumentParser:
+    """A subcommand that reads a checkpoint's backbone and writes --out."""
+    p = sub.add_parser(name, help=help_, description=description)
+    p.add_argument("checkpoint", help=CHECKPOINT_HELP)
+    p.add_argument("--out", required=True, help=out_help)
+    p.add_argument("--weights", default="student", choices=("student", "teacher"), help=WEIGHTS_HELP)
+    return p
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; a delegated subcommand's arguments are added (and its module imported) only when
     `command` names it, so listing the subcommands imports none of them."""
@@ -116,15 +127,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     train.set_defaults(func=_train)
 
-    exp = sub.add_parser("export", help="write a checkpoint's backbone alone, for timm, torchvision, Detectron2, "
-                                        "ONNX or a timm/Hugging Face hub folder (+ a FILE.json sidecar)",
-                         description="Loading code for each format and the measured ONNX errors: README, "
-                                     "'Export and deploy'.")
-    exp.add_argument("checkpoint", help="a checkpoint written by `sslight train` (or `sslight import-reference`)")
-    exp.add_argument("--out", required=True, help="output file (written atomically; FILE.json beside it); "
-                                                  "a .pkl name for detectron2; a .safetensors name for timm or "
-                                                  "torchvision writes safetensors (needs safetensors); a folder "
-                                                  "for hf")
+    exp = _checkpoint_command(sub, "export", "write a checkpoint's backbone alone, for timm, torchvision, "
+                              "Detectron2, ONNX or a timm/Hugging Face hub folder (+ a FILE.json sidecar)",
+                              "Loading code for each format and the measured ONNX errors: README, 'Export and deploy'.",
+                              "output file (written atomically; FILE.json beside it); a .pkl name for detectron2; "
+                              "a .safetensors name for timm or torchvision writes safetensors (needs safetensors); "
+                              "a folder for hf")
     exp.add_argument("--format", required=True, choices=("timm", "torchvision", "detectron2", "onnx", "hf"),
                      help="timm: all backbones, timm.create_model(name, num_classes=0) loads it strictly; "
                           "torchvision: resnet18/34, mobilenetv2; detectron2: resnet18/34 (.pkl); "
@@ -136,8 +144,6 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                           "hf: all backbones, a folder with model.safetensors, timm's config.json and a model card: "
                           "timm.create_model('local-dir:FOLDER', pretrained=True) loads it, and it uploads to "
                           "the Hugging Face hub as is (needs safetensors)")
-    exp.add_argument("--weights", default="student", choices=("student", "teacher"),
-                     help="student (default, what the reference evaluates) or the momentum teacher")
     exp.add_argument("--feature", default=None, choices=("pooled", "eval"),
                      help="onnx only: pooled (default: the backbone's pooled features) or eval (the reference's "
                           "linear-eval feature: for ViT-Tiny the last 4 blocks' CLS tokens through the final norm, "
@@ -177,16 +183,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                         if name != "knn" else OVERRIDES_HELP)
         sp.set_defaults(func=_evaluate)
 
-    emb = sub.add_parser("embed", help="eval-view features of every image of a split, with file paths and labels, "
-                                       "to .npz or Parquet",
-                         description="The features `sslight eval knn` uses (pooled backbone features of the eval "
-                                     "view, not normalised), in dataset order; several processes under torchrun.")
-    emb.add_argument("checkpoint", help="a checkpoint written by `sslight train` (or `sslight import-reference`)")
-    emb.add_argument("--out", required=True, help="FILE.npz (features, paths, labels, classes, meta) or FILE.parquet "
-                                                  "(needs pyarrow); written atomically")
+    emb = _checkpoint_command(sub, "embed", "eval-view features of every image of a split, with file paths and "
+                              "labels, to .npz or Parquet",
+                              "The features `sslight eval knn` uses (pooled backbone features of the eval view, not "
+                              "normalised), in dataset order; several processes under torchrun.",
+                              "FILE.npz (features, paths, labels, classes, meta) or FILE.parquet (needs pyarrow); "
+                              "written atomically")
     emb.add_argument("--split", default="val", help="val (data.val_split, default), train (data.train_split) or a "
                                                     "split name")
-    emb.add_argument("--weights", choices=("student", "teacher"), default="student")
     emb.add_argument("overrides", nargs="*", help=OVERRIDES_HELP + "; data.root=DIR and data.format=imagefolder|"
                      "folder|filelist|webdataset name the images (default: the checkpoint's)")
     emb.set_defaults(func=_embed)

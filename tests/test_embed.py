@@ -104,21 +104,14 @@ def test_a_folder_without_labels(checkpoint, synth_root, tmp_path):
     np.testing.assert_array_equal(folder["features"], labelled["features"])
 
 
-def _worker(rank, world, port, argv):
-    import os
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    assert main(argv) == 0
-
-
 @pytest.mark.slow
 def test_two_gloo_processes_write_the_one_process_rows(checkpoint, tmp_path):
     import torch.multiprocessing as mp
+    from test_eval import _eval_worker
     from test_train import _free_port
     assert run("embed", checkpoint, "--out", tmp_path / "one.npz", "--split", "train") == 0
     argv = ["embed", str(checkpoint), "--out", str(tmp_path / "two.npz"), "--split", "train"]
-    mp.spawn(_worker, args=(2, _free_port(), argv), nprocs=2, join=True)
+    mp.spawn(_eval_worker, args=(2, _free_port(), argv), nprocs=2, join=True)
     one, two = read(tmp_path / "one.npz"), read(tmp_path / "two.npz")
     assert list(two["paths"]) == list(one["paths"]) and list(two["labels"]) == list(one["labels"])
     np.testing.assert_allclose(two["features"], one["features"], rtol=0, atol=1e-5)
