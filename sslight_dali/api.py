@@ -57,8 +57,8 @@ def evaluate(kind: str, checkpoint, overrides=None, out="", weights: str = "stud
         raise ConfigError(f"eval kind must be one of {EVALS}, got {kind!r}")
     if kind == "semi" and subset is None:
         raise ConfigError("eval semi needs subset: 1, 10 or a subset file")
-    args = Namespace(checkpoint=str(checkpoint), weights=weights, out=str(out or ""), subset=None if subset is None else str(subset),
-                     overrides=override_strings(overrides))
+    args = Namespace(checkpoint=str(checkpoint), weights=weights, out=str(out or ""),
+                     subset=None if subset is None else str(subset), overrides=override_strings(overrides))
     path = (Path(out) if out else Path(checkpoint).parent / f"eval_{kind}") / f"eval_{kind}.json"
     started = time.time()
     importlib.import_module(f"sslight_dali.evaluate.{kind}").main(args)

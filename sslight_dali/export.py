@@ -227,7 +227,8 @@ def require_safetensors():
     try:
         import safetensors.torch
     except ImportError:
-        raise ExportError("a .safetensors output needs the Python package 'safetensors': pip install safetensors") from None
+        raise ExportError("a .safetensors output needs the Python package 'safetensors': "
+                          "pip install safetensors") from None
     return safetensors.torch
 
 

@@ -184,5 +184,6 @@ def load_export(path, weights: str = "student") -> torch.nn.Module:
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         first = (missing or unexpected)[0]
-        raise ExportError(f"{path}: its weights do not fit {arch} ({'missing' if missing else 'unexpected'} key {first!r})")
+        raise ExportError(f"{path}: its weights do not fit {arch} "
+                          f"({'missing' if missing else 'unexpected'} key {first!r})")
     return model.eval()

@@ -53,7 +53,8 @@ def test_the_readme_example_runs_as_written(tmp_path, monkeypatch, capsys):
 
 
 def test_overrides_are_a_dict_of_dotted_keys_taken_as_typed(tmp_path):
-    strings = api.override_strings({"data.root": "/data/set #2: yes", "train.batch_size": 64, "recipe.global.scale": [0.3, 1.0],
+    strings = api.override_strings({"data.root": "/data/set #2: yes", "train.batch_size": 64,
+                                    "recipe.global.scale": [0.3, 1.0],
                                     "resume": "auto", "train.output_dir": tmp_path, "train.tensorboard": False})
     cfg = load_config("dino/resnet18_sslight", strings)
     assert cfg.data.root == "/data/set #2: yes"  # a string stays a string (YAML would cut it at ' #')
@@ -80,11 +81,14 @@ def test_errors_are_raised_with_the_commands_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("argv, function, expect", [
-    (["train", "dino/resnet18_sslight", "train.batch_size=8"], "train", ("dino/resnet18_sslight", ["train.batch_size=8"])),
+    (["train", "dino/resnet18_sslight", "train.batch_size=8"], "train",
+     ("dino/resnet18_sslight", ["train.batch_size=8"])),
     (["eval", "knn", "c.pt", "eval.knn_k=5"], "evaluate", ("knn", "c.pt", ["eval.knn_k=5"], "", "student", None)),
     (["eval", "semi", "c.pt", "--subset", "10"], "evaluate", ("semi", "c.pt", [], "", "student", "10")),
-    (["export", "c.pt", "--out", "o.pth", "--format", "timm"], "export", ("c.pt", "timm", "o.pth", "student", None, False)),
-    (["embed", "c.pt", "--out", "e.npz", "data.root=d"], "embed", ("c.pt", None, "e.npz", ["data.root=d"], "val", "student")),
+    (["export", "c.pt", "--out", "o.pth", "--format", "timm"], "export",
+     ("c.pt", "timm", "o.pth", "student", None, False)),
+    (["embed", "c.pt", "--out", "e.npz", "data.root=d"], "embed",
+     ("c.pt", None, "e.npz", ["data.root=d"], "val", "student")),
 ])
 def test_the_command_line_calls_the_api(argv, function, expect, monkeypatch, capsys):
     calls = []

@@ -3,7 +3,8 @@
 - kNN computed here from the written arrays (knn_classify) equals `sslight eval knn` on the same checkpoint;
 - row i is image paths[i]: each row equals the backbone's feature of the batch row the eval loader gives for
   sample index i, and a file list in another order gives the rows in its order;
-- a folder without labels (data.format=folder) works and gives the same features, without labels;
+- WebDataset shards give the same rows in their own order; a folder without labels (data.format=folder)
+  gives the same features, without labels;
 - two gloo processes give the one-process file;
 - bad input: one line, exit 2, nothing written.
 """
@@ -93,6 +94,27 @@ def test_rows_are_in_dataset_order(checkpoint, synth_root, tmp_path):
     got = read(tmp_path / "list.npz")
     assert list(got["paths"]) == samples.files[::-1] and list(got["labels"]) == samples.labels[::-1]
     np.testing.assert_allclose(got["features"], rows[::-1], rtol=0, atol=1e-5)
+
+
+def test_webdataset_shards_give_the_imagefolder_rows(checkpoint, synth_root, tmp_path):
+    import io
+    import tarfile
+    samples = list_samples(synth_root, "val")
+    order = [5, 0, 11, 3, 8, 1, 10, 2, 7, 4, 9, 6]  # keys sort into this order, not the ImageFolder one
+    with tarfile.open(tmp_path / "val-0000.tar", "w") as tar:
+        for key, i in enumerate(order):
+            members = {f"{key:04d}.jpg": samples.read_bytes(i), f"{key:04d}.cls": str(samples.labels[i]).encode()}
+            for name, data in members.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    assert run("embed", checkpoint, "--out", tmp_path / "folder.npz") == 0
+    assert run("embed", checkpoint, "--out", tmp_path / "wds.npz", f"data.root={tmp_path}",
+               "data.format=webdataset") == 0
+    ref, wds = read(tmp_path / "folder.npz"), read(tmp_path / "wds.npz")
+    assert list(wds["paths"]) == [f"{tmp_path / 'val-0000.tar'}:{k:04d}.jpg" for k in range(12)]
+    assert list(wds["labels"]) == [samples.labels[i] for i in order]
+    np.testing.assert_allclose(wds["features"], ref["features"][order], rtol=0, atol=1e-5)
 
 
 def test_a_folder_without_labels(checkpoint, synth_root, tmp_path):

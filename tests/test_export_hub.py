@@ -46,7 +46,8 @@ def test_timm_local_dir_builds_the_backbone_with_our_weights(backbone, checkpoin
     assert pcfg["crop_pct"] == pytest.approx(cfg.eval.crop / cfg.eval.resize) and pcfg["num_classes"] == 0
     assert not {"tag", "license", "paper_ids", "origin_url"} & set(pcfg)  # timm's default weights', not ours
     data = timm.data.resolve_data_config({}, model=model)
-    assert data["input_size"] == (3, cfg.eval.crop, cfg.eval.crop) and tuple(data["mean"]) == tuple(cfg.recipe.augment.mean)
+    assert data["input_size"] == (3, cfg.eval.crop, cfg.eval.crop)
+    assert tuple(data["mean"]) == tuple(cfg.recipe.augment.mean)
     resize, crop = timm.data.create_transform(**data).transforms[:2]  # timm's eval transform is our eval view
     assert resize.size == cfg.eval.resize and list(crop.size) == [cfg.eval.crop] * 2
 
@@ -94,7 +95,7 @@ def test_timm_export_to_a_safetensors_name(checkpoints, tmp_path):  # noqa: F811
                                atol=0, rtol=0)
 
 
-def test_bad_hub_exports_are_one_line_exit_2_and_write_nothing(checkpoints, tmp_path, capsys, monkeypatch):  # noqa: F811
+def test_bad_hub_exports_exit_2_and_write_nothing(checkpoints, tmp_path, capsys, monkeypatch):  # noqa: F811
     good = checkpoints["resnet18"]
     taken = tmp_path / "taken"
     taken.mkdir()
