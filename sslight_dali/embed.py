@@ -83,7 +83,7 @@ def npz_bytes(features: np.ndarray, paths: list[str], labels, classes, meta: dic
 
 def parquet_bytes(features: np.ndarray, paths: list[str], labels, classes, meta: dict) -> bytes:
     pa, pq = require_parquet()
-    n, dim = features.shape
+    dim = features.shape[1]
     columns = {"path": pa.array(paths, pa.string())}
     if labels is not None:
         columns["label"] = pa.array(labels, pa.int64())
