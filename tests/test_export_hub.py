@@ -15,6 +15,7 @@ import torch
 from sslight_dali import api
 from sslight_dali import checkpoint as ckpt
 from sslight_dali.config import load_config
+from sslight_dali.export import ExportError
 from sslight_dali.pretrained import load_pretrained
 from test_export import CASES, SIZE, checkpoints, features, listing, run, tiny_checkpoint  # noqa: F401 (fixture)
 
@@ -84,12 +85,17 @@ def test_the_model_card_quotes_the_eval_results_of_this_checkpoint(checkpoints, 
     assert "3 epoch(s)" in card and "| kNN (val_loo, k=20) | 61.25 | 90.50 |" in card and "55.5" not in card
 
 
-def test_timm_export_to_a_safetensors_name(checkpoints, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("fmt", ["timm", "torchvision"])
+def test_export_to_a_safetensors_name(fmt, checkpoints, tmp_path):  # noqa: F811
     for name in ("b.pth", "b.safetensors"):
-        assert run("export", checkpoints["mobilenetv2_100"], "--out", tmp_path / name, "--format", "timm") == 0
+        assert run("export", checkpoints["mobilenetv2_100"], "--out", tmp_path / name, "--format", fmt) == 0
     pth, st = torch.load(tmp_path / "b.pth", weights_only=True), safetensors.torch.load_file(tmp_path / "b.safetensors")
     assert pth.keys() == st.keys() and all(torch.equal(pth[k], st[k]) for k in pth)
-    assert json.loads((tmp_path / "b.safetensors.json").read_text())["format"] == "timm"
+    assert json.loads((tmp_path / "b.safetensors.json").read_text())["format"] == fmt
+    if fmt == "torchvision":  # load_backbone reads our own layout only, and says what to do instead
+        with pytest.raises(ExportError, match="a --format torchvision export; load_backbone reads"):
+            api.load_backbone(tmp_path / "b.safetensors")
+        return
     ours = load_pretrained(checkpoints["mobilenetv2_100"]).backbone
     torch.testing.assert_close(features(api.load_backbone(tmp_path / "b.safetensors"), 64), features(ours, 64),
                                atol=0, rtol=0)
