@@ -19,6 +19,7 @@ each function imports what it runs.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import time
@@ -42,7 +43,8 @@ def override_strings(overrides) -> list[str]:
 
 def train(config, overrides=None) -> dict:
     """Pre-train (`sslight train CONFIG`); returns the run's summary. `config`: a shipped name or a YAML path."""
-    from .config import load_config  # the API imports what each function runs: `import sslight_dali` stays light
+    # light: each function imports what it runs (torch, DALI), so `import sslight_dali.api` stays light
+    from .config import load_config
     from .train import train as run
     return run(load_config(config, override_strings(overrides)))
 
@@ -51,8 +53,7 @@ def evaluate(kind: str, checkpoint, overrides=None, out="", weights: str = "stud
     """`sslight eval KIND CHECKPOINT` (kind: linear, semi, knn); returns what it writes to OUT/eval_KIND.json
     (OUT: `out`, or <checkpoint dir>/eval_KIND). None on ranks other than 0, and when a run stopped before
     its first result (train.max_steps). semi needs `subset` (1, 10 or a subset file)."""
-    import importlib  # the evaluation module is imported when it runs
-    from .config import ConfigError
+    from .config import ConfigError  # light: as train's
     if kind not in EVALS:
         raise ConfigError(f"eval kind must be one of {EVALS}, got {kind!r}")
     if kind == "semi" and subset is None:
@@ -61,7 +62,7 @@ def evaluate(kind: str, checkpoint, overrides=None, out="", weights: str = "stud
                      subset=None if subset is None else str(subset), overrides=override_strings(overrides))
     path = (Path(out) if out else Path(checkpoint).parent / f"eval_{kind}") / f"eval_{kind}.json"
     started = time.time()
-    importlib.import_module(f"sslight_dali.evaluate.{kind}").main(args)
+    importlib.import_module(f"sslight_dali.evaluate.{kind}").main(args)  # the command's module, when it runs
     if int(os.environ.get("RANK", "0")) != 0 or not path.is_file() or path.stat().st_mtime < started - 1:
         return None
     return json.loads(path.read_text())
@@ -71,7 +72,7 @@ def export(checkpoint, format: str, out, weights: str = "student", feature: str 
            fp16: bool = False) -> dict:
     """`sslight export CHECKPOINT --format FORMAT --out OUT`; returns the sidecar (OUT.json; hf: OUT/sslight.json).
     `feature` and `fp16` are for onnx only."""
-    from .export import ExportError  # the API imports what each function runs
+    from .export import ExportError  # light: as train's
     if format not in EXPORT_FORMATS:
         raise ExportError(f"--format must be one of {EXPORT_FORMATS}, got {format!r}")
     if format != "onnx":
@@ -79,12 +80,12 @@ def export(checkpoint, format: str, out, weights: str = "student", feature: str 
             if given:
                 raise ExportError(f"{option} is for --format onnx only")
     if format == "onnx":
-        from .onnx_export import export_onnx  # needs the optional onnx packages
+        from .onnx_export import export_onnx  # light: as train's (and it needs the optional onnx packages)
         return export_onnx(checkpoint, out, weights, feature or "pooled", fp16)
     if format == "hf":
-        from .hub_export import export_hf
+        from .hub_export import export_hf  # light: as train's
         return export_hf(checkpoint, out, weights)
-    from .export import export as export_file
+    from .export import export as export_file  # light: as train's
     return export_file(checkpoint, out, format, weights)
 
 
@@ -93,7 +94,7 @@ def embed(checkpoint, data=None, out="embeddings.npz", overrides=None, split: st
     """`sslight embed CHECKPOINT data.root=DATA --out OUT`: eval-view features of every image of `split`
     to OUT (.npz, or .parquet with pyarrow); returns the summary. `data`: the data root (default: the
     checkpoint's data.root); its format is data.format (an override)."""
-    from .embed import embed as run  # the API imports what each function runs
+    from .embed import embed as run  # light: as train's
     strings = override_strings(overrides)
     if data is not None:
         strings = [f"data.root={json.dumps(str(data))}"] + strings
@@ -103,5 +104,5 @@ def embed(checkpoint, data=None, out="embeddings.npz", overrides=None, split: st
 def load_backbone(path, weights: str = "student"):
     """The backbone (eval mode, on the CPU, pooled features out) from a training checkpoint, a timm export
     (FILE.pth or FILE.safetensors with its FILE.json sidecar) or an hf export folder."""
-    from .hub_export import load_export  # the API imports what each function runs
+    from .hub_export import load_export  # light: as train's
     return load_export(path, weights)

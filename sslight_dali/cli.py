@@ -15,13 +15,13 @@ OVERRIDES_HELP = "overrides as key.sub=value (e.g. train.batch_size=64 data.root
 
 
 def _config_show(args) -> int:
-    from .config import dump_config, load_config
+    from .config import dump_config, load_config  # light: each command's modules load when it runs
     print(dump_config(load_config(args.config, args.overrides)), end="")
     return 0
 
 
 def _data_synth(args) -> int:
-    from .synth import synth_dataset
+    from .synth import synth_dataset  # light: as above
     try:
         summary = synth_dataset(args.out, classes=args.classes, per_class=args.per_class,
                                 val_per_class=args.val_per_class, seed=args.seed, min_side=args.min_side,
@@ -36,7 +36,7 @@ def _data_synth(args) -> int:
 
 # The commands below are the Python API's functions (api.py) with the command line's printing.
 def _train(args) -> int:
-    from .api import train
+    from .api import train  # light: as above (torch, DALI)
     from .train import EXIT_PREEMPTED, Preempted
     try:
         result = train(args.config, args.overrides)
@@ -48,7 +48,7 @@ def _train(args) -> int:
 
 
 def _export(args) -> int:
-    from .api import export
+    from .api import export  # light: as above
     meta = export(args.checkpoint, args.format, args.out, args.weights, args.feature, args.fp16)
     print(json.dumps(meta, indent=2))
     if args.format == "hf":
@@ -63,19 +63,19 @@ def _export(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from .api import evaluate
+    from .api import evaluate  # light: as above
     evaluate(args.eval_command, args.checkpoint, args.overrides, args.out, args.weights, getattr(args, "subset", None))
     return 0
 
 
 def _embed(args) -> int:
-    from .api import embed
+    from .api import embed  # light: as above
     print(json.dumps(embed(args.checkpoint, None, args.out, args.overrides, args.split, args.weights), indent=2))
     return 0
 
 
 def _import_reference(args) -> int:
-    from .export import import_main
+    from .export import import_main  # light: as above
     return import_main(args)
 
 
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if not isinstance(e, _user_errors()):
             raise
-        from .config import ConfigError
+        from .config import ConfigError  # light: only once a command ran (it has loaded config)
         kind = "config error" if isinstance(e, ConfigError) else "error"
         print(f"sslight: {kind}: {e}", file=sys.stderr)
         return 2

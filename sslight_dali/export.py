@@ -225,7 +225,7 @@ def _check_out(out: Path, source: Path, with_sidecar: bool) -> None:
 def require_safetensors():
     """safetensors.torch, optional: only .safetensors outputs need it."""
     try:
-        import safetensors.torch
+        import safetensors.torch  # optional: safetensors, for .safetensors outputs only
     except ImportError:
         raise ExportError("a .safetensors output needs the Python package 'safetensors': "
                           "pip install safetensors") from None

@@ -27,6 +27,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from timm.models._hub import save_config_for_hf  # timm's own writer: the layout is the installed timm's
 
 from .export import ExportError, exported_state, load_backbone, require_safetensors, safetensors_bytes, sidecar
 from .models import build_backbone
@@ -48,7 +49,6 @@ def crop_pct(crop: int, resize: int) -> float:
 
 def hub_config(backbone, cfg) -> dict:
     """timm's config.json for `backbone` with this run's eval preprocessing."""
-    from timm.models._hub import save_config_for_hf  # timm's writer, so the layout is the installed timm's own
     crop, resize = cfg.eval.crop, cfg.eval.resize
     data = {"input_size": (3, crop, crop), "mean": tuple(cfg.recipe.augment.mean), "std": tuple(cfg.recipe.augment.std),
             "interpolation": "bicubic", "crop_pct": crop_pct(crop, resize), "crop_mode": "center"}

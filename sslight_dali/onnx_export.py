@@ -78,7 +78,7 @@ def export_proto(model: nn.Module, crop: int):
         return program.model_proto, "dynamo", None
     except Exception as e:  # noqa: BLE001  the exporter raises many types; the reason goes into the sidecar
         why = f"{type(e).__name__}: {first_line(e)}"
-    import onnx  # optional dependency (see require)
+    import onnx  # optional: onnx (see require)
     buf = io.BytesIO()
     try:
         torch.onnx.export(model, example, buf, dynamo=False, dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
@@ -91,7 +91,7 @@ def export_proto(model: nn.Module, crop: int):
 
 def to_fp16(proto):
     """Half-precision weights and compute, float32 inputs and outputs."""
-    from onnxruntime.transformers.float16 import convert_float_to_float16  # optional dependency (see require)
+    from onnxruntime.transformers.float16 import convert_float_to_float16  # optional: onnxruntime (see require)
     return convert_float_to_float16(proto, keep_io_types=True)
 
 
@@ -105,7 +105,7 @@ def verify_images(batch: int, crop: int, mean, std, seed: int) -> torch.Tensor:
 @torch.no_grad()
 def verify(data: bytes, model: nn.Module, crop: int, mean, std, bound: float) -> dict:
     """Run the serialised model in onnxruntime (CPU) against `model`; raise ExportError above `bound`."""
-    import onnxruntime as ort  # optional dependency (see require)
+    import onnxruntime as ort  # optional: onnxruntime (see require)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # errors only: its graph-optimiser notes are not the user's concern
     try:
