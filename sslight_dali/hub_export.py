@@ -7,8 +7,9 @@ FOLDER holds
                      (ViT: dynamic_img_size, token pooling) and pretrained_cfg with this run's
                      preprocessing: input_size [3, crop, crop], mean/std, bicubic, crop_pct crop/resize.
                      The default weights' provenance (tag, license, paper) is removed: these are not them;
-  README.md          a model card: method, recipe, epochs, data, and the `sslight eval` results found
-                     beside the checkpoint (<checkpoint dir>/eval_{knn,linear,semi}/eval_*.json);
+  README.md          a model card: method, recipe, epochs, data (the folder's name, not its local path), and
+                     the `sslight eval` results found beside the checkpoint
+                     (<checkpoint dir>/eval_{knn,linear,semi}/eval_*.json);
   sslight.json       the sidecar every export writes (what the weights are and how to feed them).
 so that `timm.create_model("local-dir:FOLDER", pretrained=True)` builds the backbone with these weights
 (and `timm.create_model("hf-hub:USER/REPO", pretrained=True)` once the folder is uploaded). With
@@ -89,7 +90,7 @@ def model_card(meta: dict, cfg, evals: dict) -> str:
     lines = ["---", "library_name: timm", "tags:", "- image-feature-extraction", "- timm", "- self-supervised",
              "- sslight-dali", "---", "", f"# {name} (self-supervised, sslight-dali)", "",
              f"A {arch} backbone pre-trained without labels by {meta['method'].upper()} with the `{meta['recipe']}` "
-             f"view recipe (SSLight) for {meta['epoch']} epoch(s) ({meta['step']} steps) on `{cfg.data.root}` "
+             f"view recipe (SSLight) for {meta['epoch']} epoch(s) ({meta['step']} steps) on `{Path(cfg.data.root).name}` "
              f"(format {cfg.data.format}, split {cfg.data.train_split}); the {meta['weights']} weights. Exported by "
              "`sslight export --format hf`.", "", "```python", "import timm",
              'model = timm.create_model("local-dir:THIS_FOLDER", pretrained=True)  # or "hf-hub:USER/REPO"',
