@@ -1,4 +1,8 @@
-"""sslight-dali: SSLight self-supervised pre-training with GPU view sampling in NVIDIA DALI."""
+"""sslight-dali: SSLight self-supervised pre-training with GPU view sampling in NVIDIA DALI.
+
+The Python API is `sslight_dali.api` (train, evaluate, export, embed, load_backbone; README, "Python API").
+Importing the package or the API imports neither torch nor DALI.
+"""
 import os as _os
 
 # torch's OpenMP threads spin after each parallel region; with DALI's CPU worker threads on the same

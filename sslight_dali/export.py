@@ -8,8 +8,11 @@ export: the student (or teacher) backbone of a training checkpoint, alone, in th
               `build_resnet_backbone`
               ({"model": numpy arrays, "__author__", "matching_heuristics": True}), named as MoCo's
               and Detectron2's own torchvision converters name them; FILE must end in .pkl.
-  onnx        the eval-mode model, verified in onnxruntime before it is written: onnx_export.py (the cli
+  onnx        the eval-mode model, verified in onnxruntime before it is written: onnx_export.py (api.export
               dispatches there; it needs the optional onnx packages).
+  hf          a timm hub folder (model.safetensors, config.json, model card): hub_export.py.
+  timm and torchvision state dicts go to a safetensors file when FILE ends in .safetensors (torch.save
+  otherwise);
   and a JSON sidecar (FILE.json) that says what the weights are and how to feed them (for detectron2
   also the config keys it needs, under "detectron2").
 
@@ -165,6 +168,25 @@ def _check_out(out: Path, source: Path, with_sidecar: bool) -> None:
         raise ExportError(f"--out {out}: is a directory")
 
 
+# --------------------------------------------------------------------------------------------
+# safetensors (--format timm|torchvision with a .safetensors name; the hub folder's model.safetensors)
+# --------------------------------------------------------------------------------------------
+def require_safetensors():
+    """safetensors.torch, optional: only .safetensors outputs need it."""
+    try:
+        import safetensors.torch  # optional: safetensors, for .safetensors outputs only
+    except ImportError:
+        raise ExportError("a .safetensors output needs the Python package 'safetensors': "
+                          "pip install safetensors") from None
+    return safetensors.torch
+
+
+def safetensors_bytes(state: dict, arch: str) -> bytes:
+    """The state dict as a safetensors file (contiguous tensors, no shared storage), as timm's loader reads it."""
+    tensors = {k: v.contiguous() for k, v in state.items()}
+    return require_safetensors().save(tensors, metadata={"format": "pt", "arch": arch})
+
+
 def load_backbone(checkpoint: Path, weights: str):
     """load_pretrained, with a reference checkpoint named as such (it needs import-reference first)."""
     if weights not in WEIGHTS:
@@ -185,11 +207,17 @@ def export(checkpoint, out, fmt: str = "timm", weights: str = "student") -> dict
         raise ExportError(f"--out {out}: --format detectron2 needs a name ending in .pkl: Detectron2's "
                           "DetectionCheckpointer reads a file as a pickle only when its name ends in .pkl "
                           "(any other it hands to torch.load, which fails)")
+    safetensors = out.suffix == ".safetensors"  # timm or torchvision keys, in a safetensors file
+    if safetensors:
+        require_safetensors()
     _check_out(out, checkpoint, with_sidecar=True)
     pre = load_backbone(checkpoint, weights)
     state = exported_state(pre.backbone, pre.cfg.model.backbone, fmt)
     meta = sidecar(pre, fmt, checkpoint, out)
-    if fmt == "detectron2":
+    if safetensors:
+        data = safetensors_bytes(state, pre.cfg.model.backbone)
+        save = lambda f: f.write(data)  # noqa: E731
+    elif fmt == "detectron2":
         save = lambda f: pickle.dump(state, f)  # noqa: E731  Detectron2 reads .pkl with pickle
     else:
         save = lambda f: torch.save(state, f)  # noqa: E731
@@ -513,16 +541,6 @@ def import_reference(src, out, config: str | None = None) -> dict:
 # --------------------------------------------------------------------------------------------
 # CLI (arguments are declared in cli.py)
 # --------------------------------------------------------------------------------------------
-def export_main(args) -> int:
-    for option, given in (("--fp16", getattr(args, "fp16", False)), ("--feature", getattr(args, "feature", None))):
-        if given:
-            raise ExportError(f"{option} is for --format onnx only")
-    meta = export(args.checkpoint, args.out, args.format, args.weights)
-    print(json.dumps(meta, indent=2))
-    print(f"wrote {args.out} and {args.out}.json", file=sys.stderr)
-    return 0
-
-
 def import_main(args) -> int:
     summary = import_reference(args.file, args.out, args.config)
     print(json.dumps(summary, indent=2))

@@ -26,7 +26,6 @@ from __future__ import annotations
 import importlib
 import io
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -80,7 +79,7 @@ def export_proto(model: nn.Module, crop: int):
         return program.model_proto, "dynamo", None
     except Exception as e:  # noqa: BLE001  the exporter raises many types; the reason goes into the sidecar
         why = f"{type(e).__name__}: {first_line(e)}"
-    import onnx  # optional dependency (see require)
+    import onnx  # optional: onnx (see require)
     buf = io.BytesIO()
     try:
         torch.onnx.export(model, example, buf, dynamo=False, dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
@@ -93,7 +92,7 @@ def export_proto(model: nn.Module, crop: int):
 
 def to_fp16(proto):
     """Half-precision weights and compute, float32 inputs and outputs."""
-    from onnxruntime.transformers.float16 import convert_float_to_float16  # optional dependency (see require)
+    from onnxruntime.transformers.float16 import convert_float_to_float16  # optional: onnxruntime (see require)
     return convert_float_to_float16(proto, keep_io_types=True)
 
 
@@ -107,7 +106,7 @@ def verify_images(batch: int, crop: int, mean, std, seed: int) -> torch.Tensor:
 @torch.no_grad()
 def verify(data: bytes, model: nn.Module, crop: int, mean, std, bound: float) -> dict:
     """Run the serialised model in onnxruntime (CPU) against `model`; raise ExportError above `bound`."""
-    import onnxruntime as ort  # optional dependency (see require)
+    import onnxruntime as ort  # optional: onnxruntime (see require)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # errors only: its graph-optimiser notes are not the user's concern
     try:
@@ -177,11 +176,3 @@ def export_onnx(checkpoint, out, weights: str = "student", feature: str = "poole
                  out.with_name(out.name + ".json"): lambda f: f.write((json.dumps(meta, indent=2) + "\n").encode())})
     return meta
 
-
-def export_main(args) -> int:
-    meta = export_onnx(args.checkpoint, args.out, args.weights, args.feature or "pooled", args.fp16)
-    print(json.dumps(meta, indent=2))
-    v = meta["onnx"]["verification"]
-    print(f"wrote {args.out} and {args.out}.json (onnxruntime vs PyTorch: max abs error {v['max_abs_err']:.3g}, "
-          f"relative {v['max_rel_err']:.3g}, bound {v['max_rel_err_bound']:g})", file=sys.stderr)
-    return 0
