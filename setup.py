@@ -29,6 +29,7 @@ setup(
     # tests: the runner, and yacs/fvcore for the reference checkpoints built in tests/test_export.py
     extras_require={"test": ["pytest>=8.0", "yacs>=0.1.8", "fvcore>=0.1.5"],
                     "onnx": ["onnx>=1.17", "onnxscript>=0.2", "onnxruntime>=1.20"],
-                    "hf": ["safetensors>=0.4"]},
+                    "hf": ["safetensors>=0.4"],
+                    "parquet": ["pyarrow>=14"]},
     entry_points={"console_scripts": ["sslight=sslight_dali.cli:main"]},
 )
