@@ -27,7 +27,7 @@ def reference_conv_bn_init_(model: nn.Module) -> None:
 def build_backbone(name: str, drop_path_rate: float = 0.0) -> nn.Module:
     """A randomly initialised timm backbone returning pooled features, made as its entry in the
     backbone table (backbones.BACKBONES) says and initialised like the reference's."""
-    import timm  # here, not at the top: loading a config imports the method modules, and timm is slow to import
+    import timm  # light: loading a config imports the method modules; timm takes seconds to import
 
     entry = backbone_entry(name)
     model = timm.create_model(name, pretrained=False, num_classes=0, drop_path_rate=drop_path_rate, **entry.timm_args)
@@ -45,5 +45,5 @@ def sync_batchnorm(model: nn.Module) -> nn.Module:
     (BatchNormAct2d calls its `act` child in forward), and torch's converter swaps them for plain
     SyncBatchNorm layers that never call it, silently dropping every activation after a BN. timm's
     gives SyncBatchNormAct (a SyncBatchNorm subclass), with the same state_dict keys."""
-    from timm.layers import convert_sync_batchnorm
+    from timm.layers import convert_sync_batchnorm  # light: as build_backbone
     return convert_sync_batchnorm(model)

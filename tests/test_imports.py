@@ -56,7 +56,6 @@ REASON = re.compile(r"#\s*(" + "|".join(REASONS) + r"):\s*\S")
 NOT_YET_REASONED = {
     "sslight_dali/config.py": "schema helper",
     "sslight_dali/optim.py": "schema helper",
-    "sslight_dali/models.py": "backbone helper",
     "sslight_dali/train.py": "run-loop helper",
     "sslight_dali/run_policy.py": "run-loop helper",
     "sslight_dali/evaluate/common.py": "run-loop helper",
