@@ -12,7 +12,8 @@ OVERRIDES_HELP = "overrides as key.sub=value (e.g. train.batch_size=64 data.root
 
 
 def _config_show(args) -> int:
-    from .config import dump_config, load_config
+    from .config import dump_config
+    from .run_config import load_config
     print(dump_config(load_config(args.config, args.overrides)), end="")
     return 0
 
@@ -32,7 +33,7 @@ def _data_synth(args) -> int:
 
 
 def _train(args) -> int:
-    from .config import load_config
+    from .run_config import load_config
     from .train import EXIT_PREEMPTED, Preempted, train
     cfg = load_config(args.config, args.overrides)
     try:

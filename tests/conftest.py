@@ -7,7 +7,7 @@ import tempfile
 import pytest
 import torch
 
-from sslight_dali.config import load_config
+from sslight_dali.run_config import load_config
 from sslight_dali.synth import synth_dataset
 
 CONFIG = "configs/dino/resnet18_sslight.yaml"

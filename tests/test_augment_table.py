@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sslight_dali.augment import FRAME_FIELDS, OPS, ops_label, record_fields
+from sslight_dali.augment import FRAME_FIELDS, OPS, OpKnobs, ViewOpKnobs, ops_label, record_fields
 from sslight_dali.bench.sweeps import ABLATIONS, op_in_recipe
-from sslight_dali.config import Augment, ViewGroup, load_config
+from sslight_dali.config import Augment, GlobalViews, LocalViews, ViewGroup, ViewSpec
+from sslight_dali.run_config import load_config
 
 from test_data_graph import op_names, _pipe
 
@@ -27,10 +28,30 @@ CONFIG = "configs/dino/resnet18_sslight.yaml"
 def test_every_knob_belongs_to_exactly_one_op():
     # The crop's and normalize's fields are the view's frame; every other field is one op's knob.
     frame = {"ratio", "interpolation", "mean", "std", "count", "size", "scale"}
-    owners = Counter(k.name for op in OPS for k in op.knobs)
+    owners = Counter(name for op in OPS for name in op.knob_names())
     fields = [f.name for cls in (Augment, ViewGroup) for f in dataclasses.fields(cls)]
     assert sorted(set(fields) - frame) == sorted(owners) and max(owners.values()) == 1
     assert len(set(record_fields())) == len(record_fields()) and set(FRAME_FIELDS) <= set(record_fields())
+
+
+def test_the_table_and_the_declared_fields_agree():
+    # Each op's knob classes are bases of the recipe's classes (so their fields are in every config,
+    # with the declared defaults), in table order; its probability is one of its knobs; every per-view
+    # list has its value per view in ViewSpec, and a default in each kind.
+    assert [op.knobs for op in OPS] == [c for c in reversed(OpKnobs.__bases__)]
+    assert [op.view_knobs for op in OPS if op.view_knobs] == [c for c in reversed(ViewOpKnobs.__bases__)]
+    assert issubclass(Augment, OpKnobs) and issubclass(ViewGroup, ViewOpKnobs)
+    assert [f.name for f in dataclasses.fields(Augment)] == \
+        ["ratio", "interpolation", *[n for op in OPS for n in op.knob_names() if n in Augment.__dataclass_fields__],
+         "mean", "std"]
+    for op in OPS:
+        assert op.prob in op.knob_names(), op.name
+    per_view = [f.name for f in dataclasses.fields(ViewOpKnobs)]
+    spec = [f.name for f in dataclasses.fields(ViewSpec)]
+    assert spec == ["kind", "index", "size", "scale", *per_view]
+    for kind in (GlobalViews, LocalViews):
+        group = kind()
+        assert all(isinstance(getattr(group, n), list) and getattr(group, n) for n in per_view), kind
 
 
 @pytest.mark.parametrize("op", OPS, ids=lambda o: o.name)
@@ -101,7 +122,8 @@ NEW_OP = textwrap.dedent("""
                       label=lambda r: "inv" if r["invert"] else None))
 
     from sslight_dali.bench.sweeps import ABLATIONS
-    from sslight_dali.config import dump_config, load_config
+    from sslight_dali.config import dump_config
+    from sslight_dali.run_config import load_config
     from sslight_dali.data import build_train_loader
     from sslight_dali.data.dali_views import record_dict
 

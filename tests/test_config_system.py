@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from sslight_dali.config import (Config, ConfigError, dump_config, load_config, save_config)
+from sslight_dali.config import Config, ConfigError, dump_config, save_config
+from sslight_dali.run_config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
 DINO_R18 = REPO / "configs" / "dino" / "resnet18_baseline.yaml"
@@ -233,7 +234,8 @@ def test_defaults_round_trip(tmp_path):
 
 
 def test_overriding_the_recipe_of_a_saved_config_reloads_it(tmp_path):
-    from sslight_dali.config import load_config, save_config
+    from sslight_dali.config import save_config
+    from sslight_dali.run_config import load_config
     saved = tmp_path / "config.yaml"
     save_config(load_config("configs/dino/resnet18_sslight.yaml"), saved)
     cfg = load_config(saved, ["data.recipe=pipelines/cnn_baseline.yaml"])
@@ -242,6 +244,7 @@ def test_overriding_the_recipe_of_a_saved_config_reloads_it(tmp_path):
 
 def test_swav_crops_for_assign_must_name_global_views():
     import pytest
-    from sslight_dali.config import ConfigError, load_config
+    from sslight_dali.config import ConfigError
+    from sslight_dali.run_config import load_config
     with pytest.raises(ConfigError, match="swav.crops_for_assign"):
         load_config("configs/swav/mobilenetv2_sslight.yaml", ["swav.crops_for_assign=[0,5]"])

@@ -8,7 +8,7 @@ import torchvision.transforms.functional as F
 from nvidia.dali import fn, pipeline_def, types
 
 from sslight_dali.augment import OPS
-from sslight_dali.config import load_config
+from sslight_dali.run_config import load_config
 from sslight_dali.data import dali_views as dv
 from sslight_dali.synth import make_image
 

@@ -1,10 +1,11 @@
-"""A new method is one module: this file defines a small BYOL-like method (config section, head, loss,
-teacher momentum, resume keys, parameter-group rule), registers it, and trains it with the real
-trainer, configs, checkpoints and resume, without any other file knowing about it."""
+"""A new method is one module: this file defines a small BYOL-like method (config section and its Config
+subclass, head, loss, teacher momentum, resume keys, parameter-group rule), registers it, and trains it
+with the real trainer, configs, checkpoints and resume, without any other file knowing about it.
+test_where_a_change_goes.py adds one to a copy of the package as README says."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
@@ -13,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sslight_dali import checkpoint as ckpt
-from sslight_dali.config import Config, ConfigError, dump_config, load_config, setting
+from sslight_dali.config import Config, ConfigError, dump_config, setting
+from sslight_dali.run_config import load_config
 from sslight_dali.methods import METHODS, MomentumTeacher, build_method, register_method
 from sslight_dali.methods.common import MultiCropNet, build_mlp, lambdas_weighting, momentum_copy
 from sslight_dali.models import build_backbone
@@ -29,17 +31,23 @@ class TinyByolCfg:
     momentum_teacher_end: float = setting(1.0, 0.0, 1.0)
 
 
-class TinyByol(MomentumTeacher):
+@dataclass
+class TinyByolConfig(Config):
+    method: str = "tiny_byol"
+    tiny_byol: TinyByolCfg = field(default_factory=TinyByolCfg)
+
+
+class TinyByol(MomentumTeacher[TinyByolConfig]):
     """Student crops predict the teacher's projection of the other global crop (2 - 2 cos)."""
+    global_views = 2
     resume_keys = ("dim",)
     backbone_keys = {"student": "student.backbone.", "teacher": "teacher.backbone."}
 
     @classmethod
-    def check_config(cls, cfg) -> None:
-        if cfg.recipe.global_.count != 2:
-            raise ConfigError("recipe.global.count: tiny_byol uses exactly 2 global views")
+    def momentum_range(cls, cfg: TinyByolConfig) -> tuple[float, float]:
+        return cfg.tiny_byol.momentum_teacher, cfg.tiny_byol.momentum_teacher_end
 
-    def __init__(self, cfg, num_classes: int):
+    def __init__(self, cfg: TinyByolConfig, num_classes: int):
         backbone = build_backbone(cfg.model.backbone)
         super().__init__(cfg, num_classes, backbone.num_features)
         dim = cfg.tiny_byol.dim
@@ -50,6 +58,9 @@ class TinyByol(MomentumTeacher):
     @property
     def backbone(self) -> nn.Module:
         return self.student.backbone
+
+    def ema_pair(self):
+        return self.teacher, self.student
 
     def param_group(self, name: str, p: torch.Tensor) -> str:
         return "not_regularized" if name.startswith("predictor.") else super().param_group(name, p)
@@ -72,9 +83,9 @@ class TinyByol(MomentumTeacher):
 @pytest.fixture(autouse=True, scope="module")
 def registered():
     """Register for this file's tests only (a module-level decorator, as a method module uses, would
-    run at collection and leave the section in every other test's configs, including those handed to
-    spawned processes that never import this file)."""
-    register_method("tiny_byol", config=TinyByolCfg)(TinyByol)
+    run at collection and make `tiny_byol` a valid key in every other test's configs, including those
+    handed to spawned processes that never import this file)."""
+    register_method("tiny_byol", config=TinyByolConfig)(TinyByol)
     yield
     METHODS.pop("tiny_byol")
 
@@ -91,9 +102,9 @@ def tiny_cfg(data_root, out, *extra):
 
 def test_registration_adds_the_config_section_and_choice():
     assert METHODS["tiny_byol"] is TinyByol and TinyByol.name == "tiny_byol"
-    assert Config().tiny_byol == TinyByolCfg()
+    assert TinyByolConfig().tiny_byol == TinyByolCfg()
     cfg = load_config(None, ["method=tiny_byol", "tiny_byol.dim=32"])
-    assert cfg.tiny_byol.dim == 32 and isinstance(cfg, Config)
+    assert cfg.tiny_byol.dim == 32 and isinstance(cfg, TinyByolConfig) and isinstance(cfg, Config)
     shown = dump_config(cfg)
     assert "tiny_byol:\n  dim: 32" in shown and "\ndino:" not in shown
     with pytest.raises(ConfigError, match=r"tiny_byol\.dimm.*tiny_byol\.dim"):
@@ -106,10 +117,15 @@ def test_registration_adds_the_config_section_and_choice():
     with pytest.raises(ConfigError, match="tiny_byol"):  # listed among the choices
         load_config(None, ["method=byol"])
     with pytest.raises(ValueError, match="already registered"):
-        register_method("tiny_byol", config=TinyByolCfg)(type("Other", (TinyByol,), {}))
+        register_method("tiny_byol", config=TinyByolConfig)(type("Other", (TinyByol,), {}))
     with pytest.raises(ValueError, match="not one of"):
-        register_method("optim", config=TinyByolCfg)
+        register_method("optim", config=TinyByolConfig)
     assert "optim" not in METHODS
+    with pytest.raises(TypeError, match="adds the one section 'byol'"):  # the section must carry the name
+        register_method("byol", config=TinyByolConfig)
+    with pytest.raises(TypeError, match="subclass of Config"):  # a bare section is not a config
+        register_method("tiny_byol2", config=TinyByolCfg)
+    assert "byol" not in METHODS and "tiny_byol2" not in METHODS
 
 
 def test_optimizer_groups_and_schedules_come_from_the_method():

@@ -30,7 +30,7 @@ def flag_overrides(args) -> list[str]:
 
 def run_one(args, extra: list[str] = (), label: str | None = None, kind: str | None = None) -> dict:
     """Load the config with the user's overrides, the flags and `extra` (in that order), run, record."""
-    from ..config import load_config
+    from ..run_config import load_config
     kind = kind or args.bench_command
     overrides = list(args.overrides) + flag_overrides(args) + list(extra)
     cfg = load_config(args.config, overrides)

@@ -115,7 +115,7 @@ def as_overrides(setting: dict) -> list[str]:
 
 
 def run_tune(args) -> dict:
-    from ..config import load_config
+    from ..run_config import load_config
     from ..data import DataError, PipelinesDoNotFit
     from ..data.base import resolve_device
     from ..data.build import resolve_pipelines
