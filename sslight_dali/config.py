@@ -322,7 +322,7 @@ def all_keys(cls: type, prefix: str = "") -> list[str]:
     keys = []
     for name, f in _fields(cls).items():
         t = _resolved_type(cls, f)
-        if dataclasses.is_dataclass(t):
+        if isinstance(t, type) and dataclasses.is_dataclass(t):
             keys += all_keys(t, f"{prefix}{name}.")
         else:
             keys.append(f"{prefix}{name}")
@@ -411,7 +411,7 @@ def from_dict(cls: type[T], data: Any, path: str = "", others: dict[str, type] |
             raise ConfigError(f"unknown key '{path}{key}'{suggest(key, [*fields, *others])}")
         f = fields[key]
         tp = _resolved_type(cls, f)
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
             kwargs[f.name] = _section(tp, default, value, f"{path}{key}.")
         else:

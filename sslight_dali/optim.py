@@ -76,7 +76,7 @@ class LARS(torch.optim.Optimizer):
         return state["mu"]
 
 
-def _trust_ratio_(dps: list[torch.Tensor], params: list[torch.Tensor], eta: float) -> None:
+def _trust_ratio_(dps: tuple[torch.Tensor, ...], params: list[torch.Tensor], eta: float) -> None:
     p_norm = torch.stack(torch._foreach_norm(params))
     d_norm = torch.stack(torch._foreach_norm(dps))
     ratio = torch.where((p_norm > 0) & (d_norm > 0), eta * p_norm / d_norm, torch.ones_like(p_norm))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, Sequence, TypeVar, cast
 
 import numpy as np
 import torch
@@ -108,11 +108,21 @@ def resolution_groups(crops: list[torch.Tensor]) -> list[tuple[int, int]]:
     return bounds
 
 
-class MultiCropNet(nn.Module):
+H = TypeVar("H", bound=nn.Module)
+
+
+def feature_dim(backbone: nn.Module) -> int:
+    """The pooled feature size of a models.build_backbone backbone (timm's int `num_features`, which
+    nn.Module's attribute typing cannot know)."""
+    return cast(int, backbone.num_features)
+
+
+class MultiCropNet(nn.Module, Generic[H]):
     """Backbone + head on a list of crops: one backbone pass per resolution group (so backbone
     BN sees each resolution separately), one head pass on all embeddings (head BN sees them mixed)."""
+    head: H
 
-    def __init__(self, backbone: nn.Module, head: nn.Module):
+    def __init__(self, backbone: nn.Module, head: H):
         super().__init__()
         self.backbone = backbone
         self.head = head
@@ -122,7 +132,7 @@ class MultiCropNet(nn.Module):
         return feats, self.head(feats)
 
 
-def momentum_copy(net: MultiCropNet, backbone_name: str) -> MultiCropNet:
+def momentum_copy(net: MultiCropNet[H], backbone_name: str) -> MultiCropNet[H]:
     """Gradient-free twin of `net` (DINO teacher, MoCo key encoder): same weights, no drop path."""
     twin = MultiCropNet(build_backbone(backbone_name, drop_path_rate=0.0), copy.deepcopy(net.head))
     twin.load_state_dict(net.state_dict())
@@ -143,11 +153,12 @@ def lambdas_weighting(gg: list[torch.Tensor], gl: list[torch.Tensor], lambdas):
     return alpha * gg_mean + beta * gl_mean, gg_mean, gl_mean
 
 
-def swapped_prediction_loss(targets: dict[int, torch.Tensor], log_probs: list[torch.Tensor],
+def swapped_prediction_loss(targets: dict[int, torch.Tensor], log_probs: Sequence[torch.Tensor],
                             lambdas, num_global: int = 2):
     """DINO/SwAV cross-view CE: for each target crop iq and each other crop v,
     mean_b sum_k -q_iq * log p_v. A pair is global-global when both indices are < num_global."""
-    gg, gl = [], []
+    gg: list[torch.Tensor] = []
+    gl: list[torch.Tensor] = []
     for iq, q in targets.items():
         for v, logp in enumerate(log_probs):
             if v == iq:
@@ -164,8 +175,8 @@ def swapped_prediction_loss(targets: dict[int, torch.Tensor], log_probs: list[to
 def ema_update_(target: nn.Module, source: nn.Module, momentum: float) -> None:
     """target <- m * target + (1 - m) * source over parameters only: BN running stats of the
     target come from its own train-mode forwards (reference src/sslight/engine/dino_trainer.py:85-89)."""
-    t = list(target.parameters())
-    s = list(source.parameters())
+    t: list[torch.Tensor] = list(target.parameters())
+    s: list[torch.Tensor] = list(source.parameters())
     assert len(t) == len(s), "EMA pair must have the same architecture"
     torch._foreach_mul_(t, momentum)
     torch._foreach_add_(t, s, alpha=1.0 - momentum)

@@ -12,8 +12,8 @@ from torch import nn
 from ..config import Config
 from ..models import build_backbone
 from ..settings import setting
-from .common import (MomentumTeacher, MultiCropNet, all_reduce_sum_, build_mlp, float32, momentum_copy,
-                     scalar, swapped_prediction_loss, trunc_normal_init_, world_size)
+from .common import (MomentumTeacher, MultiCropNet, all_reduce_sum_, build_mlp, feature_dim, float32,
+                     momentum_copy, scalar, swapped_prediction_loss, trunc_normal_init_, world_size)
 from .registry import register_method
 
 
@@ -85,6 +85,7 @@ class DINO(MomentumTeacher[DinoConfig]):
     global_views: int = 2
     resume_keys = ("out_dim", "hidden_dim", "bottleneck_dim", "num_layers", "use_bn_in_head", "norm_last_layer")
     backbone_keys = {"student": "student.backbone.", "teacher": "teacher.backbone."}
+    center: torch.Tensor  # a buffer: the EMA of the teacher's mean output
 
     @classmethod
     def momentum_range(cls, cfg: DinoConfig) -> tuple[float, float]:
@@ -93,8 +94,8 @@ class DINO(MomentumTeacher[DinoConfig]):
     def __init__(self, cfg: DinoConfig, num_classes: int):
         c = cfg.dino
         backbone = build_backbone(cfg.model.backbone, cfg.model.drop_path_rate)
-        super().__init__(cfg, num_classes, backbone.num_features)
-        self.student = MultiCropNet(backbone, DINOHead(backbone.num_features, c))
+        super().__init__(cfg, num_classes, feature_dim(backbone))
+        self.student = MultiCropNet(backbone, DINOHead(feature_dim(backbone), c))
         self.teacher = momentum_copy(self.student, cfg.model.backbone)
         # The center lives with the model so that state_dict() resumes it.
         self.register_buffer("center", torch.zeros(1, c.out_dim))

@@ -12,7 +12,7 @@ from ..config import Config
 from ..models import build_backbone
 from ..settings import setting
 from .common import (HeadCfg, MomentumTeacher, MultiCropNet, all_gather_cat, broadcast_from_rank0_, build_mlp,
-                     float32, lambdas_weighting, momentum_copy, trunc_normal_init_)
+                     feature_dim, float32, lambdas_weighting, momentum_copy, trunc_normal_init_)
 from .registry import register_method
 
 
@@ -37,6 +37,8 @@ class MoCo(MomentumTeacher[MocoConfig]):
     keys are computed (the query encoder does not change in between)."""
     resume_keys = ("out_dim", "hidden_dim", "num_layers", "use_bn_in_head", "queue_length")
     backbone_keys = {"student": "encoder_q.backbone.", "teacher": "encoder_k.backbone."}
+    queue: torch.Tensor         # buffers: the key queue [dim, length], its write position
+    queue_ptr: torch.Tensor
 
     @classmethod
     def momentum_range(cls, cfg: MocoConfig) -> tuple[float, float]:
@@ -45,8 +47,8 @@ class MoCo(MomentumTeacher[MocoConfig]):
     def __init__(self, cfg: MocoConfig, num_classes: int):
         c = cfg.moco
         backbone = build_backbone(cfg.model.backbone, cfg.model.drop_path_rate)
-        super().__init__(cfg, num_classes, backbone.num_features)
-        head = build_mlp(backbone.num_features, c.hidden_dim, c.out_dim, c.num_layers, c.use_bn_in_head, nn.ReLU)
+        super().__init__(cfg, num_classes, feature_dim(backbone))
+        head = build_mlp(feature_dim(backbone), c.hidden_dim, c.out_dim, c.num_layers, c.use_bn_in_head, nn.ReLU)
         trunc_normal_init_(head)
         self.encoder_q = MultiCropNet(backbone, head)
         self.encoder_k = momentum_copy(self.encoder_q, cfg.model.backbone)

@@ -11,8 +11,8 @@ from torch import nn
 from ..config import Config
 from ..models import reference_conv_bn_init_, build_backbone
 from ..settings import ConfigError, setting, setting_list
-from .common import (HeadCfg, MultiCropNet, SSLMethod, all_reduce_sum_, build_mlp, float32, scalar,
-                     swapped_prediction_loss, world_size)
+from .common import (HeadCfg, MultiCropNet, SSLMethod, all_reduce_sum_, build_mlp, feature_dim, float32,
+                     scalar, swapped_prediction_loss, world_size)
 from .registry import register_method
 
 
@@ -87,6 +87,8 @@ class SwAV(SSLMethod[SwavConfig]):
     global_views = 2
     resume_keys = ("out_dim", "hidden_dim", "num_layers", "use_bn_in_head", "num_prototypes", "queue_length")
     backbone_keys = {"student": "network.backbone.", "teacher": "network.backbone."}  # one network
+    queue: torch.Tensor         # buffers: the queue of each crop in crops_for_assign, its fill count
+    queue_filled: torch.Tensor
 
     @classmethod
     def check_config(cls, cfg: SwavConfig) -> None:
@@ -99,8 +101,8 @@ class SwAV(SSLMethod[SwavConfig]):
     def __init__(self, cfg: SwavConfig, num_classes: int):
         c = cfg.swav
         backbone = build_backbone(cfg.model.backbone, cfg.model.drop_path_rate)
-        super().__init__(cfg, num_classes, backbone.num_features)
-        self.network = MultiCropNet(backbone, SwAVHead(backbone.num_features, c))
+        super().__init__(cfg, num_classes, feature_dim(backbone))
+        self.network = MultiCropNet(backbone, SwAVHead(feature_dim(backbone), c))
         swav_init_(self)
         self.temperature, self.epsilon, self.iterations = c.temperature, c.epsilon, c.sinkhorn_iterations
         self.crops_for_assign = list(c.crops_for_assign)
