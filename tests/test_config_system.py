@@ -248,3 +248,37 @@ def test_swav_crops_for_assign_must_name_global_views():
     from sslight_dali.run_config import load_config
     with pytest.raises(ConfigError, match="swav.crops_for_assign"):
         load_config("configs/swav/mobilenetv2_sslight.yaml", ["swav.crops_for_assign=[0,5]"])
+
+
+# ------------------------------------------------------------------------------------------ methods' sections
+def test_a_config_holding_every_methods_section_loads_as_its_method(tmp_path):
+    # Every method's section is a valid key in any config (a checkpoint may hold dino, swav and moco):
+    # each other method's section is checked against its dataclass, then dropped.
+    import dataclasses
+
+    import yaml
+
+    from sslight_dali.config import FIXED_FIELDS, to_dict
+    from sslight_dali.methods.dino import DinoCfg
+    from sslight_dali.methods.moco import MocoCfg
+    from sslight_dali.methods.swav import SwavConfig
+    from sslight_dali.run_config import config_from_dict
+
+    swav = load_config("configs/swav/resnet18_sslight.yaml")
+    full = {**to_dict(swav), "dino": to_dict(DinoCfg()), "moco": {"temperature": 0.3}}
+    p = tmp_path / "old.yaml"
+    p.write_text(yaml.safe_dump(full, sort_keys=False))
+    cfg = load_config(p)
+    assert type(cfg) is SwavConfig and cfg == swav == config_from_dict(full)
+    shown = dump_config(cfg)
+    assert shown == dump_config(swav) and "\ndino:" not in shown and "\nmoco:" not in shown
+    with pytest.raises(ConfigError, match=r"old.yaml: dino\.out_dim: 0 is out of range"):
+        p.write_text(yaml.safe_dump({**full, "dino": {"out_dim": 0}}))
+        load_config(p)
+    with pytest.raises(ConfigError, match=r"unknown key 'moco\.temprature' \(did you mean 'temperature'\?\)"):
+        config_from_dict({**full, "moco": {"temprature": 0.3}})
+    assert "out of range" in _error(overrides=["method=swav", "moco.temperature=0"])  # an override, too
+    # The base class is the same class it was declared as: no section added to it, none invented.
+    assert tuple(f.name for f in dataclasses.fields(Config)) == FIXED_FIELDS
+    assert FIXED_FIELDS == ("method", "model", "optim", "train", "data", "eval", "recipe")
+    assert not hasattr(Config(), "dino") and not hasattr(Config, "__getattr__")
