@@ -25,8 +25,9 @@ probability), then normalization. An entry holds everything about its op:
 
 Adding an op: its knobs dataclass added to the bases of OpKnobs, and one entry in OPS (the knobs
 appear in every config and in `sslight config show`, the op in both backends, the viewer and bench's
-ablations), plus its parity test (README "Where a change goes"; tests/test_augment_table.py does it). DALI is imported only inside
-the DALI implementations, so importing this module (config.py does) needs neither DALI nor torch.
+ablations), plus its parity test (README "Where a change goes"; tests/test_augment_table.py does it).
+DALI is imported only inside the DALI implementations, so importing this module (config.py does)
+needs neither DALI nor torch.
 """
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ class ColorJitterKnobs:
     hue: float = setting(0.1, 0.0, 0.5, "torchvision hue factor; DALI gets U(-360h, 360h) degrees")
     jitter_order: Literal["random", "fixed"] = setting(
         "fixed", help="fixed = brightness, contrast, saturation, hue; random = a per-sample order, as torchvision "
-                      "(4.4x slower DALI GPU pipeline on H100: per-slot conditionals)")
+                      "(much slower DALI GPU pipeline: per-slot conditionals; bench/README.md)")
 
 
 @dataclass

@@ -28,6 +28,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 from .augment import OpKnobs, ViewOpKnobs
+from .files import atomic_write
 from .settings import ConfigError, setting, setting_list
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -562,5 +563,4 @@ def dump_config(cfg: Config) -> str:
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
-    from .files import atomic_write
     atomic_write(path, dump_config(cfg))
