@@ -44,7 +44,7 @@ def override_strings(overrides) -> list[str]:
 def train(config, overrides=None) -> dict:
     """Pre-train (`sslight train CONFIG`); returns the run's summary. `config`: a shipped name or a YAML path."""
     # light: each function imports what it runs (torch, DALI), so `import sslight_dali.api` stays light
-    from .config import load_config
+    from .run_config import load_config
     from .train import train as run
     return run(load_config(config, override_strings(overrides)))
 

@@ -1,10 +1,13 @@
 """The augmentation-op table: every optional op of a view, one entry each.
 
 A view is a random resized crop, then the ops below in table order (each with its own probability),
-then normalization. An entry holds everything about its op: `knobs` (its recipe fields, from which
-config.py builds `recipe.augment` and the per-view lists of `recipe.global`/`recipe.local`), `record`
-(the debug-record fields it fills, for `sslight views` and the parity tests), `name` (its ablation
-name in `sslight bench pipeline --profile-ops`), `torch` (the torchvision/PIL implementation,
+then normalization. An entry holds everything about its op: `knobs` (the dataclass of its recipe
+fields, one value for all views: a base of `OpKnobs`, which config.py's `Augment` inherits),
+`view_knobs` (the dataclass of its per-view probability lists: a base of `ViewOpKnobs`, which
+`recipe.global`/`recipe.local` inherit; each kind's defaults are in config.py's GlobalViews and
+LocalViews, each view's value in ViewSpec), `prob` (the knob that switches it off at 0), `record` (the
+debug-record fields it fills, for `sslight views` and the parity tests), `name` (its ablation name in
+`sslight bench pipeline --profile-ops`), `torch` (the torchvision/PIL implementation,
 src/data/transforms.py:45-111) and `dali`, whose signature depends on `stage`, where the DALI graph
 (data/dali_views.py) runs it:
     "mirror": folded into the final crop_mirror_normalize (the ops between are pointwise or
@@ -16,16 +19,21 @@ src/data/transforms.py:45-111) and `dali`, whose signature depends on `stage`, w
     "pixel":  on each view after the colour pass. dali(img, view, aug) -> (img, record).
 A record value is a float or a DataNode (per sample, or per frame [n] for colour ops).
 
-Adding an op is one entry in OPS plus its parity test. config.py imports this module, so torch,
-torchvision and DALI are imported by the implementations when they run.
+Adding an op: its knobs dataclass added to the bases of OpKnobs (or ViewOpKnobs), one entry in OPS,
+and its parity test (README "Where a change goes"; tests/data/test_augment_table.py does it).
+config.py imports this module, so torch, torchvision and DALI are imported by the implementations
+when they run.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
 from PIL import ImageFilter, ImageOps
+
+from .settings import setting, setting_list
 
 # A view's record fields that no op owns: its crop window and source size.
 FRAME_FIELDS = ("crop_y", "crop_x", "crop_h", "crop_w", "image_h", "image_w")
@@ -33,59 +41,106 @@ JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
 IDENTITY = {"brightness": 1.0, "contrast": 1.0, "saturation": 1.0, "hue": 0.0}
 
 
-@dataclass(frozen=True)
-class Knob:
-    """A recipe field of an op. scope "augment": one value for every view, `default` a value; scope
-    "view": a list with one probability per view (or one for all), `default` {"global": [...],
-    "local": [...]}. `prob`: a probability that switches the op off at 0 (ablations set it so)."""
-    name: str
-    type: Any
-    default: Any
-    lo: float | None = None
-    hi: float | None = None
-    help: str = ""
-    scope: Literal["augment", "view"] = "augment"
-    prob: bool = False
+def per_view(help: str) -> Any:
+    """A per-view probability list (one per view, or one for all) without a default: each kind of view
+    group states its own (config.GlobalViews, config.LocalViews)."""
+    return field(metadata={"help": help})
+
+
+# --- each op's knobs (recipe fields); an op's entry in OPS names its classes ---------------------
+@dataclass
+class FlipKnobs:
+    flip_p: float = setting(0.5, 0.0, 1.0, "horizontal flip probability")
+
+
+@dataclass
+class ColorJitterKnobs:
+    jitter_p: float = setting(0.8, 0.0, 1.0, "colour-jitter probability")
+    brightness: float = setting(0.4, 0.0, 10.0)
+    contrast: float = setting(0.4, 0.0, 10.0)
+    saturation: float = setting(0.2, 0.0, 10.0)
+    hue: float = setting(0.1, 0.0, 0.5, "torchvision hue factor; DALI gets U(-360h, 360h) degrees")
+    jitter_order: Literal["random", "fixed"] = setting(
+        "fixed", help="fixed = brightness, contrast, saturation, hue; random = a per-sample order, as torchvision "
+                      "(much slower DALI GPU pipeline: per-slot conditionals; bench/README.md)")
+
+
+@dataclass
+class GrayscaleKnobs:
+    grayscale_p: float = setting(0.2, 0.0, 1.0, "grayscale probability (ITU-R 601 luma)")
+
+
+@dataclass
+class BlurKnobs:
+    blur_sigma: list[float] = setting_list([0.1, 2.0], "sigma ~ U(min, max), PIL GaussianBlur radius")
+
+
+@dataclass
+class BlurViewKnobs:
+    blur_p: list[float] = per_view("Gaussian-blur probability: one per view, or one for all")
+
+
+@dataclass
+class SolarizeKnobs:
+    solarize_threshold: int = setting(128, 0, 256, "pixels >= threshold are inverted")
+
+
+@dataclass
+class SolarizeViewKnobs:
+    solarize_p: list[float] = per_view("solarize probability: one per view, or one for all")
+
+
+# The bases in reverse table order: a dataclass takes its fields base by base from the last base to the
+# first, so `recipe.augment` lists them in table order.
+@dataclass
+class OpKnobs(SolarizeKnobs, BlurKnobs, GrayscaleKnobs, ColorJitterKnobs, FlipKnobs):
+    """Every op's one-for-all-views knobs: config.Augment inherits them (`recipe.augment`)."""
+
+
+@dataclass
+class ViewOpKnobs(SolarizeViewKnobs, BlurViewKnobs):
+    """Every op's per-view probability lists, without defaults: config.ViewGroup inherits them."""
 
 
 @dataclass(frozen=True)
 class Op:
     name: str
     stage: Literal["mirror", "colour", "pixel"]
-    knobs: tuple[Knob, ...]
+    knobs: type                # its dataclass of one-for-all-views knobs, a base of OpKnobs
+    prob: str                  # the knob that switches the op off at 0 (ablations set it so)
     record: tuple[str, ...]
     torch: Callable
     dali: Callable
     label: Callable[[dict], str | None]
     dali_view: Callable | None = None
+    view_knobs: type | None = None  # its dataclass of per-view probability lists, a base of ViewOpKnobs
+
+    def knob_names(self) -> list[str]:
+        return [f.name for cls in (self.knobs, self.view_knobs) if cls is not None for f in dataclasses.fields(cls)]
+
+    def per_view(self) -> bool:
+        """Whether the op's probability is a per-view list (recipe.global / recipe.local)."""
+        return self.view_knobs is not None and self.prob in {f.name for f in dataclasses.fields(self.view_knobs)}
 
     def off(self) -> list[str]:
         """Config overrides that take the op out (an op with probability 0 is not in the DALI graph)."""
-        out = []
-        for k in self.knobs:
-            if k.prob:
-                out += [f"recipe.augment.{k.name}=0"] if k.scope == "augment" else \
-                    [f"recipe.global.{k.name}=[0]", f"recipe.local.{k.name}=[0]"]
-        return out
+        if self.per_view():
+            return [f"recipe.global.{self.prob}=[0]", f"recipe.local.{self.prob}=[0]"]
+        return [f"recipe.augment.{self.prob}=0"]
 
     def disable(self, recipe) -> None:
         """Set the op's probabilities in `recipe` to 0, in place (the object form of off())."""
-        for k in self.knobs:
-            if k.prob and k.scope == "augment":
-                setattr(recipe.augment, k.name, 0.0)
-            elif k.prob:
-                for g in (recipe.global_, recipe.local):
-                    setattr(g, k.name, [0.0])
+        if self.per_view():
+            for g in (recipe.global_, recipe.local):
+                setattr(g, self.prob, [0.0])
+        else:
+            setattr(recipe.augment, self.prob, 0.0)
 
     def used(self, recipe) -> bool:
         """Whether any view of `recipe` may apply the op."""
-        for k in self.knobs:
-            if k.prob and k.scope == "augment" and getattr(recipe.augment, k.name) <= 0:
-                return False
-            if k.prob and k.scope == "view" and not any(
-                    p > 0 for g in (recipe.global_, recipe.local) if g.count for p in getattr(g, k.name)):
-                return False
-        return True
+        if self.per_view():
+            return any(p > 0 for g in (recipe.global_, recipe.local) if g.count for p in getattr(g, self.prob))
+        return getattr(recipe.augment, self.prob) > 0
 
 
 # --- torchvision/PIL implementations (the reference's order: crop, flip, jitter, gray, blur, solarize) ---
@@ -256,35 +311,19 @@ def _solarize_dali(img, view, aug):
 
 # --- the table ------------------------------------------------------------------------------------
 OPS: list[Op] = [
-    Op("flip", "mirror",
-       (Knob("flip_p", float, 0.5, 0.0, 1.0, "horizontal flip probability", prob=True),),
+    Op("flip", "mirror", FlipKnobs, prob="flip_p",
        record=("flip",), torch=_flip_torch, dali=_flip_dali, label=lambda r: "flip" if r["flip"] else None),
-    Op("color_jitter", "colour", (
-        Knob("jitter_p", float, 0.8, 0.0, 1.0, "colour-jitter probability", prob=True),
-        Knob("brightness", float, 0.4, 0.0, 10.0),
-        Knob("contrast", float, 0.4, 0.0, 10.0),
-        Knob("saturation", float, 0.2, 0.0, 10.0),
-        Knob("hue", float, 0.1, 0.0, 0.5, "torchvision hue factor; DALI gets U(-360h, 360h) degrees"),
-        Knob("jitter_order", Literal["random", "fixed"], "fixed",
-             help="fixed = brightness, contrast, saturation, hue; random = a per-sample order, as torchvision "
-                  "(much slower DALI GPU pipeline: per-slot conditionals; bench/README.md)")),
+    Op("color_jitter", "colour", ColorJitterKnobs, prob="jitter_p",
        record=("jitter", "brightness", "contrast", "saturation", "hue_deg", "jitter_perm"),
        torch=_jitter_torch, dali=_jitter_dali, dali_view=_jitter_dali_view,
        label=lambda r: "jit" if r["jitter"] else None),
-    Op("grayscale", "colour",
-       (Knob("grayscale_p", float, 0.2, 0.0, 1.0, "grayscale probability (ITU-R 601 luma)", prob=True),),
+    Op("grayscale", "colour", GrayscaleKnobs, prob="grayscale_p",
        record=("gray",), torch=_gray_torch, dali=_gray_dali, dali_view=_gray_dali_view,
        label=lambda r: "gray" if r["gray"] else None),
-    Op("gaussian_blur", "pixel", (
-        Knob("blur_p", list[float], {"global": [1.0, 0.1], "local": [0.5]},
-             help="Gaussian-blur probability: one per view, or one for all", scope="view", prob=True),
-        Knob("blur_sigma", list[float], [0.1, 2.0], help="sigma ~ U(min, max), PIL GaussianBlur radius")),
+    Op("gaussian_blur", "pixel", BlurKnobs, view_knobs=BlurViewKnobs, prob="blur_p",
        record=("blur_sigma",), torch=_blur_torch, dali=_blur_dali,
        label=lambda r: f"blur{r['blur_sigma']:.1f}" if r["blur_sigma"] > 0 else None),
-    Op("solarize", "pixel", (
-        Knob("solarize_p", list[float], {"global": [0.0, 0.2], "local": [0.0]},
-             help="solarize probability: one per view, or one for all", scope="view", prob=True),
-        Knob("solarize_threshold", int, 128, 0, 256, "pixels >= threshold are inverted")),
+    Op("solarize", "pixel", SolarizeKnobs, view_knobs=SolarizeViewKnobs, prob="solarize_p",
        record=("solarize",), torch=_solarize_torch, dali=_solarize_dali,
        label=lambda r: "sol" if r["solarize"] else None),
 ]
@@ -295,10 +334,6 @@ def record_fields() -> tuple[str, ...]:
     return tuple(f for op in OPS for f in op.record) + FRAME_FIELDS
 
 
-def knobs(scope: str) -> list[Knob]:
-    return [k for op in OPS for k in op.knobs if k.scope == scope]
-
-
 def ablations() -> dict[str, list[str]]:
     """Ablation name -> the overrides that take that op out, for every op in the table."""
     return {op.name: op.off() for op in OPS}
@@ -307,15 +342,3 @@ def ablations() -> dict[str, list[str]]:
 def ops_label(rec: dict) -> str:
     """The ops a view's record says were applied, short (the viewer's caption)."""
     return " ".join(s for s in (op.label(rec) for op in OPS) if s) or "-"
-
-
-def knob_field(k: Knob, group: str | None):
-    """The dataclass field for a knob (config.py); `group` (global or local) picks a per-view knob's
-    default, and None gives it none."""
-    meta = {"range": (k.lo, k.hi), "help": k.help}
-    if k.scope == "view" and group is None:
-        return field(metadata=meta)
-    default = k.default[group] if k.scope == "view" else k.default
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
-    return field(default=default, metadata=meta)

@@ -23,7 +23,8 @@ OVERRIDES_HELP = "overrides as key.sub=value (e.g. train.batch_size=64 data.root
 
 
 def _config_show(args) -> int:
-    from .config import dump_config, load_config  # light: each command's modules load when it runs
+    from .config import dump_config  # light: each command's modules load when it runs
+    from .run_config import load_config  # light: as above
     print(dump_config(load_config(args.config, args.overrides)), end="")
     return 0
 

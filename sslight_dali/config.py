@@ -7,10 +7,12 @@ the recipe's contents are merged into the `recipe` section, so a resolved config
 and is what a run saves. Command-line overrides are applied last and may reach into the recipe
 (`recipe.local.size=96`).
 
-Every default lives in the dataclasses below, except each method's own section (`dino`, `swav`,
-`moco`), which lives in the method's module and joins `Config` when the method registers
-(sslight_dali/methods/registry.py). Validation is driven by the type annotations and by
-`field(metadata=...)` ranges/choices, so a wrong key or value names itself.
+Every field is declared in a dataclass: the sections every run has in `Config` below, the ops' knobs
+in sslight_dali/augment.py (composed into `Augment` and `ViewGroup` by inheritance), and each method's
+own section (`dino`, `swav`, `moco`) in the method's module, with a `Config` subclass that holds it
+(DinoConfig). Loading picks that subclass by the `method` key (run_config.py, above the method
+registry). Validation is driven by the type annotations and by `field(metadata=...)` ranges/choices,
+so a wrong key or value names itself.
 """
 from __future__ import annotations
 
@@ -21,12 +23,14 @@ import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 
-from .augment import knob_field, knobs
+from .augment import OpKnobs, ViewOpKnobs
 from .backbones import BACKBONES
+from .files import atomic_write
+from .settings import ConfigError, setting, setting_list
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_ROOT = PACKAGE_DIR.parent
@@ -34,54 +38,21 @@ IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
 
-class ConfigError(ValueError):
-    """A config file, key or value is wrong; the message names it."""
-
-
-def _range(lo=None, hi=None, **extra):
-    return {"range": (lo, hi), **extra}
-
-
-def setting(default, lo=None, hi=None, help=""):
-    """A config field with an allowed range [lo, hi] (checked on load) and a help text."""
-    return field(default=default, metadata={**_range(lo, hi), "help": help})
-
-
-def setting_list(default, help=""):
-    """A list-valued config field (a scalar given for it becomes a one-item list)."""
-    return field(default_factory=lambda: list(default), metadata={"help": help})
-
-
-_f, _list = setting, setting_list  # short names for the tables below
-
-
 # --------------------------------------------------------------------------------------------
 # View-sampling recipe (the paper's contribution, as data)
 # --------------------------------------------------------------------------------------------
-def _add_knobs(cls, scope: str, before: str | None = None, frozen: bool = False, kind: str | None = None):
-    """Make `cls` a dataclass with the op table's knobs of `scope` (sslight_dali/augment.py) added to
-    its own fields, before the field `before` (at the end if None). A per-view knob's default is the
-    op table's for `kind` (global or local); without a kind it has none (ViewGroup, and the frozen
-    ViewSpec, which gets no field metadata either)."""
-    own = dict(cls.__annotations__)
-    names = list(own)
-    at = names.index(before) if before else len(names)
-    added = knobs(scope)
-    cls.__annotations__ = {**{n: own[n] for n in names[:at]}, **{k.name: k.type for k in added},
-                           **{n: own[n] for n in names[at:]}}
-    if not frozen:
-        for k in added:
-            setattr(cls, k.name, knob_field(k, kind))
-    return dataclass(frozen=frozen)(cls)
-
-
-class ViewGroup:
-    """`count` crops of one resolution; the ops' per-view probabilities (blur_p, solarize_p, ...), one
-    per view or one for all. No defaults (the kinds differ in all of them): build a GlobalViews or a
-    LocalViews, or give every field."""
+@dataclass
+class ViewGeometry:
     count: int
     size: int
     scale: list[float]
+
+
+@dataclass
+class ViewGroup(ViewOpKnobs, ViewGeometry):
+    """`count` crops of one resolution; the ops' per-view probabilities (blur_p, solarize_p, ...,
+    from augment.ViewOpKnobs), one per view or one for all. No defaults (the kinds differ in all of
+    them): build a GlobalViews or a LocalViews, or give every field."""
 
     def per_view(self, values: list[float], name: str) -> list[float]:
         if len(values) == 1:
@@ -92,55 +63,61 @@ class ViewGroup:
         return list(values)
 
 
-class Augment:
-    """Settings shared by every view (reference: src/data/transforms.py:45-80): the crop's aspect ratios
-    and resampling, each op's knobs (from the op table, sslight_dali/augment.py), the normalization."""
-    ratio: list[float] = _list([3 / 4, 4 / 3], "RandomResizedCrop aspect-ratio range")
+@dataclass
+class CropSettings:
+    ratio: list[float] = setting_list([3 / 4, 4 / 3], "RandomResizedCrop aspect-ratio range")
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"
-    mean: list[float] = _list(IMAGENET_MEAN)
-    std: list[float] = _list(IMAGENET_STD)
 
 
+@dataclass
+class Augment(OpKnobs, CropSettings):
+    """Settings shared by every view (reference: src/data/transforms.py:45-80), in this order: the
+    crop's aspect ratios and resampling, each op's knobs (augment.OpKnobs), the normalization."""
+    mean: list[float] = setting_list(IMAGENET_MEAN)
+    std: list[float] = setting_list(IMAGENET_STD)
+
+
+@dataclass(frozen=True)
 class ViewSpec:
-    """One output view: its group's geometry and, for each op with per-view probabilities, this view's
-    (e.g. blur_p). The settings shared by all views are in `Recipe.augment`."""
+    """One output view: its group's geometry and this view's value of each per-view probability list
+    (augment.ViewOpKnobs: test_augment_table checks that the two agree). The settings shared by all
+    views are in `Recipe.augment`."""
     kind: Literal["global", "local"]
     index: int
     size: int
     scale: tuple
+    blur_p: float
+    solarize_p: float
 
     @property
     def name(self) -> str:
         return f"{self.kind}{self.index + 1}"
 
 
-ViewGroup = _add_knobs(ViewGroup, "view")
-Augment = _add_knobs(Augment, "augment", before="mean")
-ViewSpec = _add_knobs(ViewSpec, "view", frozen=True)
-
-
 _SIZE_HELP = "output side in pixels"
 _SCALE_HELP = "RandomResizedCrop area fraction range [min, max]"
 
 
+@dataclass
 class GlobalViews(ViewGroup):
-    """`recipe.global`: the SSLight global views, with the op table's global-view probabilities
-    (blur [1.0, 0.1], solarize [0.0, 0.2]: view 1 always blurred, view 2 sometimes solarized)."""
-    count: int = _f(2, 0, 64)
-    size: int = _f(224, 8, 1024, _SIZE_HELP)
-    scale: list[float] = _list([0.3, 1.0], _SCALE_HELP)
+    """`recipe.global`: the SSLight global views, with their per-view probabilities (blur [1.0, 0.1],
+    solarize [0.0, 0.2]: view 1 always blurred, view 2 sometimes solarized)."""
+    count: int = setting(2, 0, 64)
+    size: int = setting(224, 8, 1024, _SIZE_HELP)
+    scale: list[float] = setting_list([0.3, 1.0], _SCALE_HELP)
+    blur_p: list[float] = setting_list([1.0, 0.1])
+    solarize_p: list[float] = setting_list([0.0, 0.2])
 
 
+@dataclass
 class LocalViews(ViewGroup):
-    """`recipe.local`: the SSLight local views, with the op table's local-view probabilities (blur
-    0.5, no solarize)."""
-    count: int = _f(6, 0, 64)
-    size: int = _f(128, 8, 1024, _SIZE_HELP)
-    scale: list[float] = _list([0.05, 0.3], _SCALE_HELP)
-
-
-GlobalViews = _add_knobs(GlobalViews, "view", kind="global")
-LocalViews = _add_knobs(LocalViews, "view", kind="local")
+    """`recipe.local`: the SSLight local views, with their per-view probabilities (blur 0.5, no
+    solarize)."""
+    count: int = setting(6, 0, 64)
+    size: int = setting(128, 8, 1024, _SIZE_HELP)
+    scale: list[float] = setting_list([0.05, 0.3], _SCALE_HELP)
+    blur_p: list[float] = setting_list([0.5])
+    solarize_p: list[float] = setting_list([0.0])
 
 
 @dataclass
@@ -149,18 +126,19 @@ class Recipe:
     global_: GlobalViews = field(default_factory=GlobalViews)
     local: LocalViews = field(default_factory=LocalViews)
     augment: Augment = field(default_factory=Augment)
-    loss_weights: list[float] = _list([0.4, 0.6], "LAMBDAS: weight of mean(global-global) and "
-                                      "mean(global-local) pair losses")
+    loss_weights: list[float] = setting_list([0.4, 0.6], "LAMBDAS: weight of mean(global-global) and "
+                                             "mean(global-local) pair losses")
 
-    def views(self) -> list["ViewSpec"]:
+    def views(self) -> list[ViewSpec]:
         """Every view in output order: [global 1, global 2, local 1..N]."""
         out = []
-        for kind, group in (("global", self.global_), ("local", self.local)):
-            probs = {k.name: group.per_view(getattr(group, k.name), f"recipe.{_yaml_key(kind)}.{k.name}")
-                     for k in knobs("view")}
+        kinds: list[tuple[Literal["global", "local"], ViewGroup]] = [("global", self.global_), ("local", self.local)]
+        for kind, group in kinds:
+            probs = {f.name: group.per_view(getattr(group, f.name), f"recipe.{kind}.{f.name}")
+                     for f in dataclasses.fields(ViewOpKnobs)}
             for i in range(group.count):
-                out.append(ViewSpec(kind=kind, index=i, size=group.size, scale=tuple(group.scale),
-                                    **{name: p[i] for name, p in probs.items()}))
+                per_view: dict[str, Any] = {name: p[i] for name, p in probs.items()}
+                out.append(ViewSpec(kind=kind, index=i, size=group.size, scale=tuple(group.scale), **per_view))
         return out
 
 
@@ -170,31 +148,31 @@ class Recipe:
 @dataclass
 class ModelCfg:
     backbone: str = field(default="resnet18", metadata={"choices": lambda: list(BACKBONES)})  # backbones.py
-    drop_path_rate: float = _f(0.0, 0.0, 1.0, "student only (the reference uses 0.1 for ViT)")
+    drop_path_rate: float = setting(0.0, 0.0, 1.0, "student only (the reference uses 0.1 for ViT)")
     sync_bn: bool = True
 
 
 @dataclass
 class OptimCfg:
     name: Literal["lars", "adamw"] = "lars"
-    base_lr: float = _f(0.48, 0.0, 100.0, "for a global batch of 256; peak = base_lr * global_batch / 256")
-    min_lr: float = _f(0.0048, 0.0, 100.0, "absolute, not scaled")
-    warmup_epochs: float = _f(10.0, 0.0)
-    start_warmup_lr: float = _f(0.0, 0.0, 100.0, "absolute, not scaled")
-    weight_decay: float = _f(1e-6, 0.0, 10.0)
-    weight_decay_end: float = _f(1e-6, 0.0, 10.0)
-    momentum: float = _f(0.9, 0.0, 1.0, "LARS momentum")
-    lars_eta: float = _f(0.001, 0.0, 1.0)
-    betas: list[float] = _list([0.9, 0.999], "AdamW betas")
-    eps: float = _f(1e-8, 0.0, 1.0, "AdamW eps")
-    clip_grad: float = _f(0.0, 0.0, help="per-parameter grad-norm clip (DINO style); 0 = off")
+    base_lr: float = setting(0.48, 0.0, 100.0, "for a global batch of 256; peak = base_lr * global_batch / 256")
+    min_lr: float = setting(0.0048, 0.0, 100.0, "absolute, not scaled")
+    warmup_epochs: float = setting(10.0, 0.0)
+    start_warmup_lr: float = setting(0.0, 0.0, 100.0, "absolute, not scaled")
+    weight_decay: float = setting(1e-6, 0.0, 10.0)
+    weight_decay_end: float = setting(1e-6, 0.0, 10.0)
+    momentum: float = setting(0.9, 0.0, 1.0, "LARS momentum")
+    lars_eta: float = setting(0.001, 0.0, 1.0)
+    betas: list[float] = setting_list([0.9, 0.999], "AdamW betas")
+    eps: float = setting(1e-8, 0.0, 1.0, "AdamW eps")
+    clip_grad: float = setting(0.0, 0.0, help="per-parameter grad-norm clip (DINO style); 0 = off")
 
 
 @dataclass
 class TrainCfg:
-    epochs: int = _f(200, 1)
-    batch_size: int = _f(128, 1, help="per GPU/process; the reference runs 8 x 128 = 1024")
-    reference_world_size: int = _f(0, 0, help="if > 0, scale LR as if the global batch were "
+    epochs: int = setting(200, 1)
+    batch_size: int = setting(128, 1, help="per GPU/process; the reference runs 8 x 128 = 1024")
+    reference_world_size: int = setting(0, 0, help="if > 0, scale LR as if the global batch were "
                                    "batch_size * this (reproduce 8-GPU schedules on fewer GPUs)")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = field(
         default="auto", metadata={"help": "auto = bf16 on GPU, fp32 on CPU (bf16 with data.dtype=bfloat16); "
@@ -203,20 +181,20 @@ class TrainCfg:
     compile: bool = field(default=False, metadata={"help": "torch.compile each backbone + head; the first step "
                                                    "compiles (start-up cost logged in train.log)"})
     joint_linear_probe: bool = True
-    num_classes: int = _f(0, 0, help="0 = number of classes found in the dataset")
-    log_every: int = _f(20, 1, help="steps between log lines; the only host syncs of the loop")
+    num_classes: int = setting(0, 0, help="0 = number of classes found in the dataset")
+    log_every: int = setting(20, 1, help="steps between log lines; the only host syncs of the loop")
     tensorboard: bool = True
-    checkpoint_every: int = _f(0, 0, help="steps between checkpoints; 0 = epoch ends only")
-    keep_every_epochs: int = _f(20, 0, help="also keep an epoch-tagged copy this often; 0 = never")
-    keep_last: int = _f(2, 1, help="step checkpoints kept (newest first); resume=auto falls back to an older one if the newest is damaged")
+    checkpoint_every: int = setting(0, 0, help="steps between checkpoints; 0 = epoch ends only")
+    keep_every_epochs: int = setting(20, 0, help="also keep an epoch-tagged copy this often; 0 = never")
+    keep_last: int = setting(2, 1, help="step checkpoints kept (newest first); resume=auto falls back to an older one if the newest is damaged")
     overwrite: bool = field(default=False, metadata={
         "help": "a fresh run in an output_dir that holds checkpoints moves the old run aside to <dir>.old-<time> (never deletes); false = refuse"})
-    dist_timeout_s: int = _f(1800, 10, help="seconds a collective waits for the other processes before the run stops (a dead rank)")
-    max_steps: int = _f(0, 0, help="stop after this many steps in total (0 = run all epochs)")
-    knn_every: int = _f(1, 0, help="epochs between kNN evaluations; 0 = never")
+    dist_timeout_s: int = setting(1800, 10, help="seconds a collective waits for the other processes before the run stops (a dead rank)")
+    max_steps: int = setting(0, 0, help="stop after this many steps in total (0 = run all epochs)")
+    knn_every: int = setting(1, 0, help="epochs between kNN evaluations; 0 = never")
     output_dir: str = "runs/default"
     resume: str = field(default="", metadata={"help": "'' = fresh, 'auto' = latest in output_dir, or a path"})
-    seed: int = _f(0, 0)
+    seed: int = setting(0, 0)
     device: Literal["auto", "gpu", "cpu"] = field(default="auto", metadata={
         "help": "where the model runs; auto = the GPU if there is one", "aliases": {"cuda": "gpu"}})
 
@@ -234,22 +212,22 @@ class DataCfg:
     backend: Literal["dali", "torchvision"] = "dali"
     device: Literal["auto", "gpu", "cpu"] = field(default="auto", metadata={
         "help": "where view sampling runs; auto = the GPU if there is one", "aliases": {"cuda": "gpu"}})
-    num_threads: int = _f(4, 1, 256, help="DALI CPU threads / torchvision workers per process")
-    prefetch: int = _f(2, 1, 16, help="DALI prefetch queue depth")
-    pipelines: int | Literal["auto"] = _f("auto", 1, 16, help=(
+    num_threads: int = setting(4, 1, 256, help="DALI CPU threads / torchvision workers per process")
+    prefetch: int = setting(2, 1, 16, help="DALI prefetch queue depth")
+    pipelines: int | Literal["auto"] = setting("auto", 1, 16, help=(
         "DALI training pipelines per process, taking turns batch by batch, each with num_threads/pipelines threads: "
         "fills the cores DALI's one-operator-at-a-time CPU execution leaves idle. auto = 1 where the DALI pipeline "
         "runs on the GPU (its operators are GPU kernels); on the CPU 2 when data.num_threads >= 2 (what `sslight "
         "bench tune` found best on a 2-core node) and each pipeline gets a full batch, else 1; a resumed run "
         "keeps its checkpoint's count. The run's "
         "config.yaml and bench records show the count used; `sslight bench tune` sweeps it"))
-    hw_decoder_load: float = _f(0.65, 0.0, 1.0, "share of JPEGs sent to the hardware decoder (A100/H100)")
+    hw_decoder_load: float = setting(0.65, 0.0, 1.0, "share of JPEGs sent to the hardware decoder (A100/H100)")
     skip_bad_files: bool = field(default=False, metadata={"help": "exclude undecodable files up front (counted and logged) instead of failing"})
     verify_cache: str = field(default="auto", metadata={
         "help": "where the up-front file check keeps its verdict, keyed by every file's path, size and mtime "
                 "(auto = $XDG_CACHE_HOME/sslight-dali/verified or ~/.cache/...; '' = read every file at every start)"})
     dtype: Literal["float32", "bfloat16"] = "float32"
-    max_image_pixels: int = _f(89478485, 0, help="PIL's decompression-bomb limit (pixels; refused above twice "
+    max_image_pixels: int = setting(89478485, 0, help="PIL's decompression-bomb limit (pixels; refused above twice "
                                "this); 0 = no limit. Raise it for very large images")
 
 
@@ -259,48 +237,42 @@ class LinearEvalCfg:
     protocol: Literal["reference", "fast"] = field(default="reference", metadata={
         "help": "reference = the paper's (augmented crops, frozen backbone in eval mode, LR stepped per epoch); "
                 "fast = centre-crop features extracted once, linear layer on the cached features (NOT the paper's)"})
-    epochs: int = _f(100, 1)
-    lr: float = _f(0.0, 0.0, None, "reference: peak LR at global batch 4096 (CNN, LARS) / 1024 (ViT, SGD), "
+    epochs: int = setting(100, 1)
+    lr: float = setting(0.0, 0.0, None, "reference: peak LR at global batch 4096 (CNN, LARS) / 1024 (ViT, SGD), "
                    "scaled by the actual global batch; fast: the AdamW LR; 0 = default (0.8 / 0.04; fast 1e-3)")
-    batch_size: int = _f(0, 0, help="per process; 0 = the reference's per-GPU batch (512 CNN, 128 ViT; fast 256)")
+    batch_size: int = setting(0, 0, help="per process; 0 = the reference's per-GPU batch (512 CNN, 128 ViT; fast 256)")
 
 
 @dataclass
 class SemiEvalCfg:
     """`sslight eval semi`: full fine-tuning on a labelled subset of the train split."""
-    epochs: int = _f(0, 0, help="0 = the reference's: 60 for a 1% subset, 30 for 10% (a file: by its size)")
-    lr: float = _f(0.12, 0.0, None, "peak LR at global batch 1024, scaled by the actual global batch")
-    batch_size: int = _f(128, 1, help="per process; the reference runs 8 x 128 = 1024")
+    epochs: int = setting(0, 0, help="0 = the reference's: 60 for a 1% subset, 30 for 10% (a file: by its size)")
+    lr: float = setting(0.12, 0.0, None, "peak LR at global batch 1024, scaled by the actual global batch")
+    batch_size: int = setting(128, 1, help="per process; the reference runs 8 x 128 = 1024")
     use_head: bool = field(default=True, metadata={
         "help": "start the 3-layer MLP head from the DINO projection head's first two Linear+BN layers"})
-    seed: int = _f(0, 0, help="seed of the per-class subset drawn for --subset 1|10")
+    seed: int = setting(0, 0, help="seed of the per-class subset drawn for --subset 1|10")
 
 
 @dataclass
 class EvalCfg:
-    knn_k: int = _f(20, 1)
-    knn_t: float = _f(0.07, 1e-4, 10.0)
-    batch_size: int = _f(128, 1)
-    resize: int = _f(256, 8)
-    crop: int = _f(224, 8)
+    knn_k: int = setting(20, 1)
+    knn_t: float = setting(0.07, 1e-4, 10.0)
+    batch_size: int = setting(128, 1)
+    resize: int = setting(256, 8)
+    crop: int = setting(224, 8)
     knn_mode: Literal["val_loo", "train_val"] = field(default="val_loo", metadata={
         "help": "val_loo = the reference's monitor (leave-one-out on val); train_val = train bank, val queries"})
     linear: LinearEvalCfg = field(default_factory=LinearEvalCfg)
     semi: SemiEvalCfg = field(default_factory=SemiEvalCfg)
 
 
-def method_sections() -> dict[str, type]:
-    """{method name: its config-section dataclass}, from the method registry. Importing the methods
-    package registers the built-in methods (it needs torch, so it happens only when a config is built)."""
-    from .methods.registry import METHODS
-    return {name: m.config for name, m in METHODS.items()}
-
-
 @dataclass
 class Config:
-    """The whole run. After `model` comes one section per registered method (`dino`, `swav`, `moco`:
-    their dataclasses live in sslight_dali/methods/), added by `_sync_method_sections`."""
-    method: str = field(default="dino", metadata={"choices": lambda: list(method_sections())})
+    """The sections every run has. A method's module adds its own section in a subclass (methods/dino.py:
+    `DinoConfig(Config)` with `method = "dino"` and `dino: DinoCfg`), registered with the method;
+    run_config.load_config builds the subclass that `method` names."""
+    method: str = field(default="dino", metadata={"help": "a registered method: dino, swav or moco"})
     model: ModelCfg = field(default_factory=ModelCfg)
     optim: OptimCfg = field(default_factory=OptimCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
@@ -308,44 +280,12 @@ class Config:
     eval: EvalCfg = field(default_factory=EvalCfg)
     recipe: Recipe = field(default_factory=Recipe)
 
-    def __post_init__(self):
-        _sync_method_sections()
-
-    def __getattr__(self, name: str):
-        # Only for a section missing from an instance made before its method registered: its defaults.
-        section = method_sections().get(name)
-        if section is None:
-            raise AttributeError(f"'Config' object has no attribute {name!r}")
-        setattr(self, name, section())
-        return self.__dict__[name]
-
     def to_dict(self) -> dict:
         return to_dict(self)
 
 
-def _sync_method_sections() -> bool:
-    """Give Config one field per registered method, in place (so every `from .config import Config`
-    sees it), when the registry has changed. True if Config was changed."""
-    sections = method_sections()
-    fields = {f.name: f for f in dataclasses.fields(Config)}
-    if [(n, f.type) for n, f in fields.items() if n not in FIXED_FIELDS] == list(sections.items()):
-        return False
-    fixed = [(n, fields[n].type, fields[n]) for n in FIXED_FIELDS]
-    order = fixed[:2] + [(n, cls, field(default_factory=cls)) for n, cls in sections.items()] + fixed[2:]
-    # Re-run @dataclass on the same class: drop what it generated and give it the fields again.
-    for attr in ("__init__", "__repr__", "__eq__", "__match_args__", "__replace__"):
-        if attr in Config.__dict__:
-            delattr(Config, attr)
-    Config.__annotations__ = {n: tp for n, tp, _ in order}
-    for n, _, f in order:
-        setattr(Config, n, field(default=f.default, default_factory=f.default_factory, metadata=f.metadata))
-    dataclass(Config)
-    _HINTS.pop(Config, None)
-    return True
-
-
-# Config's own fields; the method sections go after `model`. A method cannot take one of these names.
-FIXED_FIELDS = ("method", "model", "optim", "train", "data", "eval", "recipe")
+# Config's own fields; a method cannot take one of these names for its section.
+FIXED_FIELDS = tuple(f.name for f in dataclasses.fields(Config))
 
 
 # --------------------------------------------------------------------------------------------
@@ -356,40 +296,45 @@ def _yaml_key(name: str) -> str:
     return name.rstrip("_")
 
 
-def _fields(cls) -> dict[str, dataclasses.Field]:
-    if cls is Config:
-        _sync_method_sections()
-    return {_yaml_key(f.name): f for f in dataclasses.fields(cls)}
+def _fields(cls: type) -> dict[str, dataclasses.Field]:
+    """{YAML key: field} in the order `config show` prints them: a method's section (the field a Config
+    subclass adds) right after `model`."""
+    fields = list(dataclasses.fields(cls))
+    if issubclass(cls, Config):
+        at = FIXED_FIELDS.index("model") + 1
+        fields = fields[:at] + fields[len(FIXED_FIELDS):] + fields[at:len(FIXED_FIELDS)]
+    return {_yaml_key(f.name): f for f in fields}
 
 
-def to_dict(obj) -> Any:
-    if dataclasses.is_dataclass(obj):
-        return {_yaml_key(f.name): to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+def to_dict(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {key: to_dict(getattr(obj, f.name)) for key, f in _fields(type(obj)).items()}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     return obj
 
 
-def _suggest(key: str, choices) -> str:
+def suggest(key: str, choices) -> str:
     close = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.5)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-def _all_keys(cls, prefix="") -> list[str]:
+def all_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted key of dataclass `cls`, in `config show` order."""
     keys = []
     for name, f in _fields(cls).items():
         t = _resolved_type(cls, f)
-        if dataclasses.is_dataclass(t):
-            keys += _all_keys(t, f"{prefix}{name}.")
+        if isinstance(t, type) and dataclasses.is_dataclass(t):
+            keys += all_keys(t, f"{prefix}{name}.")
         else:
             keys.append(f"{prefix}{name}")
     return keys
 
 
-_HINTS: dict = {}
+_HINTS: dict[type, dict[str, Any]] = {}
 
 
-def _resolved_type(cls, f):
+def _resolved_type(cls: type, f: dataclasses.Field) -> Any:
     if cls not in _HINTS:
         _HINTS[cls] = typing.get_type_hints(cls)
     return _HINTS[cls][f.name]
@@ -405,8 +350,8 @@ def _check_value(path: str, value, tp, meta):
                 raise ConfigError(f"{path}: {value!r} is not allowed; give a number or one of {words}")
             return value
         return _check_value(path, value, number, meta)
-    if origin is Literal or "choices" in meta:
-        allowed = meta["choices"]() if "choices" in meta else typing.get_args(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
         # An old spelling still read (train.device: cuda, from before devices were named gpu/cpu).
         value = meta.get("aliases", {}).get(value, value) if isinstance(value, str) else value
         if value not in allowed:
@@ -448,25 +393,38 @@ def _check_value(path: str, value, tp, meta):
     return value
 
 
-def from_dict(cls, data: dict, path: str = ""):
-    """Build dataclass `cls` from a (partial) dict; unknown keys and bad values raise ConfigError."""
+T = TypeVar("T")
+
+
+def from_dict(cls: type[T], data: Any, path: str = "", others: dict[str, type] | None = None) -> T:
+    """Build dataclass `cls` from a (partial) dict; unknown keys and bad values raise ConfigError.
+    `others`: sections that may appear beside cls's own, each checked against its dataclass and then
+    dropped (the other methods' sections, in a config or checkpoint that holds every method's)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{path.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
     fields = _fields(cls)
+    others = others or {}
     kwargs = {}
     for key, value in data.items():
+        if key in others:
+            _section(others[key], others[key](), value, f"{path}{key}.")
+            continue
         if key not in fields:
-            raise ConfigError(f"unknown key '{path}{key}'{_suggest(key, fields)}")
+            raise ConfigError(f"unknown key '{path}{key}'{suggest(key, [*fields, *others])}")
         f = fields[key]
         tp = _resolved_type(cls, f)
-        if dataclasses.is_dataclass(tp):
-            # A partial section overrides the field's own default instance, not the class defaults.
-            default = to_dict(f.default_factory()) if f.default_factory is not dataclasses.MISSING else {}
-            merged = _deep_merge(default, value) if isinstance(value, dict) else value
-            kwargs[f.name] = from_dict(tp, merged, f"{path}{key}.")
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+            kwargs[f.name] = _section(tp, default, value, f"{path}{key}.")
         else:
             kwargs[f.name] = _check_value(f"{path}{key}", value, tp, f.metadata)
     return cls(**kwargs)
+
+
+def _section(tp: type, default: Any, value: Any, path: str) -> Any:
+    # A partial section overrides the field's own default instance, not the class defaults.
+    merged = _deep_merge(to_dict(default) if default is not None else {}, value) if isinstance(value, dict) else value
+    return from_dict(tp, merged, path)
 
 
 def _deep_merge(base: dict, over: dict) -> dict:
@@ -529,7 +487,7 @@ def find_file(ref: str | os.PathLike, kind: str, relative_to: Path | None = None
     shipped = shipped_dir(kind) / f"{name}.yaml"
     if not cand.is_absolute() and shipped.is_file():
         return shipped
-    raise ConfigError(f"config file not found: {ref}{_suggest(name, shipped_names(kind))}")
+    raise ConfigError(f"config file not found: {ref}{suggest(name, shipped_names(kind))}")
 
 
 def read_chain(ref: str | os.PathLike, kind: str, relative_to: Path | None = None, _seen=()) -> tuple[dict, Path]:
@@ -565,68 +523,9 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
-def expand_key(key: str) -> str:
-    """Full dotted key; a bare leaf name (`resume`, `epochs`) is accepted when it is unambiguous."""
-    valid = _all_keys(Config)
-    if key in valid:
-        return key
-    if "." not in key:
-        matches = [k for k in valid if k.endswith("." + key)]
-        if len(matches) == 1:
-            return matches[0]
-        if matches:
-            raise ConfigError(f"key '{key}' is ambiguous: use one of {matches}")
-    raise ConfigError(f"unknown key '{key}'{_suggest(key, valid)}")
-
-
-def _set_dotted(data: dict, key: str, value) -> None:
-    key = expand_key(key)
-    parts = key.split(".")
-    node = data
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-    node[parts[-1]] = value
-
-
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
-    """Defaults <- config YAML (over its `_base`) <- its recipe YAML (over its `_base`) <- command-line
-    overrides. `path` and `data.recipe` are paths or shipped names (see find_file)."""
-    data: dict = {}
-    cfg_dir = None
-    if path is not None:
-        data, found = read_chain(path, "configs")
-        cfg_dir = found.resolve().parent
-    parsed = parse_overrides(list(overrides))
-    for key, value in parsed:
-        if expand_key(key) == "data.recipe":
-            data.setdefault("data", {})["recipe"] = value
-    recipe_ref = data.get("data", {}).get("recipe", DataCfg.recipe)
-    if any(expand_key(k) == "data.recipe" for k, _ in parsed):
-        data.pop("recipe", None)  # a new recipe file replaces the one embedded in a saved config
-    if "recipe" not in data and recipe_ref:
-        try:
-            data["recipe"], _ = read_chain(recipe_ref, "pipelines", cfg_dir)
-        except ConfigError as e:
-            raise ConfigError(f"{path or 'defaults'}: data.recipe: {e}") from None
-    for key, value in parsed:
-        _set_dotted(data, key, value)
-    for key, value in parsed:  # a bad override is the command line's fault, not the file's
-        alone: dict = {}
-        _set_dotted(alone, key, value)
-        try:
-            from_dict(Config, alone)
-        except ConfigError as e:
-            raise ConfigError(f"override {key}={value!r}: {e}") from None
-    try:
-        cfg = from_dict(Config, data)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
-    validate(cfg)
-    return cfg
-
-
 def validate(cfg: Config) -> None:
-    """Cross-field checks that the types alone cannot express."""
+    """Cross-field checks of the sections every run has, that the types alone cannot express (the
+    method's own: run_config.validate)."""
     r = cfg.recipe
     r.views()
     for name, pair in (("recipe.global.scale", r.global_.scale), ("recipe.local.scale", r.local.scale),
@@ -635,8 +534,6 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{name}: expected [min, max] with 0 < min <= max, got {pair}")
     if r.global_.count < 1:
         raise ConfigError("recipe.global.count: at least one global view is needed")
-    from .methods.registry import method_class
-    method_class(cfg.method).check_config(cfg)
     if len(r.loss_weights) != 2:
         raise ConfigError("recipe.loss_weights: expected [global-global weight, global-local weight]")
     if len(r.augment.mean) != 3 or len(r.augment.std) != 3:
@@ -662,12 +559,9 @@ _Dumper.add_representer(list, _represent_list)
 
 
 def dump_config(cfg: Config) -> str:
-    """YAML of the resolved config; the sections of the methods not in use are left out."""
-    others = set(method_sections()) - {cfg.method}
-    d = {k: v for k, v in cfg.to_dict().items() if k not in others}
-    return yaml.dump(d, Dumper=_Dumper, sort_keys=False, default_flow_style=False)
+    """YAML of the resolved config (its method's section only: the others are not part of it)."""
+    return yaml.dump(cfg.to_dict(), Dumper=_Dumper, sort_keys=False, default_flow_style=False)
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
-    from .files import atomic_write
     atomic_write(path, dump_config(cfg))

@@ -58,7 +58,7 @@ def main(args) -> int:
     import torch
 
     from .checkpoint import LATEST
-    from .config import load_config
+    from .run_config import load_config
     from .models import build_backbone
     from .pretrained import load_pretrained
     from .runtime import seed_everything

@@ -40,7 +40,8 @@ import torch
 
 from . import checkpoint as ckpt
 from .backbones import BACKBONES, backbone_entry
-from .config import ConfigError, find_file, load_config, to_dict
+from .config import ConfigError, find_file, to_dict
+from .run_config import load_config
 from .models import build_backbone
 from .pretrained import BACKBONE_PREFIX, WEIGHTS, load_pretrained
 

@@ -76,7 +76,7 @@ class LARS(torch.optim.Optimizer):
         return state["mu"]
 
 
-def _trust_ratio_(dps: list[torch.Tensor], params: list[torch.Tensor], eta: float) -> None:
+def _trust_ratio_(dps: tuple[torch.Tensor, ...], params: list[torch.Tensor], eta: float) -> None:
     p_norm = torch.stack(torch._foreach_norm(params))
     d_norm = torch.stack(torch._foreach_norm(dps))
     ratio = torch.where((p_norm > 0) & (d_norm > 0), eta * p_norm / d_norm, torch.ones_like(p_norm))
@@ -130,14 +130,12 @@ def global_batch_size(cfg, world_size: int) -> int:
 OPTIMIZER_SCHEDULES = ("lr", "wd")
 
 
-def build_schedules(cfg, iters_per_epoch: int, global_batch: int) -> dict[str, np.ndarray]:
-    """lr (peak = base_lr * global_batch / 256; min_lr and start_warmup_lr absolute) and wd, then the
-    method's own schedules (the teacher EMA momentum of DINO: `SSLMethod.schedules`)."""
-    from .methods import method_class
+def optimizer_schedules(cfg, iters_per_epoch: int, global_batch: int) -> dict[str, np.ndarray]:
+    """lr (peak = base_lr * global_batch / 256; min_lr and start_warmup_lr absolute) and wd. A run's
+    schedules add the method's own to these (methods.build_schedules)."""
     o, epochs = cfg.optim, cfg.train.epochs
     peak = o.base_lr * global_batch / 256
     return {
         "lr": cosine_schedule(peak, o.min_lr, epochs, iters_per_epoch, o.warmup_epochs, o.start_warmup_lr),
         "wd": cosine_schedule(o.weight_decay, o.weight_decay_end, epochs, iters_per_epoch),
-        **method_class(cfg.method).schedules(cfg, iters_per_epoch),
     }

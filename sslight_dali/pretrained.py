@@ -11,9 +11,10 @@ from pathlib import Path
 from torch import nn
 
 from . import checkpoint as ckpt
-from .config import Config, ConfigError, from_dict
+from .config import Config, ConfigError
 from .methods import METHODS
 from .models import build_backbone
+from .run_config import config_from_dict
 
 # (student, teacher) backbone prefix of each built-in method, as its class declares (`backbone_keys`);
 # the reference's checkpoints use the same names (export.py reads them).
@@ -53,7 +54,7 @@ def load_pretrained(path: str | Path, weights: str = "student") -> Pretrained:
     state = ckpt.load(path)
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise ckpt.CheckpointError(f"{path}: not an sslight-dali training checkpoint (no 'model'/'config' entries)")
-    cfg = from_dict(Config, state["config"])
+    cfg = config_from_dict(state["config"])
     model = build_backbone(cfg.model.backbone)
     sd = backbone_state(state["model"], cfg.method, weights, path)
     missing, unexpected = model.load_state_dict(sd, strict=False)

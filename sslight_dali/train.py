@@ -104,8 +104,8 @@ class Trainer:
 
     def __init__(self, cfg: Config, loader, rank: int = 0, world: int = 1, device: torch.device | None = None,
                  output_dir: Path | None = None):
-        from .methods import build_method
-        from .optim import build_optimizer, build_schedules, global_batch_size
+        from .methods import build_method, build_schedules
+        from .optim import build_optimizer, global_batch_size
 
         self.cfg, self.loader, self.rank, self.world = cfg, loader, rank, world
         self.device = device or torch.device("cpu")

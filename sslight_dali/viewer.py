@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .augment import ops_label
-from .config import load_config
+from .run_config import load_config
 
 PAD, LABEL_H = 6, 24
 

@@ -7,7 +7,7 @@ import tempfile
 import pytest
 import torch
 
-from sslight_dali.config import load_config
+from sslight_dali.run_config import load_config
 from sslight_dali.synth import synth_dataset
 
 CONFIG = "configs/dino/resnet18_sslight.yaml"
@@ -48,6 +48,27 @@ def tiny_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_synth")
     synth_dataset(root, classes=4, per_class=8, val_per_class=4, min_side=40, max_side=64)
     return root
+
+
+@pytest.fixture
+def package_copy(tmp_path):
+    """A copy of the package, the shipped configs and recipes in tmp_path/repo, to apply a change to
+    as README's "Where a change goes" says, and `run(*argv)` there: python with that copy first on the
+    path (its exit status, output)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    dst = tmp_path / "repo"
+    for part in ("sslight_dali", "configs", "pipelines"):
+        shutil.copytree(repo / part, dst / part, ignore=shutil.ignore_patterns("__pycache__"))
+
+    def run(*argv, timeout=600):
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(dst), *filter(None, [os.environ.get("PYTHONPATH")])])}
+        return subprocess.run([sys.executable, *argv], cwd=dst, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+    return dst, run
 
 
 def assert_same_state(a, b, where=""):

@@ -14,7 +14,8 @@ import torch
 
 from sslight_dali import api
 from sslight_dali.cli import main
-from sslight_dali.config import ConfigError, load_config
+from sslight_dali.config import ConfigError
+from sslight_dali.run_config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
 

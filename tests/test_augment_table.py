@@ -1,36 +1,52 @@
 """The augmentation-op table (sslight_dali/augment.py) is the one home of each op: its recipe knobs,
 both backends' implementations, its debug-record fields, its ablation. The last test adds an op
-(invert) from this file alone, in a fresh interpreter, and sees it in the config, both backends, the
+(invert) to a copy of augment.py as README says, and sees it in the config, both backends, the
 viewer's caption and bench's ablations."""
 from __future__ import annotations
 
 import dataclasses
-import subprocess
-import sys
 import textwrap
 from collections import Counter
-from pathlib import Path
 
-import numpy as np
 import pytest
 
-from sslight_dali.augment import FRAME_FIELDS, OPS, ops_label, record_fields
+from sslight_dali.augment import FRAME_FIELDS, OPS, OpKnobs, ViewOpKnobs, ops_label, record_fields
 from sslight_dali.bench.sweeps import ABLATIONS, op_in_recipe
-from sslight_dali.config import Augment, ViewGroup, load_config
+from sslight_dali.config import Augment, GlobalViews, LocalViews, ViewGroup, ViewSpec
+from sslight_dali.run_config import load_config
 
 from test_data_graph import op_names, _pipe
 
-REPO = Path(__file__).resolve().parent.parent
 CONFIG = "configs/dino/resnet18_sslight.yaml"
 
 
 def test_every_knob_belongs_to_exactly_one_op():
     # The crop's and normalize's fields are the view's frame; every other field is one op's knob.
     frame = {"ratio", "interpolation", "mean", "std", "count", "size", "scale"}
-    owners = Counter(k.name for op in OPS for k in op.knobs)
+    owners = Counter(name for op in OPS for name in op.knob_names())
     fields = [f.name for cls in (Augment, ViewGroup) for f in dataclasses.fields(cls)]
     assert sorted(set(fields) - frame) == sorted(owners) and max(owners.values()) == 1
     assert len(set(record_fields())) == len(record_fields()) and set(FRAME_FIELDS) <= set(record_fields())
+
+
+def test_the_table_and_the_declared_fields_agree():
+    # Each op's knob classes are bases of the recipe's classes (so their fields are in every config,
+    # with the declared defaults), in table order; its probability is one of its knobs; every per-view
+    # list has its value per view in ViewSpec, and a default in each kind.
+    assert [op.knobs for op in OPS] == [c for c in reversed(OpKnobs.__bases__)]
+    assert [op.view_knobs for op in OPS if op.view_knobs] == [c for c in reversed(ViewOpKnobs.__bases__)]
+    assert issubclass(Augment, OpKnobs) and issubclass(ViewGroup, ViewOpKnobs)
+    assert [f.name for f in dataclasses.fields(Augment)] == \
+        ["ratio", "interpolation", *[n for op in OPS for n in op.knob_names() if n in Augment.__dataclass_fields__],
+         "mean", "std"]
+    for op in OPS:
+        assert op.prob in op.knob_names(), op.name
+    per_view = [f.name for f in dataclasses.fields(ViewOpKnobs)]
+    spec = [f.name for f in dataclasses.fields(ViewSpec)]
+    assert spec == ["kind", "index", "size", "scale", *per_view]
+    for kind in (GlobalViews, LocalViews):
+        group = kind()
+        assert all(isinstance(getattr(group, n), list) and getattr(group, n) for n in per_view), kind
 
 
 @pytest.mark.parametrize("op", OPS, ids=lambda o: o.name)
@@ -79,30 +95,53 @@ def test_both_backends_fill_every_record_field(make_cfg):
         assert ops_label(d).split() == [op.label(d) for op in OPS], d
 
 
+# README, "Where a change goes": a new op is a dataclass of its knobs in augment.py, added to the bases of
+# OpKnobs, its torchvision and DALI implementations and one entry in OPS. These are those edits for
+# `invert`, applied to a copy of the package by test_a_new_op_is_its_knobs_and_one_table_entry.
+INVERT_KNOBS = textwrap.dedent("""
+    @dataclass
+    class InvertKnobs:
+        invert_p: float = setting(0.0, 0.0, 1.0, "invert probability")
+
+
+    def _invert_torch(img, view, aug, rec):
+        from PIL import ImageOps
+        rec["invert"] = _rand() < aug.invert_p
+        return ImageOps.invert(img) if rec["invert"] else img
+
+
+    def _invert_dali(img, view, aug):
+        dali = _dali()
+        coin = dali.coins(aug.invert_p, None)
+        if coin is None:
+            return img, {"invert": 0.0}
+        return dali.dmath.abs(coin * 255.0 - img), {"invert": coin}
+
+
+""")
+INVERT_ENTRY = """    Op("invert", "pixel", InvertKnobs, prob="invert_p", record=("invert",), torch=_invert_torch,
+       dali=_invert_dali, label=lambda r: "inv" if r["invert"] else None),
+"""
+
+
+def add_invert(augment_py: str) -> str:
+    before_bases = augment_py.index("# The bases in reverse table order")
+    src = augment_py[:before_bases] + INVERT_KNOBS.lstrip() + "\n" + augment_py[before_bases:]
+    assert src.count("class OpKnobs(") == 1
+    src = src.replace("class OpKnobs(", "class OpKnobs(InvertKnobs, ")  # the last op is the first base
+    table = src.index("OPS: list[Op] = [")
+    end = src.index("\n]\n", table) + 1
+    return src[:end] + INVERT_ENTRY + src[end:]
+
+
 NEW_OP = textwrap.dedent("""
     import json, sys
     import numpy as np, torch
     from PIL import Image
     import sslight_dali.augment as A
-
-    def invert_torch(img, view, aug, rec):
-        from PIL import ImageOps
-        rec["invert"] = A._rand() < aug.invert_p
-        return ImageOps.invert(img) if rec["invert"] else img
-
-    def invert_dali(img, view, aug):
-        from sslight_dali import dali_ops
-        coin = dali_ops.coins(aug.invert_p, None)
-        if coin is None:
-            return img, {"invert": 0.0}
-        return dali_ops.dmath.abs(coin * 255.0 - img), {"invert": coin}
-
-    A.OPS.append(A.Op("invert", "pixel", (A.Knob("invert_p", float, 0.0, 0.0, 1.0, "invert probability", prob=True),),
-                      record=("invert",), torch=invert_torch, dali=invert_dali,
-                      label=lambda r: "inv" if r["invert"] else None))
-
     from sslight_dali.bench.sweeps import ABLATIONS
-    from sslight_dali.config import dump_config, load_config
+    from sslight_dali.config import dump_config
+    from sslight_dali.run_config import load_config
     from sslight_dali.data import build_train_loader
     from sslight_dali.data.dali_views import record_dict
 
@@ -132,14 +171,16 @@ NEW_OP = textwrap.dedent("""
 """)
 
 
-def test_a_new_op_is_one_table_entry(tmp_path, synth_root):
-    # `invert`, defined in NEW_OP alone: its knob is in the config, the DALI and torchvision backends
-    # apply it (a view with invert_p=1 is 255 minus the same view with invert_p=0, the same seed and
-    # crop), the DALI record reports it per sample, the viewer captions it, bench can ablate it.
-    script = tmp_path / "new_op.py"
-    script.write_text(NEW_OP)
-    res = subprocess.run([sys.executable, str(script), str(synth_root)], cwd=REPO, capture_output=True, text=True,
-                         timeout=600, env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+def test_a_new_op_is_its_knobs_and_one_table_entry(package_copy, synth_root):
+    # `invert`, added to a copy of augment.py as README says (add_invert): its knob is in the config,
+    # the DALI and torchvision backends apply it (a view with invert_p=1 is 255 minus the same view with
+    # invert_p=0, the same seed and crop), the DALI record reports it per sample, the viewer captions
+    # it, bench can ablate it. No other file changes.
+    repo, run = package_copy
+    augment_py = repo / "sslight_dali" / "augment.py"
+    augment_py.write_text(add_invert(augment_py.read_text()))
+    (repo / "new_op.py").write_text(NEW_OP)
+    res = run("new_op.py", str(synth_root))
     assert res.returncode == 0, res.stderr[-3000:]
     out = __import__("json").loads(res.stdout.strip().splitlines()[-1])
     assert out["shown"] and out["ablation"] == ["recipe.augment.invert_p=0"]

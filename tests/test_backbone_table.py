@@ -18,7 +18,8 @@ from torch import nn
 from sslight_dali import checkpoint as ckpt
 from sslight_dali.backbones import BACKBONES, RESNET_ARGS, VIT_ARGS, Backbone, same_key
 from sslight_dali.cli import main
-from sslight_dali.config import ConfigError, load_config
+from sslight_dali.config import ConfigError
+from sslight_dali.run_config import load_config
 from sslight_dali.knn import knn_evaluate
 from sslight_dali.models import build_backbone
 from sslight_dali.pretrained import load_pretrained

@@ -13,7 +13,7 @@ import pytest
 
 from sslight_dali.bench import benches
 from sslight_dali.cli import main as cli_main
-from sslight_dali.config import load_config
+from sslight_dali.run_config import load_config
 
 from test_bench import CONFIG, TINY, data  # noqa: F401  (data: the tiny ImageFolder fixture)
 

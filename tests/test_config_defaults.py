@@ -7,12 +7,13 @@ import dataclasses
 
 import pytest
 
-from sslight_dali.config import (Augment, Config, GlobalViews, LocalViews, ModelCfg, OptimCfg, Recipe, TrainCfg,
-                                 ViewGroup, _deep_merge, find_file, load_config, read_chain, read_yaml,
-                                 shipped_names, to_dict)
+from sslight_dali.config import (Augment, GlobalViews, LocalViews, ModelCfg, OptimCfg, Recipe, TrainCfg, ViewGroup,
+                                 _deep_merge, find_file, read_chain, read_yaml, shipped_names, to_dict)
+from sslight_dali.methods import METHODS
 from sslight_dali.methods.dino import DinoCfg
 from sslight_dali.methods.moco import MocoCfg
 from sslight_dali.methods.swav import SwavCfg
+from sslight_dali.run_config import config_class, load_config
 
 CONFIGS = shipped_names("configs")
 RECIPES = shipped_names("pipelines")
@@ -74,14 +75,18 @@ def test_the_paper_configs_are_all_shipped():
     ("recipe.augment.solarize_threshold", Augment, 100, set()),
 ], ids=lambda x: x if isinstance(x, str) else None)
 def test_a_changed_default_reaches_every_config_that_does_not_set_it(monkeypatch, key, cls, new, set_by):
-    before = {c: lookup(load_config(c), key) for c in CONFIGS}
+    # A method's section is in the configs of that method only (and in the defaults with method=it).
+    section = key.split(".")[0]
+    own = [] if section not in METHODS else [f"method={section}"]
+    configs = [c for c in CONFIGS if section not in METHODS or c.startswith(f"{section}/")]
+    before = {c: lookup(load_config(c), key) for c in configs}
     change_default(monkeypatch, cls, key.rsplit(".", 1)[1], new)
     setters = {c for c in CONFIGS if key in keys_set_by(c)}
     assert setters == set_by
-    for c in CONFIGS:
+    for c in configs:
         got = lookup(load_config(c), key)
         assert got == (before[c] if c in setters else new), c
-    assert lookup(load_config(None), key) == new
+    assert lookup(load_config(None, own), key) == new
 
 
 def _own_and_inherited(kind: str, name: str, defaults: dict) -> tuple[dict, dict]:
@@ -95,7 +100,9 @@ def _own_and_inherited(kind: str, name: str, defaults: dict) -> tuple[dict, dict
 
 @pytest.mark.parametrize("kind,name", [("configs", c) for c in CONFIGS] + [("pipelines", r) for r in RECIPES])
 def test_no_shipped_file_restates_what_it_inherits(kind, name):
-    defaults = to_dict(Config()) if kind == "configs" else to_dict(Recipe())
+    # a config's defaults: those of its method's Config subclass (DinoConfig: with the dino section)
+    method = read_chain(name, kind)[0].get("method", "dino") if kind == "configs" else None
+    defaults = to_dict(config_class(method)()) if method else to_dict(Recipe())
     own, inherited = _own_and_inherited(kind, name, defaults)
     assert set(own) <= set(inherited), f"{name}: unknown keys {set(own) - set(inherited)}"
     restated = {k: v for k, v in own.items() if k not in IDENTITY and inherited[k] == v}

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from sslight_dali.config import (Config, ConfigError, dump_config, load_config, save_config)
+from sslight_dali.config import Config, ConfigError, dump_config, save_config
+from sslight_dali.run_config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
 DINO_R18 = REPO / "configs" / "dino" / "resnet18_baseline.yaml"
@@ -233,7 +234,8 @@ def test_defaults_round_trip(tmp_path):
 
 
 def test_overriding_the_recipe_of_a_saved_config_reloads_it(tmp_path):
-    from sslight_dali.config import load_config, save_config
+    from sslight_dali.config import save_config
+    from sslight_dali.run_config import load_config
     saved = tmp_path / "config.yaml"
     save_config(load_config("configs/dino/resnet18_sslight.yaml"), saved)
     cfg = load_config(saved, ["data.recipe=pipelines/cnn_baseline.yaml"])
@@ -242,6 +244,41 @@ def test_overriding_the_recipe_of_a_saved_config_reloads_it(tmp_path):
 
 def test_swav_crops_for_assign_must_name_global_views():
     import pytest
-    from sslight_dali.config import ConfigError, load_config
+    from sslight_dali.config import ConfigError
+    from sslight_dali.run_config import load_config
     with pytest.raises(ConfigError, match="swav.crops_for_assign"):
         load_config("configs/swav/mobilenetv2_sslight.yaml", ["swav.crops_for_assign=[0,5]"])
+
+
+# ------------------------------------------------------------------------------------------ methods' sections
+def test_a_config_holding_every_methods_section_loads_as_its_method(tmp_path):
+    # Every method's section is a valid key in any config (a checkpoint may hold dino, swav and moco):
+    # each other method's section is checked against its dataclass, then dropped.
+    import dataclasses
+
+    import yaml
+
+    from sslight_dali.config import FIXED_FIELDS, to_dict
+    from sslight_dali.methods.dino import DinoCfg
+    from sslight_dali.methods.moco import MocoCfg
+    from sslight_dali.methods.swav import SwavConfig
+    from sslight_dali.run_config import config_from_dict
+
+    swav = load_config("configs/swav/resnet18_sslight.yaml")
+    full = {**to_dict(swav), "dino": to_dict(DinoCfg()), "moco": {"temperature": 0.3}}
+    p = tmp_path / "old.yaml"
+    p.write_text(yaml.safe_dump(full, sort_keys=False))
+    cfg = load_config(p)
+    assert type(cfg) is SwavConfig and cfg == swav == config_from_dict(full)
+    shown = dump_config(cfg)
+    assert shown == dump_config(swav) and "\ndino:" not in shown and "\nmoco:" not in shown
+    with pytest.raises(ConfigError, match=r"old.yaml: dino\.out_dim: 0 is out of range"):
+        p.write_text(yaml.safe_dump({**full, "dino": {"out_dim": 0}}))
+        load_config(p)
+    with pytest.raises(ConfigError, match=r"unknown key 'moco\.temprature' \(did you mean 'temperature'\?\)"):
+        config_from_dict({**full, "moco": {"temprature": 0.3}})
+    assert "out of range" in _error(overrides=["method=swav", "moco.temperature=0"])  # an override, too
+    # The base class is the same class it was declared as: no section added to it, none invented.
+    assert tuple(f.name for f in dataclasses.fields(Config)) == FIXED_FIELDS
+    assert FIXED_FIELDS == ("method", "model", "optim", "train", "data", "eval", "recipe")
+    assert not hasattr(Config(), "dino") and not hasattr(Config, "__getattr__")

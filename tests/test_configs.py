@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from sslight_dali.config import load_config, to_dict
+from sslight_dali.config import to_dict
+from sslight_dali.run_config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
 

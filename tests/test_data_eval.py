@@ -13,7 +13,7 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
-from sslight_dali.config import load_config
+from sslight_dali.run_config import load_config
 from sslight_dali.data import build_eval_loader
 
 RESIZE = 64

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from sslight_dali.config import load_config
+from sslight_dali.run_config import load_config
 from sslight_dali.data.dali_views import ReaderSpec, eval_pipeline, train_pipeline
 
 CONFIG = "configs/dino/resnet18_sslight.yaml"

@@ -8,7 +8,7 @@ import torchvision.transforms.functional as F
 from nvidia.dali import fn, pipeline_def, types
 
 from sslight_dali.augment import OPS, jitter_orders
-from sslight_dali.config import load_config
+from sslight_dali.run_config import load_config
 from sslight_dali.dali_ops import jitter_random_order
 from sslight_dali.synth import make_image
 

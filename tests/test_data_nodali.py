@@ -22,7 +22,8 @@ except ModuleNotFoundError:
 """
 
 CHILD = HIDE_DALI + r"""
-from sslight_dali.config import ConfigError, load_config
+from sslight_dali.config import ConfigError
+from sslight_dali.run_config import load_config
 from sslight_dali.data import DataError, build_eval_loader, build_train_loader, list_samples
 
 root = sys.argv[1]

@@ -36,7 +36,7 @@ def hue_off_records(synth_root):
 
 
 def _records(synth_root, order, *extra, n_batches=N_BATCHES):
-    from sslight_dali.config import load_config
+    from sslight_dali.run_config import load_config
     cfg = load_config("configs/dino/resnet18_sslight.yaml", [
         f"data.root={synth_root}", "data.device=cpu", "data.num_threads=2", f"train.batch_size={BATCH}",
         "recipe.global.size=24", "recipe.local.size=12", f"recipe.augment.jitter_order={order}", *extra])

@@ -180,7 +180,7 @@ def _verify_worker(rank, port, root, skip, out):
 
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo")
-    from sslight_dali.config import load_config
+    from sslight_dali.run_config import load_config
     from sslight_dali.data.base import load_split
     cfg = load_config(None, [f"data.root={root}", f"data.skip_bad_files={skip}"])
     try:
@@ -226,7 +226,7 @@ def test_synth_clutter_scales_the_background_texture():
 
 
 def test_file_check_verdict_is_cached_until_a_file_changes(tmp_path, monkeypatch):
-    from sslight_dali.config import load_config
+    from sslight_dali.run_config import load_config
     from sslight_dali.data import sources
     from sslight_dali.data.base import load_split
     from sslight_dali.synth import synth_dataset
@@ -259,7 +259,7 @@ def test_file_check_verdict_is_cached_until_a_file_changes(tmp_path, monkeypatch
 
 
 def test_verify_cache_auto_follows_xdg_cache_home(monkeypatch, tmp_path):
-    from sslight_dali.config import load_config
+    from sslight_dali.run_config import load_config
     from sslight_dali.data.base import verify_cache_dir
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert verify_cache_dir(load_config(None, [])) == str(tmp_path / "sslight-dali" / "verified")

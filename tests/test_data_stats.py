@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sslight_dali.config import load_config
+from sslight_dali.run_config import load_config
 from sslight_dali.data import build_train_loader
 from sslight_dali.augment import jitter_orders, record_fields
 

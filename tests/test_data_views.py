@@ -23,7 +23,7 @@ import torch
 import torchvision.transforms.functional as F
 from PIL import Image, ImageFilter, ImageOps
 
-from sslight_dali.config import load_config
+from sslight_dali.run_config import load_config
 from sslight_dali.data import build_train_loader
 from sslight_dali.augment import jitter_orders
 from sslight_dali.data.dali_views import record_dict

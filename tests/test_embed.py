@@ -19,7 +19,8 @@ from torch import nn
 
 from sslight_dali import checkpoint as ckpt
 from sslight_dali.cli import main
-from sslight_dali.config import load_config, to_dict
+from sslight_dali.config import to_dict
+from sslight_dali.run_config import load_config
 from sslight_dali.data import list_samples
 from sslight_dali.methods import build_method
 

@@ -77,7 +77,7 @@ def eval_ckpts(tmp_path_factory):
     (one training step from init) and `trained` (the same checkpoint, its student backbone trained with
     labels on 150 other images per class). Before any test relies on `trained` being the better backbone,
     the fixture checks it: a ridge classifier on its features must beat one on `random`'s by far."""
-    from sslight_dali.config import load_config
+    from sslight_dali.run_config import load_config
     from sslight_dali.models import build_backbone
     from sslight_dali.train import train
     root = tmp_path_factory.mktemp("eval")

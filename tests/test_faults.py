@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from sslight_dali import checkpoint as ckpt
-from sslight_dali.config import load_config
+from sslight_dali.run_config import load_config
 from sslight_dali.train import EXIT_PREEMPTED, _is_peer_failure, train
 
 REPO = Path(__file__).resolve().parent.parent

@@ -15,7 +15,7 @@ import torch
 
 from sslight_dali.bench.runs import flag_overrides
 from sslight_dali.cli import build_parser
-from sslight_dali.config import load_config
+from sslight_dali.run_config import load_config
 
 SCRIPT = Path("bench/gpu_session.sh")
 PARTS = 3  # ../shared/gpu/stage-dali.sh makes 3 parts of DALI 2.4.0

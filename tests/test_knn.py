@@ -55,7 +55,7 @@ def test_knn_evaluate_tells_a_working_feature_from_a_broken_one(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from sslight_dali.config import load_config
+    from sslight_dali.run_config import load_config
     from sslight_dali.knn import knn_evaluate
 
     rng = np.random.default_rng(0)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from sslight_dali.config import load_config
+from sslight_dali.run_config import load_config
 from sslight_dali.methods import build_method
 from sslight_dali.methods.swav import distributed_sinkhorn
 

@@ -1,10 +1,13 @@
-"""A new method is one module: this file defines a small BYOL-like method (config section, head, loss,
-teacher momentum, resume keys, parameter-group rule), registers it, and trains it with the real
-trainer, configs, checkpoints and resume, without any other file knowing about it."""
+"""A new method is one module: this file defines a small BYOL-like method (config section and its Config
+subclass, head, loss, teacher momentum, resume keys, parameter-group rule), registers it, and trains it
+with the real trainer, configs, checkpoints and resume, without any other file knowing about it.
+test_where_a_change_goes.py adds one to a copy of the package as README says."""
 from __future__ import annotations
 
+import inspect
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,13 +16,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from sslight_dali import checkpoint as ckpt
-from sslight_dali.config import Config, ConfigError, dump_config, load_config, setting
+from sslight_dali.config import Config, ConfigError, dump_config, setting
+from sslight_dali.run_config import load_config
 from sslight_dali.methods import METHODS, MomentumTeacher, build_method, register_method
-from sslight_dali.methods.common import MultiCropNet, build_mlp, lambdas_weighting, momentum_copy
+from sslight_dali.methods.common import MultiCropNet, build_mlp, feature_dim, lambdas_weighting, momentum_copy
 from sslight_dali.models import build_backbone
 from sslight_dali.optim import cosine_schedule, param_groups
 from sslight_dali.pretrained import load_pretrained
 from sslight_dali.train import train
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -29,27 +35,36 @@ class TinyByolCfg:
     momentum_teacher_end: float = setting(1.0, 0.0, 1.0)
 
 
-class TinyByol(MomentumTeacher):
+@dataclass
+class TinyByolConfig(Config):
+    method: str = "tiny_byol"
+    tiny_byol: TinyByolCfg = field(default_factory=TinyByolCfg)
+
+
+class TinyByol(MomentumTeacher[TinyByolConfig]):
     """Student crops predict the teacher's projection of the other global crop (2 - 2 cos)."""
+    global_views = 2
     resume_keys = ("dim",)
     backbone_keys = {"student": "student.backbone.", "teacher": "teacher.backbone."}
 
     @classmethod
-    def check_config(cls, cfg) -> None:
-        if cfg.recipe.global_.count != 2:
-            raise ConfigError("recipe.global.count: tiny_byol uses exactly 2 global views")
+    def momentum_range(cls, cfg: TinyByolConfig) -> tuple[float, float]:
+        return cfg.tiny_byol.momentum_teacher, cfg.tiny_byol.momentum_teacher_end
 
-    def __init__(self, cfg, num_classes: int):
+    def __init__(self, cfg: TinyByolConfig, num_classes: int):
         backbone = build_backbone(cfg.model.backbone)
-        super().__init__(cfg, num_classes, backbone.num_features)
+        super().__init__(cfg, num_classes, feature_dim(backbone))
         dim = cfg.tiny_byol.dim
-        self.student = MultiCropNet(backbone, build_mlp(backbone.num_features, dim, dim, 2, True, nn.ReLU))
+        self.student = MultiCropNet(backbone, build_mlp(feature_dim(backbone), dim, dim, 2, True, nn.ReLU))
         self.teacher = momentum_copy(self.student, cfg.model.backbone)
         self.predictor = nn.Linear(dim, dim)
 
     @property
     def backbone(self) -> nn.Module:
         return self.student.backbone
+
+    def ema_pair(self) -> tuple[nn.Module, nn.Module]:
+        return self.teacher, self.student
 
     def param_group(self, name: str, p: torch.Tensor) -> str:
         return "not_regularized" if name.startswith("predictor.") else super().param_group(name, p)
@@ -60,7 +75,8 @@ class TinyByol(MomentumTeacher):
             targets = F.normalize(self.teacher(views[:2])[1], dim=-1).chunk(2)
         feats, z = self.student(views)
         preds = F.normalize(self.predictor(z), dim=-1).chunk(len(views))
-        gg, gl = [], []
+        gg: list[torch.Tensor] = []
+        gl: list[torch.Tensor] = []
         for t, target in enumerate(targets):
             for v, pred in enumerate(preds):
                 if v != t:
@@ -72,9 +88,9 @@ class TinyByol(MomentumTeacher):
 @pytest.fixture(autouse=True, scope="module")
 def registered():
     """Register for this file's tests only (a module-level decorator, as a method module uses, would
-    run at collection and leave the section in every other test's configs, including those handed to
-    spawned processes that never import this file)."""
-    register_method("tiny_byol", config=TinyByolCfg)(TinyByol)
+    run at collection and make `tiny_byol` a valid key in every other test's configs, including those
+    handed to spawned processes that never import this file)."""
+    register_method("tiny_byol", config=TinyByolConfig)(TinyByol)
     yield
     METHODS.pop("tiny_byol")
 
@@ -91,9 +107,9 @@ def tiny_cfg(data_root, out, *extra):
 
 def test_registration_adds_the_config_section_and_choice():
     assert METHODS["tiny_byol"] is TinyByol and TinyByol.name == "tiny_byol"
-    assert Config().tiny_byol == TinyByolCfg()
+    assert TinyByolConfig().tiny_byol == TinyByolCfg()
     cfg = load_config(None, ["method=tiny_byol", "tiny_byol.dim=32"])
-    assert cfg.tiny_byol.dim == 32 and isinstance(cfg, Config)
+    assert cfg.tiny_byol.dim == 32 and isinstance(cfg, TinyByolConfig) and isinstance(cfg, Config)
     shown = dump_config(cfg)
     assert "tiny_byol:\n  dim: 32" in shown and "\ndino:" not in shown
     with pytest.raises(ConfigError, match=r"tiny_byol\.dimm.*tiny_byol\.dim"):
@@ -106,10 +122,15 @@ def test_registration_adds_the_config_section_and_choice():
     with pytest.raises(ConfigError, match="tiny_byol"):  # listed among the choices
         load_config(None, ["method=byol"])
     with pytest.raises(ValueError, match="already registered"):
-        register_method("tiny_byol", config=TinyByolCfg)(type("Other", (TinyByol,), {}))
+        register_method("tiny_byol", config=TinyByolConfig)(type("Other", (TinyByol,), {}))
     with pytest.raises(ValueError, match="not one of"):
-        register_method("optim", config=TinyByolCfg)
+        register_method("optim", config=TinyByolConfig)
     assert "optim" not in METHODS
+    with pytest.raises(TypeError, match="adds the one section 'byol'"):  # the section must carry the name
+        register_method("byol", config=TinyByolConfig)
+    with pytest.raises(TypeError, match="subclass of Config"):  # a bare section is not a config
+        register_method("tiny_byol2", config=TinyByolCfg)
+    assert "byol" not in METHODS and "tiny_byol2" not in METHODS
 
 
 def test_optimizer_groups_and_schedules_come_from_the_method():
@@ -144,3 +165,68 @@ def test_new_method_trains_checkpoints_and_resumes(tiny_data, tmp_path):
     assert train(tiny_cfg(tiny_data, out, "train.max_steps=4", "resume=auto"))["steps"] == 4
     with pytest.raises(ckpt.CheckpointError, match="tiny_byol.dim is 8 in the checkpoint but 16 now"):
         train(tiny_cfg(tiny_data, out, "train.max_steps=5", "resume=auto", "tiny_byol.dim=16"))
+
+
+# README, "Where a change goes": a new method is one module methods/<name>.py (section, Config subclass,
+# the method registered with @register_method), its import in methods/__init__.py, and configs/<name>/.
+# These are those edits for tiny_byol (the classes above, as a module of the package).
+MODULE_HEADER = """\"\"\"tiny_byol: student crops predict the teacher's projection of the other global crop.\"\"\"
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import Config
+from ..models import build_backbone
+from ..settings import setting
+from .common import MomentumTeacher, MultiCropNet, build_mlp, feature_dim, lambdas_weighting, momentum_copy
+from .registry import register_method
+
+
+"""
+CONFIG_FILE = """method: tiny_byol
+model:
+  backbone: resnet18
+data:
+  recipe: cnn_sslight
+train:
+  output_dir: runs/tiny_byol_resnet18
+tiny_byol:
+  dim: 8
+"""
+
+
+def add_tiny_byol(repo) -> None:
+    module = (MODULE_HEADER + inspect.getsource(TinyByolCfg) + "\n\n" + inspect.getsource(TinyByolConfig) + "\n\n"
+              + '@register_method("tiny_byol", config=TinyByolConfig)\n' + inspect.getsource(TinyByol))
+    (repo / "sslight_dali/methods/tiny_byol.py").write_text(module)
+    init = repo / "sslight_dali/methods/__init__.py"
+    last = "from .moco import MoCo\n"
+    assert init.read_text().count(last) == 1
+    init.write_text(init.read_text().replace(last, last + "from .tiny_byol import TinyByol\n"))
+    (repo / "configs/tiny_byol").mkdir()
+    (repo / "configs/tiny_byol/resnet18_tiny.yaml").write_text(CONFIG_FILE)
+
+
+@pytest.mark.slow
+def test_a_new_method_is_one_module_an_import_and_its_configs(package_copy, tiny_data):
+    # tiny_byol added to a copy of the package as README says: `config show` and `train` take it by
+    # name, from its own config file, and the type check covers its module.
+    repo, run = package_copy
+    add_tiny_byol(repo)
+    shown = run("-m", "sslight_dali.cli", "config", "show", "tiny_byol/resnet18_tiny")
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    assert shown.stdout.startswith("method: tiny_byol\nmodel:\n") and "\ntiny_byol:\n  dim: 8\n" in shown.stdout
+    assert "\ndino:" not in shown.stdout
+    out = repo / "runs/t"
+    trained = run("-m", "sslight_dali.cli", "train", "tiny_byol/resnet18_tiny", *TINY[1:], f"data.root={tiny_data}",
+                  f"train.output_dir={out}", "train.max_steps=2")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    recs = [r for r in map(json.loads, open(out / "metrics.jsonl")) if r["kind"] == "train"]
+    assert [r["step"] for r in recs] == [1, 2] and recs[0]["momentum"] == pytest.approx(0.9)
+    typed = run("-m", "mypy", "--config-file", str(REPO / "mypy.ini"), "--cache-dir", str(REPO / ".mypy_cache"),
+                "sslight_dali/methods")
+    assert typed.returncode == 0 and "Success" in typed.stdout, typed.stdout[-3000:]

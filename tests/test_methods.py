@@ -7,17 +7,18 @@ import glob
 import os
 import tempfile
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from sslight_dali.config import load_config
-from sslight_dali.methods import build_method
+from sslight_dali.methods import build_method, build_schedules
 from sslight_dali.methods.swav import distributed_sinkhorn
 from sslight_dali.models import build_backbone, sync_batchnorm
-from sslight_dali.optim import build_optimizer, build_schedules
+from sslight_dali.optim import build_optimizer
+from sslight_dali.run_config import load_config
 
 B = 4
 TINY = ["recipe.global.size=32", "recipe.local.size=16", "dino.out_dim=64", "dino.hidden_dim=32",
@@ -60,7 +61,7 @@ def test_config_builds_and_trains_one_step(config):
     loss.backward()
     m.after_backward(1)
     opt.step()
-    m.after_step(0, 0.996)
+    m.after_step(0, momentum=0.996)
     changed = [n for n, p in m.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
     assert any(n.startswith("probe") for n in changed) and len(changed) > len(before) // 2
     assert m.backbone(views_for(cfg)[0]).shape == (B, m.backbone.num_features)
@@ -105,7 +106,7 @@ def test_dino_ema_parameters_only_and_last_layer_freeze():
         for p in m.student.parameters():
             p.add_(torch.randn_like(p))
     t_before = copy.deepcopy(m.teacher.state_dict())
-    m.after_step(0, 0.75)
+    m.after_step(0, momentum=0.75)
     s_params = dict(m.student.named_parameters())
     for name, t in m.teacher.named_parameters():
         torch.testing.assert_close(t, 0.75 * t_before[name] + 0.25 * s_params[name])
@@ -136,20 +137,23 @@ def test_swav_prototype_freeze_and_renormalisation():
     assert 0.008 < m.network.head.projection[0].weight.std().item() < 0.012  # N(0, 0.01) re-init
 
 
-def test_moco_key_encoder_fixed_momentum_in_forward():
-    cfg = tiny("configs/moco/mobilenetv2_sslight.yaml")
+def test_moco_key_encoder_follows_by_its_momentum_schedule_after_the_step():
+    # The momentum logged (the `momentum` schedule: moco.momentum at every step) is the one applied,
+    # once per step after the optimizer step; the forward leaves the key encoder alone.
+    cfg = tiny("configs/moco/mobilenetv2_sslight.yaml", "moco.momentum=0.99")
     m = build_method(cfg, 0)
+    np.testing.assert_array_equal(build_schedules(cfg, 5, 1024)["momentum"], np.full(cfg.train.epochs * 5, 0.99))
     with torch.no_grad():
         for p in m.encoder_q.parameters():
             p.add_(1.0)
     k0 = [p.clone() for p in m.encoder_k.parameters()]
     q = [p.clone() for p in m.encoder_q.parameters()]
     m(views_for(cfg), None, 0)
+    for k, kb in zip(m.encoder_k.parameters(), k0):
+        assert torch.equal(k, kb)
+    m.after_step(0, momentum=0.5)  # the schedule's value at the step
     for k, kb, qp in zip(m.encoder_k.parameters(), k0, q):
-        torch.testing.assert_close(k, 0.999 * kb + 0.001 * qp)
-    m.after_step(0, 0.5)  # the scheduled momentum does not touch the key encoder
-    for k, kb, qp in zip(m.encoder_k.parameters(), k0, q):
-        torch.testing.assert_close(k, 0.999 * kb + 0.001 * qp)
+        torch.testing.assert_close(k, 0.5 * kb + 0.5 * qp)
 
 
 @pytest.mark.parametrize("config,crop", [("configs/dino/resnet18_sslight.yaml", 0),
@@ -217,7 +221,7 @@ def test_short_optimisation_reduces_loss():
         loss.backward()
         m.after_backward(0)
         opt.step()
-        m.after_step(step, s["momentum"][step])
+        m.after_step(step, momentum=s["momentum"][step])
         losses.append(loss.item())
     assert all(b < a for a, b in zip(losses, losses[1:])), losses
     assert losses[-1] < 0.6 * losses[0], losses

@@ -20,7 +20,7 @@ import torch
 import torch.multiprocessing as mp
 
 from sslight_dali import checkpoint as ckpt
-from sslight_dali.config import load_config
+from sslight_dali.run_config import load_config
 
 from conftest import assert_same_state
 

@@ -9,12 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from sslight_dali.config import load_config
-from sslight_dali.methods import build_method
+from sslight_dali.methods import build_method, build_schedules
 from sslight_dali.methods.dino import teacher_temp_schedule
 from sslight_dali.models import build_backbone
-from sslight_dali.optim import (LARS, build_optimizer, build_schedules, cosine_schedule,
-                                global_batch_size, param_groups)
+from sslight_dali.optim import LARS, build_optimizer, cosine_schedule, global_batch_size, param_groups
+from sslight_dali.run_config import load_config
 
 IPE = 1251  # ImageNet iterations per epoch at a global batch of 1024 (drop_last)
 

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from sslight_dali.config import Config, ConfigError, from_dict, load_config, to_dict
+from sslight_dali.config import ConfigError, to_dict
+from sslight_dali.run_config import config_from_dict, load_config
 from sslight_dali.files import atomic_write
 from sslight_dali.runtime import autocast_dtype, resolve_precision, torch_dtype
 
@@ -16,7 +17,7 @@ def test_devices_are_gpu_cpu_auto_and_cuda_still_reads_as_gpu():
     # A config stored in an older checkpoint said train.device: cuda.
     saved = to_dict(load_config(CONFIG))
     saved["train"]["device"] = "cuda"
-    assert from_dict(Config, saved).train.device == "gpu"
+    assert config_from_dict(saved).train.device == "gpu"
     with pytest.raises(ConfigError, match="train.device"):
         load_config(CONFIG, ["train.device=tpu"])
 

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..config import load_config, to_dict
+from ..config import to_dict
 from ..files import atomic_write
 from .environment import hw_decoder_info, static_environment
 from .timing import BenchError, summarize
@@ -29,6 +29,7 @@ def flag_overrides(args) -> list[str]:
 
 def run_one(args, extra: list[str] = (), label: str | None = None, kind: str | None = None) -> dict:
     """Load the config with the user's overrides, the flags and `extra` (in that order), run, record."""
+    from ..run_config import load_config  # light: loading a config by its method imports the methods (torch)
     kind = kind or args.bench_command
     overrides = list(args.overrides) + flag_overrides(args) + list(extra)
     cfg = load_config(args.config, overrides)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 
 from ..augment import OPS, ablations
-from ..config import load_config
 from .runs import flag_overrides, release_memory, run_one
 from .timing import BenchError
 
@@ -64,6 +63,7 @@ def compare_ratios(runs: list[dict]) -> dict:
 
 def run_profile(args) -> dict:
     """The full recipe, then the recipe with each op it uses taken out, then all photometric ops out."""
+    from ..run_config import load_config  # light: loading a config by its method imports the methods (torch)
     cfg = load_config(args.config, list(args.overrides) + flag_overrides(args))
     ops = [op for op in ABLATIONS if op_in_recipe(cfg.recipe, op)]
     photometric = [o for op in ops if op != "local_views" for o in ABLATIONS[op]]

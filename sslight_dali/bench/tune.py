@@ -12,7 +12,6 @@ import os
 import sys
 import time
 
-from ..config import load_config
 from .environment import hw_jpeg_decoder_available, nvjpeg_hw_probe, static_environment
 from .runs import flag_overrides, release_memory, resolve_dataset, run_one
 from .timing import BenchError
@@ -117,6 +116,7 @@ def as_overrides(setting: dict) -> list[str]:
 
 def run_tune(args) -> dict:
     # light: the data package loads torch
+    from ..run_config import load_config  # light: loading a config by its method imports the methods (torch)
     from ..data import DataError, PipelinesDoNotFit
     from ..data.base import resolve_device
     from ..data.build import resolve_pipelines

@@ -25,11 +25,12 @@ from torch import nn
 
 from .. import checkpoint as ckpt
 from ..backbones import backbone_entry
-from ..config import Config, ConfigError, expand_key, from_dict, parse_overrides, to_dict, validate
+from ..config import Config, ConfigError, parse_overrides, to_dict
 from ..files import atomic_write
 from ..logger import RunLogger, StepTimer, setup_logging, timed_batches
 from ..optim import cosine_schedule
 from ..pretrained import Pretrained, load_pretrained
+from ..run_config import config_from_dict, expand_key, validate
 from ..run_policy import gather_per_rank, own_rank_entry, resolve_resume, stop_if_nonfinite
 from ..runtime import (autocast_dtype, init_distributed, prepare_process, resolve_precision, shutdown_distributed,
                        uses_channels_last)
@@ -62,7 +63,7 @@ def eval_config(pre: Pretrained, overrides: list[str], section: str | None) -> C
             node = node.setdefault(p, {})
         node[parts[-1]] = value
     try:
-        cfg = from_dict(Config, data)
+        cfg = config_from_dict(data)
     except ConfigError as e:
         raise ConfigError(f"{pre.path}: {e}") from None
     validate(cfg)

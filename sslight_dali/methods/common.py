@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from dataclasses import dataclass
+from typing import Generic, Sequence, TypeVar, cast
 
 import numpy as np
 import torch
@@ -12,10 +13,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import setting
+from ..config import Config
 from ..models import build_backbone
 from ..optim import cosine_schedule, group_of
 from ..runtime import is_distributed as dist_on, torch_device, world_size  # noqa: F401 (world_size: methods use it)
+from ..settings import ConfigError, setting
 
 
 # ------------------------------------------------------------------------------------------
@@ -106,11 +108,21 @@ def resolution_groups(crops: list[torch.Tensor]) -> list[tuple[int, int]]:
     return bounds
 
 
-class MultiCropNet(nn.Module):
+H = TypeVar("H", bound=nn.Module)
+
+
+def feature_dim(backbone: nn.Module) -> int:
+    """The pooled feature size of a models.build_backbone backbone (timm's int `num_features`, which
+    nn.Module's attribute typing cannot know)."""
+    return cast(int, backbone.num_features)
+
+
+class MultiCropNet(nn.Module, Generic[H]):
     """Backbone + head on a list of crops: one backbone pass per resolution group (so backbone
     BN sees each resolution separately), one head pass on all embeddings (head BN sees them mixed)."""
+    head: H
 
-    def __init__(self, backbone: nn.Module, head: nn.Module):
+    def __init__(self, backbone: nn.Module, head: H):
         super().__init__()
         self.backbone = backbone
         self.head = head
@@ -120,7 +132,7 @@ class MultiCropNet(nn.Module):
         return feats, self.head(feats)
 
 
-def momentum_copy(net: MultiCropNet, backbone_name: str) -> MultiCropNet:
+def momentum_copy(net: MultiCropNet[H], backbone_name: str) -> MultiCropNet[H]:
     """Gradient-free twin of `net` (DINO teacher, MoCo key encoder): same weights, no drop path."""
     twin = MultiCropNet(build_backbone(backbone_name, drop_path_rate=0.0), copy.deepcopy(net.head))
     twin.load_state_dict(net.state_dict())
@@ -141,11 +153,12 @@ def lambdas_weighting(gg: list[torch.Tensor], gl: list[torch.Tensor], lambdas):
     return alpha * gg_mean + beta * gl_mean, gg_mean, gl_mean
 
 
-def swapped_prediction_loss(targets: dict[int, torch.Tensor], log_probs: list[torch.Tensor],
+def swapped_prediction_loss(targets: dict[int, torch.Tensor], log_probs: Sequence[torch.Tensor],
                             lambdas, num_global: int = 2):
     """DINO/SwAV cross-view CE: for each target crop iq and each other crop v,
     mean_b sum_k -q_iq * log p_v. A pair is global-global when both indices are < num_global."""
-    gg, gl = [], []
+    gg: list[torch.Tensor] = []
+    gl: list[torch.Tensor] = []
     for iq, q in targets.items():
         for v, logp in enumerate(log_probs):
             if v == iq:
@@ -162,8 +175,8 @@ def swapped_prediction_loss(targets: dict[int, torch.Tensor], log_probs: list[to
 def ema_update_(target: nn.Module, source: nn.Module, momentum: float) -> None:
     """target <- m * target + (1 - m) * source over parameters only: BN running stats of the
     target come from its own train-mode forwards (reference src/sslight/engine/dino_trainer.py:85-89)."""
-    t = list(target.parameters())
-    s = list(source.parameters())
+    t: list[torch.Tensor] = list(target.parameters())
+    s: list[torch.Tensor] = list(source.parameters())
     assert len(t) == len(s), "EMA pair must have the same architecture"
     torch._foreach_mul_(t, momentum)
     torch._foreach_add_(t, s, alpha=1.0 - momentum)
@@ -178,31 +191,37 @@ def cancel_gradients_(module: nn.Module, name_contains: str) -> None:
 # ------------------------------------------------------------------------------------------
 # Base class: the joint probe and the hooks the trainer calls
 # ------------------------------------------------------------------------------------------
-class SSLMethod(nn.Module):
+C = TypeVar("C", bound=Config)  # the method's Config subclass (DinoConfig), which holds its section
+
+
+class SSLMethod(nn.Module, Generic[C]):
     """Subclasses implement `ssl_forward(views, epoch) -> (loss, metrics, probe_features)` and
     the `backbone` property; set `self.frozen = (name_substring, epochs)` for an early freeze.
-    Registered with `@register_method(name, config=SectionCfg)`, which sets `name` and `config`.
+    Every method's constructor takes (cfg, num_classes) and passes the backbone's feature size on.
+    Registered with `@register_method(name, config=ItsConfig)`, which sets `name` and `config`.
 
     What else a method may declare (the defaults suit a method without any of it):
     - `resume_keys`: keys of its config section that shape its state; a checkpoint resumes only
       with the same values (the generic keys are in run_policy.RESUME_KEYS).
     - `backbone_keys`: state_dict prefix of the backbone, {"student": ..., "teacher": ...}.
-    - `check_config(cfg)`: cross-field checks, raising ConfigError.
+    - `global_views`: the number of global views it needs, if fixed (checked by check_config).
+    - `check_config(cfg)`: cross-field checks, raising ConfigError (call super's: it checks global_views).
     - `schedules(cfg, iters_per_epoch)`: per-iteration arrays; the trainer logs each one and passes
       its value at every step to `after_step` as a keyword argument.
     - `param_group(name, p)`: the optimizer group of a parameter (optim.GROUPS).
     """
 
     name: str = ""
-    config: type | None = None
+    config: type[Config] = Config
     resume_keys: tuple[str, ...] = ()
     backbone_keys: dict[str, str] = {}
+    global_views: int | None = None
     frozen: tuple[str, int] | None = None
     # Buffers that differ by rank (SwAV's queue holds this rank's own embeddings): the trainer's
     # checkpoint keeps one copy per rank, beside the loader and RNG states.
     per_rank_buffers: tuple[str, ...] = ()
 
-    def __init__(self, cfg, num_classes: int, feat_dim: int):
+    def __init__(self, cfg: C, num_classes: int, feat_dim: int):
         super().__init__()
         self.lambdas = tuple(float(x) for x in cfg.recipe.loss_weights)
         use_probe = cfg.train.joint_linear_probe and num_classes > 0
@@ -212,7 +231,7 @@ class SSLMethod(nn.Module):
     def backbone(self) -> nn.Module:
         raise NotImplementedError
 
-    def ssl_forward(self, views, epoch):
+    def ssl_forward(self, views: list[torch.Tensor], epoch: int) -> tuple[torch.Tensor, dict, torch.Tensor]:
         raise NotImplementedError
 
     def forward(self, views: list[torch.Tensor], labels: torch.Tensor | None, epoch: int):
@@ -247,37 +266,48 @@ class SSLMethod(nn.Module):
         if self.frozen is not None and epoch < self.frozen[1]:
             cancel_gradients_(self, self.frozen[0])
 
-    def after_step(self, step: int, momentum: float | None = None, **schedules) -> None:
-        pass
+    def after_step(self, step: int, **schedules: float) -> None:
+        """After each optimizer step, with the value at `step` of each of the method's `schedules`."""
 
     def on_epoch_start(self, epoch: int) -> None:
         pass
 
     @classmethod
-    def check_config(cls, cfg) -> None:
-        pass
+    def check_config(cls, cfg: C) -> None:
+        n = cls.global_views
+        if n is not None and cfg.recipe.global_.count != n:
+            raise ConfigError(f"recipe.global.count: {cls.name} uses exactly {n} global views")
 
     @classmethod
-    def schedules(cls, cfg, iters_per_epoch: int) -> dict[str, np.ndarray]:
+    def schedules(cls, cfg: C, iters_per_epoch: int) -> dict[str, np.ndarray]:
         return {}
 
     def param_group(self, name: str, p: torch.Tensor) -> str:
         return group_of(p)
 
 
-class MomentumTeacher(SSLMethod):
-    """A student and a gradient-free teacher that follows it by EMA (`self.student`, `self.teacher`).
-    The EMA momentum runs a per-iteration cosine from the section's `momentum_teacher` to its
-    `momentum_teacher_end` (reference: DINO's cosine_scheduler), applied after each optimizer step."""
+class MomentumTeacher(SSLMethod[C]):
+    """A network and a gradient-free twin that follows it by EMA after each optimizer step (DINO's
+    teacher, MoCo's key encoder): `ema_pair()` names them. The momentum is the method's `momentum`
+    schedule, so the value logged is the value applied: a per-iteration cosine between the two values
+    of `momentum_range(cfg)` (reference: DINO's cosine_scheduler; start == end is a fixed momentum)."""
 
     @classmethod
-    def schedules(cls, cfg, iters_per_epoch: int) -> dict[str, np.ndarray]:
-        c = getattr(cfg, cls.name)
-        return {"momentum": cosine_schedule(c.momentum_teacher, c.momentum_teacher_end, cfg.train.epochs,
-                                            iters_per_epoch)}
+    def momentum_range(cls, cfg: C) -> tuple[float, float]:
+        """(start, end) of the EMA momentum, from the method's section."""
+        raise NotImplementedError
 
-    def after_step(self, step: int, momentum: float | None = None, **schedules) -> None:
-        ema_update_(self.teacher, self.student, float(momentum))
+    def ema_pair(self) -> tuple[nn.Module, nn.Module]:
+        """(the twin that follows, the trained network it follows)."""
+        raise NotImplementedError
+
+    @classmethod
+    def schedules(cls, cfg: C, iters_per_epoch: int) -> dict[str, np.ndarray]:
+        start, end = cls.momentum_range(cfg)
+        return {"momentum": cosine_schedule(start, end, cfg.train.epochs, iters_per_epoch)}
+
+    def after_step(self, step: int, **schedules: float) -> None:
+        ema_update_(*self.ema_pair(), float(schedules["momentum"]))
 
 
 def scalar(value: float, like: torch.Tensor) -> torch.Tensor:

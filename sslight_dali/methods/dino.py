@@ -2,17 +2,18 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigError, setting
+from ..config import Config
 from ..models import build_backbone
-from .common import (MomentumTeacher, MultiCropNet, all_reduce_sum_, build_mlp, float32, momentum_copy,
-                     scalar, swapped_prediction_loss, trunc_normal_init_, world_size)
+from ..settings import setting
+from .common import (MomentumTeacher, MultiCropNet, all_reduce_sum_, build_mlp, feature_dim, float32,
+                     momentum_copy, scalar, swapped_prediction_loss, trunc_normal_init_, world_size)
 from .registry import register_method
 
 
@@ -33,6 +34,12 @@ class DinoCfg:
     freeze_last_layer_epochs: int = setting(1, 0)
     momentum_teacher: float = setting(0.996, 0.0, 1.0, "EMA start, cosine to momentum_teacher_end per iteration")
     momentum_teacher_end: float = setting(1.0, 0.0, 1.0)
+
+
+@dataclass
+class DinoConfig(Config):
+    method: str = "dino"
+    dino: DinoCfg = field(default_factory=DinoCfg)
 
 
 class WeightNormLinear(nn.Module):
@@ -73,22 +80,22 @@ def teacher_temp_schedule(c, epochs: int) -> np.ndarray:
     return np.concatenate((warm, np.full(max(epochs - len(warm), 0), c.teacher_temp)))
 
 
-@register_method("dino", config=DinoCfg)
-class DINO(MomentumTeacher):
-    num_global = 2
+@register_method("dino", config=DinoConfig)
+class DINO(MomentumTeacher[DinoConfig]):
+    global_views: int = 2
     resume_keys = ("out_dim", "hidden_dim", "bottleneck_dim", "num_layers", "use_bn_in_head", "norm_last_layer")
     backbone_keys = {"student": "student.backbone.", "teacher": "teacher.backbone."}
+    center: torch.Tensor  # a buffer: the EMA of the teacher's mean output
 
     @classmethod
-    def check_config(cls, cfg) -> None:
-        if cfg.recipe.global_.count != cls.num_global:
-            raise ConfigError(f"recipe.global.count: {cls.name} uses exactly 2 global views")
+    def momentum_range(cls, cfg: DinoConfig) -> tuple[float, float]:
+        return cfg.dino.momentum_teacher, cfg.dino.momentum_teacher_end
 
-    def __init__(self, cfg, num_classes: int):
+    def __init__(self, cfg: DinoConfig, num_classes: int):
         c = cfg.dino
         backbone = build_backbone(cfg.model.backbone, cfg.model.drop_path_rate)
-        super().__init__(cfg, num_classes, backbone.num_features)
-        self.student = MultiCropNet(backbone, DINOHead(backbone.num_features, c))
+        super().__init__(cfg, num_classes, feature_dim(backbone))
+        self.student = MultiCropNet(backbone, DINOHead(feature_dim(backbone), c))
         self.teacher = momentum_copy(self.student, cfg.model.backbone)
         # The center lives with the model so that state_dict() resumes it.
         self.register_buffer("center", torch.zeros(1, c.out_dim))
@@ -101,20 +108,23 @@ class DINO(MomentumTeacher):
     def backbone(self) -> nn.Module:
         return self.student.backbone
 
+    def ema_pair(self) -> tuple[nn.Module, nn.Module]:
+        return self.teacher, self.student
+
     def teacher_temp(self, epoch: int) -> float:
         return float(self.teacher_temps[min(epoch, len(self.teacher_temps) - 1)])
 
     def ssl_forward(self, views, epoch):
         with torch.no_grad():
-            _, t_out = self.teacher(views[:self.num_global])  # teacher: the 2 globals, train-mode BN
+            _, t_out = self.teacher(views[:self.global_views])  # teacher: the 2 globals, train-mode BN
         feats, s_out = self.student(views)
         temp = self.teacher_temp(epoch)
         with float32(s_out):
             t_out = t_out.float()
             q = F.softmax((t_out - self.center) / temp, dim=-1)
             logp = F.log_softmax(s_out.float() / self.student_temp, dim=-1).chunk(len(views))
-            loss, gg, gl = swapped_prediction_loss(dict(enumerate(q.chunk(self.num_global))), logp,
-                                                   self.lambdas, self.num_global)
+            loss, gg, gl = swapped_prediction_loss(dict(enumerate(q.chunk(self.global_views))), logp,
+                                                   self.lambdas, self.global_views)
             entropy = torch.special.entr(q).sum(-1).mean()
         self.update_center(t_out)
         metrics = dict(gg_loss=gg.detach(), gl_loss=gl.detach(), teacher_temp=scalar(temp, loss),

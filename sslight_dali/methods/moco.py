@@ -2,17 +2,17 @@
 utils/loss.py:170-200)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import setting
+from ..config import Config
 from ..models import build_backbone
-from .common import (HeadCfg, MultiCropNet, SSLMethod, all_gather_cat, broadcast_from_rank0_, build_mlp,
-                     ema_update_, float32, lambdas_weighting, momentum_copy, trunc_normal_init_)
+from ..settings import setting
+from .common import (HeadCfg, MomentumTeacher, MultiCropNet, all_gather_cat, broadcast_from_rank0_, build_mlp,
+                     feature_dim, float32, lambdas_weighting, momentum_copy, trunc_normal_init_)
 from .registry import register_method
 
 
@@ -21,24 +21,34 @@ class MocoCfg(HeadCfg):
     """The `moco:` config section (reference MoCo-v2 settings; the head's are HeadCfg's defaults)."""
     temperature: float = setting(0.2, 1e-4, 10.0)
     queue_length: int = setting(65536, 1)
-    momentum: float = setting(0.999, 0.0, 1.0, "fixed key-encoder momentum (not scheduled)")
+    momentum: float = setting(0.999, 0.0, 1.0, "key-encoder EMA momentum, fixed (a constant `momentum` schedule)")
 
 
-@register_method("moco", config=MocoCfg)
-class MoCo(SSLMethod):
+@dataclass
+class MocoConfig(Config):
+    method: str = "moco"
+    moco: MocoCfg = field(default_factory=MocoCfg)
+
+
+@register_method("moco", config=MocoConfig)
+class MoCo(MomentumTeacher[MocoConfig]):
+    """The key encoder follows the query encoder by EMA with the fixed `moco.momentum`, after each
+    optimizer step: the same update as the reference's at the start of the next forward, before the
+    keys are computed (the query encoder does not change in between)."""
     resume_keys = ("out_dim", "hidden_dim", "num_layers", "use_bn_in_head", "queue_length")
     backbone_keys = {"student": "encoder_q.backbone.", "teacher": "encoder_k.backbone."}
+    queue: torch.Tensor         # buffers: the key queue [dim, length], its write position
+    queue_ptr: torch.Tensor
 
     @classmethod
-    def schedules(cls, cfg, iters_per_epoch: int) -> dict[str, np.ndarray]:
-        """The key encoder's momentum is fixed and applied in the forward; it is here to be logged."""
-        return {"momentum": np.full(cfg.train.epochs * iters_per_epoch, cfg.moco.momentum)}
+    def momentum_range(cls, cfg: MocoConfig) -> tuple[float, float]:
+        return cfg.moco.momentum, cfg.moco.momentum
 
-    def __init__(self, cfg, num_classes: int):
+    def __init__(self, cfg: MocoConfig, num_classes: int):
         c = cfg.moco
         backbone = build_backbone(cfg.model.backbone, cfg.model.drop_path_rate)
-        super().__init__(cfg, num_classes, backbone.num_features)
-        head = build_mlp(backbone.num_features, c.hidden_dim, c.out_dim, c.num_layers, c.use_bn_in_head, nn.ReLU)
+        super().__init__(cfg, num_classes, feature_dim(backbone))
+        head = build_mlp(feature_dim(backbone), c.hidden_dim, c.out_dim, c.num_layers, c.use_bn_in_head, nn.ReLU)
         trunc_normal_init_(head)
         self.encoder_q = MultiCropNet(backbone, head)
         self.encoder_k = momentum_copy(self.encoder_q, cfg.model.backbone)
@@ -49,20 +59,20 @@ class MoCo(SSLMethod):
         self.register_buffer("queue", broadcast_from_rank0_(queue))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
         self.temperature = c.temperature
-        self.momentum = c.momentum
         self.num_global = cfg.recipe.global_.count
 
     @property
     def backbone(self) -> nn.Module:
         return self.encoder_q.backbone
 
+    def ema_pair(self) -> tuple[nn.Module, nn.Module]:
+        return self.encoder_k, self.encoder_q
+
     def ssl_forward(self, views, epoch):
         # Not symmetric: global 1 is only the key; global 2 and the locals are queries.
         queries = views[1:]
         feats, q = self.encoder_q(queries)
         with torch.no_grad():
-            # Fixed momentum, applied before the keys are computed (the scheduled one is unused).
-            ema_update_(self.encoder_k, self.encoder_q, self.momentum)
             # No ShuffleBN: with SyncBN (or one process) the key BN statistics already span the
             # global batch, so shuffling samples across GPUs changes nothing (the reference converts the
             # whole model to SyncBN, src/sslight/engine/trainer.py:172-173, and still shuffles).

@@ -2,16 +2,17 @@
 utils/loss.py:78-168)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigError, setting, setting_list
+from ..config import Config
 from ..models import reference_conv_bn_init_, build_backbone
-from .common import (HeadCfg, MultiCropNet, SSLMethod, all_reduce_sum_, build_mlp, float32, scalar,
-                     swapped_prediction_loss, world_size)
+from ..settings import ConfigError, setting, setting_list
+from .common import (HeadCfg, MultiCropNet, SSLMethod, all_reduce_sum_, build_mlp, feature_dim, float32,
+                     scalar, swapped_prediction_loss, world_size)
 from .registry import register_method
 
 
@@ -28,6 +29,12 @@ class SwavCfg(HeadCfg):
     epoch_queue_starts: int = setting(15, 0)
     freeze_prototypes_epochs: int = setting(1, 0)
     crops_for_assign: list[int] = setting_list([0, 1])
+
+
+@dataclass
+class SwavConfig(Config):
+    method: str = "swav"
+    swav: SwavCfg = field(default_factory=SwavCfg)
 
 
 class SwAVHead(nn.Module):
@@ -75,25 +82,27 @@ def queue_rows_per_rank(queue_length: int, batch_size: int, ranks: int) -> int:
     return (queue_length - queue_length % (batch_size * ranks)) // ranks
 
 
-@register_method("swav", config=SwavCfg)
-class SwAV(SSLMethod):
+@register_method("swav", config=SwavConfig)
+class SwAV(SSLMethod[SwavConfig]):
+    global_views = 2
     resume_keys = ("out_dim", "hidden_dim", "num_layers", "use_bn_in_head", "num_prototypes", "queue_length")
     backbone_keys = {"student": "network.backbone.", "teacher": "network.backbone."}  # one network
+    queue: torch.Tensor         # buffers: the queue of each crop in crops_for_assign, its fill count
+    queue_filled: torch.Tensor
 
     @classmethod
-    def check_config(cls, cfg) -> None:
+    def check_config(cls, cfg: SwavConfig) -> None:
+        super().check_config(cfg)
         r, c = cfg.recipe, cfg.swav
-        if r.global_.count != 2:
-            raise ConfigError(f"recipe.global.count: {cls.name} uses exactly 2 global views")
         if not c.crops_for_assign or any(not 0 <= i < r.global_.count for i in c.crops_for_assign):
             raise ConfigError(f"swav.crops_for_assign: {c.crops_for_assign} must name global views "
                               f"(0..{r.global_.count - 1} of the {r.global_.count + r.local.count} views)")
 
-    def __init__(self, cfg, num_classes: int):
+    def __init__(self, cfg: SwavConfig, num_classes: int):
         c = cfg.swav
         backbone = build_backbone(cfg.model.backbone, cfg.model.drop_path_rate)
-        super().__init__(cfg, num_classes, backbone.num_features)
-        self.network = MultiCropNet(backbone, SwAVHead(backbone.num_features, c))
+        super().__init__(cfg, num_classes, feature_dim(backbone))
+        self.network = MultiCropNet(backbone, SwAVHead(feature_dim(backbone), c))
         swav_init_(self)
         self.temperature, self.epsilon, self.iterations = c.temperature, c.epsilon, c.sinkhorn_iterations
         self.crops_for_assign = list(c.crops_for_assign)
