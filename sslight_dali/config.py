@@ -350,8 +350,8 @@ def _check_value(path: str, value, tp, meta):
                 raise ConfigError(f"{path}: {value!r} is not allowed; give a number or one of {words}")
             return value
         return _check_value(path, value, number, meta)
-    if origin is Literal:
-        allowed = typing.get_args(tp)
+    if origin is Literal or "choices" in meta:  # choices: a table's names (model.backbone: backbones.py)
+        allowed = meta["choices"]() if "choices" in meta else typing.get_args(tp)
         # An old spelling still read (train.device: cuda, from before devices were named gpu/cpu).
         value = meta.get("aliases", {}).get(value, value) if isinstance(value, str) else value
         if value not in allowed:
