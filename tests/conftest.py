@@ -49,18 +49,3 @@ def tiny_data(tmp_path_factory):
     synth_dataset(root, classes=4, per_class=8, val_per_class=4, min_side=40, max_side=64)
     return root
 
-
-def assert_same_state(a, b, where=""):
-    """torch.equal on every tensor of nested dicts/lists; == on everything else."""
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            assert_same_state(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same_state(x, y, f"{where}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), f"{where} differs"
-    else:
-        assert a == b, where

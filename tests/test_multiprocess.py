@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 from sslight_dali import checkpoint as ckpt
 from sslight_dali.config import load_config
 
-from conftest import assert_same_state
+from helpers import assert_same_state
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["recipe.global.size=32", "recipe.local.size=16", "recipe.local.count=2", "train.batch_size=4",
