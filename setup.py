@@ -26,7 +26,7 @@ setup(
         "tensorboard>=2.14",
         "matplotlib>=3.7",
     ],
-    # tests: the runner, yacs/fvcore for the reference checkpoints built in tests/test_export.py, and
+    # tests: the runner, yacs/fvcore for the reference checkpoints built in tests/export/test_export.py, and
     # mypy with the YAML library's types for the static type check (mypy.ini, tests/test_types.py)
     extras_require={"test": ["pytest>=8.0", "yacs>=0.1.8", "fvcore>=0.1.5", "mypy>=1.10", "types-PyYAML>=6.0"],
                     "onnx": ["onnx>=1.17", "onnxscript>=0.2", "onnxruntime>=1.20"],

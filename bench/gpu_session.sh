@@ -14,7 +14,7 @@
 # guard: a command whose limit no longer fits in what is left is skipped and named. Results go to DIR
 # (default $OUT, else bench/results/gpu-session) as <tag>-<what>-<config>.json, tag from the GPU
 # (TAG=... to set it); more than 7 files are packed into one .tar.gz (a call brings back 8 at most).
-# --dry-run prints the commands instead (no GPU; tests/test_gpu_session.py parses them with the CLI).
+# --dry-run prints the commands instead (no GPU; tests/bench/test_gpu_session.py parses them with the CLI).
 set -uo pipefail
 
 DRY=0
@@ -134,7 +134,7 @@ step_env() {
 }
 
 step_gpu_tests() {  # correctness before speed: one pytest process for both files (one start-up)
-  run 65 $PY -m pytest -q -p no:cacheprovider tests/test_data_gpu.py tests/test_data_views.py -k gpu
+  run 65 $PY -m pytest -q -p no:cacheprovider tests/data/test_gpu.py tests/data/test_views.py -k gpu
 }
 
 step_pipeline() {  # the DALI GPU pipeline alone (its record holds cpu_ms_per_image)
@@ -209,7 +209,7 @@ PLAN="1 start-up       3.0  a fresh machine starts (the first call pays it)
 4 idle           0.5  between calls
 4 transfer       0.2  working tree out, results back (one .tar.gz)
 4 env            0.2  -> <tag>-env.json: GPU, driver, CUDA, torch, torchvision, timm, DALI, nproc, hw_decoder_used
-4 gpu-tests      0.8  -> pass/fail: tests/test_data_gpu.py, tests/test_data_views.py -k gpu
+4 gpu-tests      0.8  -> pass/fail: tests/data/test_gpu.py, tests/data/test_views.py -k gpu
 4 pipeline       0.4  -> ResNet18 DALI GPU pipeline alone: img/s, cpu_ms_per_image
 4 train          2.4  -> end to end beside the model ceiling, eager, R18/MNv2/ViT-Ti: img/s, ratio, data-wait, CPU ms/img
 4 compare        1.4  -> R18 end to end, dali:gpu vs torchvision:cpu (a worker per core) in one process: img/s each, ratio, PNG

@@ -68,7 +68,7 @@ def apply_with_p(p: float, op, img, *extra):
 def _blur(img, sigma):
     # DALI's default window, 2*ceil(3*sigma)+1 taps per sample (3 to 13 for sigma in [0.1, 2]), sums
     # all but 0.3% of the kernel; a fixed 13-tap window gives the same images within 0.1 grey level
-    # at more CPU time (tests/test_data_ops.py, bench/README.md).
+    # at more CPU time (tests/data/test_ops.py, bench/README.md).
     return fn.gaussian_blur(img, sigma=sigma)
 
 
@@ -150,7 +150,7 @@ def jitter_random_order(img, orders: list[tuple[int, ...]], order, *factors):
     """Colour jitter on uint8 in the per-sample `order`, an index into `orders` (augment.jitter_orders:
     every order of the enabled ops, the identity first). Each op saturates like PIL's but rounds to
     nearest where PIL truncates: brightness, contrast and saturation together sit 0.7-1.3 grey levels
-    above PIL on tests/test_data_ops.py's photo (the fixed-order colour_pass truncates)."""
+    above PIL on tests/data/test_ops.py's photo (the fixed-order colour_pass truncates)."""
     if len(orders) == 1:  # zero or one op: nothing to permute
         return _jitter_fused(img, orders[0], factors)
     ops = list(orders[0])

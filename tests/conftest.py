@@ -69,19 +69,3 @@ def package_copy(tmp_path):
         return subprocess.run([sys.executable, *argv], cwd=dst, env=env, capture_output=True, text=True,
                               timeout=timeout)
     return dst, run
-
-
-def assert_same_state(a, b, where=""):
-    """torch.equal on every tensor of nested dicts/lists; == on everything else."""
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            assert_same_state(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same_state(x, y, f"{where}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), f"{where} differs"
-    else:
-        assert a == b, where

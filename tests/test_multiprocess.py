@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import types
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch.multiprocessing as mp
 from sslight_dali import checkpoint as ckpt
 from sslight_dali.run_config import load_config
 
-from conftest import assert_same_state
+from helpers import assert_same_state, free_port as _free_port
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["recipe.global.size=32", "recipe.local.size=16", "recipe.local.count=2", "train.batch_size=4",
@@ -34,12 +33,6 @@ TINY = ["recipe.global.size=32", "recipe.local.size=16", "recipe.local.count=2",
 
 def _cfg(method, *extra, backbone="resnet18"):
     return load_config(REPO / f"configs/{method}/{backbone}_sslight.yaml", TINY + list(extra))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _join(rank, world, port):

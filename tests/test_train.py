@@ -3,9 +3,7 @@ atomic, non-finite losses stop the run, and two gloo processes stay in sync on s
 from __future__ import annotations
 
 import glob
-import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -17,26 +15,9 @@ from sslight_dali.run_config import load_config
 from sslight_dali.run_policy import NonFiniteLossError
 from sslight_dali.train import Trainer, train
 
-from conftest import assert_same_state
+from helpers import REPO, assert_same_state, free_port as _free_port, read_metrics, tiny_cfg
 
-REPO = Path(__file__).resolve().parent.parent
 CONFIGS = sorted(glob.glob(str(REPO / "configs/*/*.yaml")))
-
-# Tiny crops and heads so a CPU step takes milliseconds; the recipe structure stays the config's.
-TINY = ["recipe.global.size=32", "recipe.local.size=16", "recipe.local.count=2", "train.batch_size=4",
-        "dino.out_dim=64", "dino.hidden_dim=32", "dino.bottleneck_dim=16",
-        "swav.num_prototypes=16", "swav.hidden_dim=32", "moco.queue_length=64", "moco.hidden_dim=32",
-        "data.num_threads=1", "train.knn_every=0", "train.log_every=1", "eval.resize=36", "eval.crop=32",
-        "train.device=cpu", "data.device=cpu", "train.tensorboard=false"]
-
-
-def tiny_cfg(path, data_root, out, *extra):
-    return load_config(path, TINY + [f"data.root={data_root}", f"train.output_dir={out}", *extra])
-
-
-def read_metrics(out: Path, kind="train") -> list[dict]:
-    return [r for r in map(json.loads, open(out / "metrics.jsonl")) if r["kind"] == kind]
-
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: "/".join(Path(p).with_suffix("").parts[-2:]))
 def test_every_config_trains_a_few_steps(path, tiny_data, tmp_path):
@@ -152,12 +133,6 @@ def test_a_missing_resume_checkpoint_is_a_clear_error(tiny_data, tmp_path):
 
 
 # --- two processes, gloo ------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank, world, port, cfg_path, data_root, out):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

@@ -9,7 +9,7 @@ import torch
 from sslight_dali import checkpoint as ckpt
 from sslight_dali.train import train
 
-from test_train import REPO, read_metrics, tiny_cfg
+from helpers import REPO, read_metrics, tiny_cfg
 
 # 32 images / batch 16 = 2 steps per epoch, so 3 steps cross an epoch boundary (a graph that read the
 # epoch would be rebuilt there). ResNet18 has no drop path: eager and compiled draw nothing random.

@@ -138,7 +138,7 @@ def test_dry_run_commands_parse_with_the_real_cli(tmp_path):
     commands = [shlex.split(line[2:]) for line in out.stdout.splitlines() if line.startswith("+ timeout")]
     cli = [c[c.index("sslight_dali.cli") + 1:] for c in commands if "sslight_dali.cli" in c]
     tests = [c[c.index("pytest") + 1:] for c in commands if "pytest" in c]
-    assert tests == [["-q", "-p", "no:cacheprovider", "tests/test_data_gpu.py", "tests/test_data_views.py", "-k", "gpu"]]
+    assert tests == [["-q", "-p", "no:cacheprovider", "tests/data/test_gpu.py", "tests/data/test_views.py", "-k", "gpu"]]
     assert all(Path(a).is_file() for a in tests[0] if a.startswith("tests/"))
     jsons, kinds = [], []
     for argv in cli:

@@ -36,7 +36,7 @@ def test_knn_matches_a_plain_recomputation():
 
 
 def test_trainer_logs_knn_and_probe_each_epoch(tiny_data, tmp_path):
-    from test_train import REPO, read_metrics, tiny_cfg
+    from helpers import REPO, read_metrics, tiny_cfg
 
     from sslight_dali.train import train
     result = train(tiny_cfg(REPO / "configs/dino/resnet18_sslight.yaml", tiny_data, tmp_path, "train.epochs=2",

@@ -16,7 +16,7 @@ from sslight_dali import checkpoint as ckpt
 from sslight_dali.cli import main as cli
 from sslight_dali.synth import synth_dataset
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TINY = ["recipe.global.size=32", "recipe.local.size=16", "recipe.local.count=2", "train.batch_size=16",
         "dino.out_dim=64", "dino.hidden_dim=32", "dino.bottleneck_dim=16", "data.num_threads=1",
         "train.knn_every=0", "eval.resize=36", "eval.crop=32", "eval.batch_size=32", "train.device=cpu",
@@ -219,7 +219,7 @@ def _eval_worker(rank, world, port, argv):
 @pytest.mark.slow
 def test_eval_linear_two_gloo_processes(eval_ckpts, tmp_path):
     import torch.multiprocessing as mp
-    from test_train import _free_port
+    from helpers import free_port as _free_port
     argv = ["eval", "linear", str(eval_ckpts["trained"]), "--out", str(tmp_path), "epochs=2", "batch_size=8",
             "lr=128", "log_every=1"]
     mp.spawn(_eval_worker, args=(2, _free_port(), argv), nprocs=2, join=True)

@@ -48,7 +48,7 @@ def jitter(photo, aug, orders, factors=FACTORS):
 
 
 def test_each_sample_gets_the_image_of_its_order(aug, photo):
-    # The order's distribution is the graph's (tests/test_data_stats.py checks its records); here:
+    # The order's distribution is the graph's (tests/data/test_stats.py checks its records); here:
     # the slots run exactly the order a sample holds.
     orders = jitter_orders(aug)
     assert len(orders) == 24

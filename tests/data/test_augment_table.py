@@ -15,8 +15,9 @@ from sslight_dali.bench.sweeps import ABLATIONS, op_in_recipe
 from sslight_dali.config import Augment, GlobalViews, LocalViews, ViewGroup, ViewSpec
 from sslight_dali.run_config import load_config
 
-from test_data_graph import op_names, _pipe
+from helpers import op_names, train_pipe as _pipe
 
+REPO = Path(__file__).resolve().parents[2]
 CONFIG = "configs/dino/resnet18_sslight.yaml"
 
 

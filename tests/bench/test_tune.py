@@ -15,7 +15,7 @@ from sslight_dali.bench import benches
 from sslight_dali.cli import main as cli_main
 from sslight_dali.run_config import load_config
 
-from test_bench import CONFIG, TINY, data  # noqa: F401  (data: the tiny ImageFolder fixture)
+from helpers import CONFIG, BENCH_TINY as TINY
 
 FAST = ["--batch-size", "4", "--warmup", "1", "--steps", "1", "--repeats", "2", "--backend", "dali",
         "--device", "cpu"]

@@ -52,7 +52,7 @@ def test_output_format(make_cfg, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS + ["dali-2pipelines"])
 def test_two_shards_cover_the_epoch_once(make_cfg, backend):
-    # dali-2pipelines: each rank's shard is read by two pipelines taking turns (tests/test_data_pipelines.py)
+    # dali-2pipelines: each rank's shard is read by two pipelines taking turns (tests/data/test_pipelines.py)
     extra = ["data.pipelines=2"] if backend == "dali-2pipelines" else []
     cfg = make_cfg(f"data.backend={backend.split('-')[0]}", "train.batch_size=4", *extra)
     loaders = [build_train_loader(cfg, rank=r, world_size=2) for r in range(2)]

@@ -18,20 +18,11 @@ import pytest
 from sslight_dali import bench
 from sslight_dali.bench import benches  # the module whose step and batch source the tests replace
 from sslight_dali.cli import main as cli_main
-from sslight_dali.synth import synth_dataset
 
-CONFIG = "configs/dino/resnet18_sslight.yaml"
-TINY = ["recipe.global.size=32", "recipe.local.size=16", "recipe.local.count=2", "dino.out_dim=256",
-        "dino.hidden_dim=64", "dino.bottleneck_dim=32", "train.joint_linear_probe=false"]
+from helpers import CONFIG, BENCH_TINY as TINY
+
 FAST = ["--batch-size", "4", "--threads", "1", "--warmup", "1", "--steps", "1", "--repeats", "2"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("bench_data")
-    synth_dataset(root, classes=4, per_class=4, val_per_class=1, min_side=40, max_side=64)
-    return root
 
 
 def run(tmp_path: Path, command: str, *extra: str, data: Path | None = None, name: str = "out") -> dict:

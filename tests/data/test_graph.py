@@ -8,77 +8,13 @@ import pytest
 from sslight_dali.run_config import load_config
 from sslight_dali.data.dali_views import ReaderSpec, eval_pipeline, train_pipeline
 
-CONFIG = "configs/dino/resnet18_sslight.yaml"
+from helpers import CONFIG, graph, op_names, train_pipe as _pipe
+
 # Operator instances in the graph before the view chain was rewritten: 328 (fixed jitter order,
-# debug off), of which 63 conditional splits and 24 merges. Measured with op_names() below on the
+# debug off), of which 63 conditional splits and 24 merges. Measured with helpers.op_names() on the
 # dali_views.py of commit 3258304 (per view: crop, then brightness, contrast, hsv, grayscale, blur,
 # solarize each behind a per-sample conditional).
 OLD_GRAPH_OPS = 328
-
-
-def _varint(buf: bytes, i: int) -> tuple[int, int]:
-    x = shift = 0
-    while True:
-        b = buf[i]
-        i += 1
-        x |= (b & 0x7F) << shift
-        shift += 7
-        if b < 0x80:
-            return x, i
-
-
-def _fields(buf: bytes):
-    """(field number, value) of one protobuf message, wire types 0, 1, 2 and 5."""
-    i = 0
-    while i < len(buf):
-        key, i = _varint(buf, i)
-        field, wire = key >> 3, key & 7
-        if wire == 0:
-            value, i = _varint(buf, i)
-        elif wire == 2:
-            n, i = _varint(buf, i)
-            value, i = buf[i:i + n], i + n
-        elif wire in (1, 5):
-            n = 8 if wire == 1 else 4
-            value, i = buf[i:i + n], i + n
-        else:
-            raise ValueError(f"wire type {wire}")
-        yield field, value
-
-
-def _io(buf: bytes) -> tuple[str, str, bool]:
-    """An InputOutput message: 1 name, 2 device, 3 is an argument input."""
-    f = dict(_fields(buf))
-    return f[1].decode(), f[2].decode(), bool(f.get(3, 0))
-
-
-def graph(pipe) -> tuple[list[tuple[str, str, list, list]], list[tuple[str, str, bool]]]:
-    """(operators, pipeline outputs) from one serialization. DALI's PipelineDef keeps its operators in
-    field 5 (OpDef: 1 schema name, 2 inputs, 3 outputs, 4 arguments, among them "device"), each read
-    as (schema name, device, inputs, outputs), and the pipeline's outputs in field 7."""
-    ops, outputs = [], []
-    for field, value in _fields(pipe.serialize()):
-        if field == 7:
-            outputs.append(_io(value))
-        if field != 5:
-            continue
-        parts = list(_fields(value))
-        args = [dict(_fields(a)) for f, a in parts if f == 4]
-        device = next(a[5].decode() for a in args if a[1] == b"device")
-        ops.append((dict(parts)[1].decode(), device, [_io(a) for f, a in parts if f == 2],
-                    [_io(a) for f, a in parts if f == 3]))
-    return ops, outputs
-
-
-def op_names(pipe) -> list[str]:
-    """Operator schema names, one per instance."""
-    return [name for name, _, _, _ in graph(pipe)[0]]
-
-
-def _pipe(*overrides, debug=False, device="cpu"):
-    cfg = load_config(CONFIG, list(overrides))
-    return train_pipeline(ReaderSpec(files=["unused.jpg"], indices=[0]), cfg.recipe, device, True, 0.0, debug,
-                          batch_size=2, num_threads=1, device_id=None)
 
 
 def test_graph_has_at_most_half_the_operators():
@@ -152,7 +88,7 @@ def test_views_are_what_their_records_say(make_cfg):
 # into regular inputs of GPU operators: serialize() raises otherwise, naming the operator); what it
 # does not check until the build is that each operator has an implementation for its device. So
 # every recipe's GPU graph is checked here, before a GPU ever runs it.
-RECIPES = sorted(p.stem for p in (Path(__file__).parents[1] / "pipelines").glob("*.yaml"))
+RECIPES = sorted(p.stem for p in (Path(__file__).parents[2] / "pipelines").glob("*.yaml"))
 assert len(RECIPES) == 6, RECIPES
 
 

@@ -28,7 +28,7 @@ from sslight_dali.data import build_train_loader
 from sslight_dali.augment import jitter_orders
 from sslight_dali.data.dali_views import record_dict
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 RECIPES = sorted(p.name for p in (REPO / "pipelines").glob("*.yaml"))
 BATCH, EPOCHS, N_IMAGES = 8, 2, 16
 # Per-sample mean absolute error between the graph's view and its re-make, grey levels 0-255, is
