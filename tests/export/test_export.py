@@ -21,54 +21,7 @@ from sslight_dali.run_config import load_config
 from sslight_dali.methods import build_method
 from sslight_dali.pretrained import load_pretrained
 
-# (config, backbone prefix of the student, of the teacher): every method and backbone appears once.
-CASES = {
-    "resnet18": ("configs/dino/resnet18_sslight.yaml", "student.backbone.", "teacher.backbone."),
-    "resnet34": ("configs/swav/resnet34_sslight.yaml", "network.backbone.", "network.backbone."),
-    "mobilenetv2_100": ("configs/moco/mobilenetv2_sslight.yaml", "encoder_q.backbone.", "encoder_k.backbone."),
-    "vit_tiny_patch16_224": ("configs/dino/vit_tiny_sslight.yaml", "student.backbone.", "teacher.backbone."),
-}
-SIZE = {"vit_tiny_patch16_224": 224}  # the ViT's exported pos_embed is for 224 px; the CNNs take any size
-
-
-@torch.no_grad()
-def tiny_checkpoint(path, config):
-    cfg = load_config(config, ["dino.out_dim=256", "dino.hidden_dim=64", "swav.num_prototypes=32", "swav.hidden_dim=64",
-                               "moco.queue_length=64", "moco.hidden_dim=64"])
-    torch.manual_seed(0)
-    method = build_method(cfg, 0)
-    for m in method.modules():  # BN statistics away from (0, 1), so a mis-mapped buffer changes the output
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.2)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.uniform_(0.5, 1.5)
-            m.bias.normal_(0, 0.2)
-    for name, p in method.named_parameters():  # a teacher that is not the student
-        if name.startswith(("teacher.", "encoder_k.")):
-            p.add_(torch.randn_like(p) * 0.01)
-    ckpt.save_atomic({"model": method.state_dict(), "config": to_dict(cfg), "epoch": 3, "step": 42}, path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpts")
-    return {bb: tiny_checkpoint(root / f"{bb}.pt", cfg) for bb, (cfg, _, _) in CASES.items()}
-
-
-def run(*argv):
-    return main([str(a) for a in argv])
-
-
-def listing(d):
-    return sorted(p.name for p in d.iterdir())
-
-
-@torch.no_grad()
-def features(model, size, seed=0):
-    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(seed))
-    return model.eval()(x)
-
+from helpers import CASES, SIZE, features, listing, run, tiny_checkpoint  # noqa: F401 (the export tests' tiny checkpoints)
 
 @pytest.mark.parametrize("backbone", list(CASES))
 def test_timm_export_loads_strictly_and_gives_the_same_features(backbone, checkpoints, tmp_path):

@@ -17,7 +17,7 @@ from sslight_dali import checkpoint as ckpt
 from sslight_dali.run_config import load_config
 from sslight_dali.export import ExportError
 from sslight_dali.pretrained import load_pretrained
-from test_export import CASES, SIZE, checkpoints, features, listing, run, tiny_checkpoint  # noqa: F401 (fixture)
+from helpers import CASES, SIZE, features, listing, run, tiny_checkpoint  # noqa: F401
 
 
 @pytest.mark.parametrize("backbone", list(CASES))
