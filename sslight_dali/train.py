@@ -217,8 +217,11 @@ def train(cfg: Config) -> dict:
     """A pre-training run, step by step: the process, the run directory and the checkpoint to resume,
     the data, the method with its optimizer and schedules, the resume, the loop, the result."""
     from .data import build_train_loader  # here: the data package loads DALI
-    # The process and the run directory (rank 0 decides; every rank gets its answer or its error).
+    # The process: rank, device, precision, memory layout.
     rank, world, device = init_distributed(cfg)
+    precision, channels_last = resolve_precision(cfg, device), uses_channels_last(cfg)
+
+    # The run directory and the checkpoint to resume (rank 0 decides; every rank gets its answer or error).
     output_dir = Path(cfg.train.output_dir)
     moved = claim_output_dir(cfg, output_dir, rank, world)
     setup_logging(output_dir, rank)
@@ -228,11 +231,11 @@ def train(cfg: Config) -> dict:
     if state is not None:
         check_resumable(state["config"], cfg, resume_from)
 
-    # The data (checked before the seeds are set, as every run so far).
+    # The data: the embedded set when data.root is empty, the kNN split check, the seeds, the loader.
     prepare_data_root(cfg, rank)
     check_eval_split(cfg)
     prepare_process(cfg.train.seed + rank, device)
-    loader = build_train_loader(cfg, rank=rank, world_size=world, channels_last=uses_channels_last(cfg),
+    loader = build_train_loader(cfg, rank=rank, world_size=world, channels_last=channels_last,
                                 dtype=torch_dtype(cfg.data.dtype))
     if loader.num_classes == 0 and cfg.train.joint_linear_probe and not cfg.train.num_classes:
         log.info("the train split has no labels: the joint linear probe is off")
@@ -245,7 +248,7 @@ def train(cfg: Config) -> dict:
     if rank == 0:
         save_config(cfg, output_dir / "config.yaml")
         log.info(f"{cfg.method} / {cfg.model.backbone} / recipe {cfg.recipe.name} on {world} x {device} "
-                 f"({trainer.precision}{', channels-last' if trainer.channels_last else ''}); "
+                 f"({precision}{', channels-last' if channels_last else ''}); "
                  f"{loader.num_samples} images, {loader.steps_per_epoch} steps/epoch, "
                  f"global batch {cfg.train.batch_size * world}, data: {cfg.data.backend} on {loader.device}")
         log.debug(dump_config(cfg))
