@@ -116,6 +116,8 @@ class RunLoop:
     override `start_epoch`, `end_epoch` (before the epoch counter moves on) and `after_epoch_checkpoint`.
     """
     PER_RANK = ("loader", "rng")  # checkpoint entries every rank writes its own of
+    # The non-finite stop's message, formatted with the step and epoch.
+    NONFINITE = "non-finite loss at or before step {step}: stopping without writing a checkpoint"
 
     def init_loop(self) -> None:
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
@@ -145,9 +147,6 @@ class RunLoop:
 
     def after_epoch_checkpoint(self) -> dict:
         return {}
-
-    def nonfinite_message(self) -> str:
-        return f"non-finite loss at or before step {self.step}: stopping without writing a checkpoint"
 
     # -- the loop ---------------------------------------------------------------------------------
     def total_steps(self) -> int:
@@ -260,7 +259,7 @@ class RunLoop:
 
     # -- checkpoints ------------------------------------------------------------------------------
     def check_finite(self) -> None:
-        stop_if_nonfinite(self.nonfinite, self.world, self.nonfinite_message())
+        stop_if_nonfinite(self.nonfinite, self.world, self.NONFINITE.format(step=self.step, epoch=self.epoch))
 
     def save(self, tag_epoch: bool = False) -> None:
         self.check_finite()  # never write a NaN checkpoint

@@ -60,6 +60,8 @@ class Trainer(RunLoop):
     `loader` follows sslight_dali.data's interface: `steps_per_epoch`, `num_classes`, `epoch(e)`
     yielding (views, labels, indices), `state_dict()`."""
     PER_RANK = ("loader", "rng", "method_rank")
+    NONFINITE = ("non-finite loss at or before step {step} (epoch {epoch}); stopping without writing a checkpoint. "
+                 "Lower optim.base_lr, try train.precision=fp32, or check the data.")
 
     def __init__(self, cfg: Config, loader, rank: int = 0, world: int = 1, device: torch.device | None = None,
                  output_dir: Path | None = None):
@@ -148,10 +150,6 @@ class Trainer(RunLoop):
         s = self.step - 1
         return {**{k: float(v) for k, v in metrics.items()},
                 **{k: float(v[s]) for k, v in self.schedules.items()}}  # lr, wd and the method's
-
-    def nonfinite_message(self) -> str:
-        return (f"non-finite loss at or before step {self.step} (epoch {self.epoch}); stopping without "
-                "writing a checkpoint. Lower optim.base_lr, try train.precision=fp32, or check the data.")
 
     def after_epoch_checkpoint(self) -> dict:
         if self.cfg.train.knn_every and self.epoch % self.cfg.train.knn_every == 0:

@@ -184,6 +184,8 @@ class EpochLoop(RunLoop):
     backbone of a linear probe is in the pre-training checkpoint already). `settings` identify the run:
     a resume with different settings is refused, naming the first that differs. The loop around the
     steps (stop signals, checkpoints, max_steps, the non-finite stop, logging) is loop.RunLoop's."""
+    NONFINITE = ("non-finite loss at or before step {step}: stopping without writing a checkpoint; "
+                 "lower the LR or use train.precision=fp32")
 
     def __init__(self, run: Run, model: nn.Module, saved: nn.Module, optimizer: torch.optim.Optimizer,
                  lrs: np.ndarray, train_loader, val_loader, settings: dict):
@@ -254,10 +256,6 @@ class EpochLoop(RunLoop):
 
     def record(self, metrics: dict) -> dict:
         return {"lr": self.optimizer.param_groups[0]["lr"]}
-
-    def nonfinite_message(self) -> str:
-        return (f"non-finite loss at or before step {self.step}: stopping without writing a checkpoint; "
-                "lower the LR or use train.precision=fp32")
 
     def fit(self) -> list[dict]:
         super().fit()
