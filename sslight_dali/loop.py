@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt
+from .data.sources import DataError
 from .logger import RunLogger, StepTimer, timed_batches
 from .run_policy import gather_per_rank, stop_if_nonfinite
 
@@ -211,7 +212,6 @@ class RunLoop:
         """A file that fails to decode mid-run stops the run with the loader's one line, after a
         checkpoint at the last completed step (one process only: with several, the others are inside
         a collective and stop on train.dist_timeout_s instead)."""
-        from .data.sources import DataError  # here: the data package loads DALI
         try:
             yield
         except DataError as e:

@@ -19,14 +19,17 @@ import torch.nn as nn
 
 from . import checkpoint as ckpt
 from .config import Config, dump_config, save_config, to_dict
+from .data import build_train_loader
 from .knn import knn_evaluate
 from .logger import setup_logging
 # The run loop shared with the evaluation commands; its exit status, exceptions and signal handling
 # are imported here too, where `sslight train` and the tests have always found them.
 from .loop import EXIT_PREEMPTED, PeerLostError, Preempted, RunLoop, StopSignals  # noqa: F401
 from .loop import is_peer_failure as _is_peer_failure  # noqa: F401
+from .methods import build_method
+from .methods.common import MultiCropNet
 from .models import sync_batchnorm
-from .optim import OPTIMIZER_SCHEDULES, clip_gradients_
+from .optim import OPTIMIZER_SCHEDULES, build_optimizer, build_schedules, clip_gradients_, global_batch_size
 # What decides around the loop (run directory, resume, synthetic data) is in run_policy.py; process
 # and device set-up in runtime.py (both shared with bench, evaluation and the demo).
 from .run_policy import (check_eval_split, check_resumable, claim_output_dir, own_rank_entry, prepare_data_root,
@@ -43,7 +46,6 @@ def compile_networks(method: nn.Module) -> None:
     checkpoint moves freely between compiled and eager runs. The loss code around the networks stays
     eager: it reads per-epoch Python values (DINO's teacher temperature) that would recompile a graph
     holding it at every new value, and past torch's recompile limit (8) that code runs eager anyway."""
-    from .methods.common import MultiCropNet
     # One trainer at a time per process (a bench sweep builds several in turn): start from empty caches, so
     # that earlier trainers' graphs do not count against that limit, which is per function, not per module.
     torch._dynamo.reset()
@@ -65,9 +67,6 @@ class Trainer(RunLoop):
 
     def __init__(self, cfg: Config, loader, rank: int = 0, world: int = 1, device: torch.device | None = None,
                  output_dir: Path | None = None):
-        from .methods import build_method
-        from .optim import build_optimizer, build_schedules, global_batch_size
-
         self.cfg, self.loader, self.rank, self.world = cfg, loader, rank, world
         self.device = device or torch.device("cpu")
         self.output_dir = Path(output_dir or cfg.train.output_dir)
@@ -214,7 +213,6 @@ class Trainer(RunLoop):
 def train(cfg: Config) -> dict:
     """A pre-training run, step by step: the process, the run directory and the checkpoint to resume,
     the data, the method with its optimizer and schedules, the resume, the loop, the result."""
-    from .data import build_train_loader  # here: the data package loads DALI
     # The process: rank, device, precision, memory layout.
     rank, world, device = init_distributed(cfg)
     precision, channels_last = resolve_precision(cfg, device), uses_channels_last(cfg)

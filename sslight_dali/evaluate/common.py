@@ -25,6 +25,7 @@ from torch import nn
 
 from .. import checkpoint as ckpt
 from ..config import Config, ConfigError, expand_key, from_dict, parse_overrides, to_dict, validate
+from ..data import list_samples
 from ..files import atomic_write
 from ..logger import setup_logging
 from ..loop import RunLoop
@@ -71,7 +72,6 @@ def eval_config(pre: Pretrained, overrides: list[str], section: str | None) -> C
 
 def check_splits(cfg: Config, *splits: str) -> None:
     """Fail before anything is written when a split the command reads is missing."""
-    from ..data import list_samples
     if not cfg.data.root:
         raise ConfigError("data.root is empty in the checkpoint's config (an imported checkpoint?): "
                           "pass data.root=DATASET_ROOT")
