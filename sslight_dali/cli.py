@@ -46,12 +46,7 @@ def _data_synth(args) -> int:
 # The commands below are the Python API's functions (api.py) with the command line's printing.
 def _train(args) -> int:
     from .api import train  # light: as above (torch, DALI)
-    from .train import EXIT_PREEMPTED, Preempted
-    try:
-        result = train(args.config, args.overrides)
-    except Preempted as e:  # a checkpoint was written: the job may be requeued and resume
-        print(f"sslight: {e}", file=sys.stderr)
-        return EXIT_PREEMPTED
+    result = train(args.config, args.overrides)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -221,7 +216,7 @@ def _user_errors() -> tuple:
     errors = [FileNotFoundError]
     for module, name in (("sslight_dali.config", "ConfigError"), ("sslight_dali.checkpoint", "CheckpointError"),
                          ("sslight_dali.data.sources", "DataError"), ("sslight_dali.run_policy", "NonFiniteLossError"),
-                         ("sslight_dali.train", "PeerLostError"),
+                         ("sslight_dali.loop", "PeerLostError"),
                          ("sslight_dali.bench", "BenchError"), ("sslight_dali.export", "ExportError")):
         mod = sys.modules.get(module)  # only those already imported can have been raised
         if mod is not None:
@@ -241,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except Exception as e:
+        loop = sys.modules.get("sslight_dali.loop")  # only a run loop (train, eval) stops on a signal
+        if loop is not None and isinstance(e, loop.Preempted):  # a checkpoint was written: requeue, resume
+            print(f"sslight: {e}", file=sys.stderr)
+            return loop.EXIT_PREEMPTED
         if not isinstance(e, _user_errors()):
             raise
         from .config import ConfigError  # light: only once a command ran (it has loaded config)

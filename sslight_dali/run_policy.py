@@ -19,7 +19,10 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from .config import Config, to_dict
+from .data import DataError, list_samples
+from .methods import method_class
 from .runtime import is_distributed
+from .synth import synth_dataset
 
 log = logging.getLogger("sslight")
 
@@ -45,7 +48,6 @@ def prepare_data_root(cfg: Config, rank: int) -> None:
     """An empty data.root means the embedded synthetic dataset (made once, under data/synth)."""
     if cfg.data.root:
         return
-    from .synth import synth_dataset
     root = Path("data/synth")
     if rank == 0 and not (root / "synth.json").is_file():
         log.info(f"data.root is empty: writing the embedded synthetic dataset to {root}")
@@ -61,7 +63,6 @@ def check_eval_split(cfg: Config) -> None:
     has none either (unlabeled data, nothing to monitor against), and is an error otherwise."""
     if not cfg.train.knn_every or cfg.data.format == "webdataset":
         return
-    from .data import DataError, list_samples
     try:
         val = list_samples(cfg.data.root, cfg.data.val_split, cfg.data.format, check=False)
     except DataError as e:
@@ -149,7 +150,6 @@ RESUME_KEYS = ("method", "model.backbone", "optim.name", "train.batch_size", "tr
 def check_resumable(saved: dict, cfg: Config, path: Path) -> None:
     """Refuse a checkpoint whose RESUME_KEYS differ from cfg's. data.pipelines=auto takes the
     checkpoint's count (the data order depends on it); an explicit other count is refused by the loader."""
-    from .methods import method_class
     if cfg.data.pipelines == "auto":
         kept = (saved.get("data") or {}).get("pipelines", 1)  # 1: written before data.pipelines existed
         cfg.data.pipelines = kept if isinstance(kept, int) else "auto"

@@ -21,7 +21,8 @@ import torch
 
 from sslight_dali import checkpoint as ckpt
 from sslight_dali.run_config import load_config
-from sslight_dali.train import EXIT_PREEMPTED, _is_peer_failure, train
+from sslight_dali.loop import EXIT_PREEMPTED, is_peer_failure as _is_peer_failure
+from sslight_dali.train import train
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = str(REPO / "configs/dino/mobilenetv2_sslight.yaml")
@@ -347,7 +348,7 @@ def test_metrics_keep_one_record_per_step_after_a_resume(tmp_path):
 
 def test_a_second_signal_exits_at_once():
     code = ("import os, signal, time\n"
-            "from sslight_dali.train import StopSignals\n"
+            "from sslight_dali.loop import StopSignals\n"
             "with StopSignals() as s:\n"
             "    os.kill(os.getpid(), signal.SIGUSR1); time.sleep(0.2)\n"
             "    assert s.received == 'SIGUSR1'\n"

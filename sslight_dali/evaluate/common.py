@@ -6,13 +6,13 @@
   through the final LayerNorm, concatenated (DINO's linear-eval input, 4 x 192 = 768-d).
 - `EpochLoop`: supervised training with the LR set once per epoch (the reference's classification
   scheduler indexes its per-iteration cosine at each epoch's first step, so the LR is a step-wise
-  cosine), val top-1/top-5 after every epoch, atomic checkpoints and exact resume.
+  cosine), val top-1/top-5 after every epoch, atomic checkpoints and exact resume, on the run loop
+  pre-training uses (loop.py: stop signals, checkpoints, max_steps, the non-finite stop, logging).
 """
 from __future__ import annotations
 
 import json
 import logging
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +26,14 @@ from torch import nn
 from .. import checkpoint as ckpt
 from ..backbones import backbone_entry
 from ..config import Config, ConfigError, parse_overrides, to_dict
+from ..data import list_samples
 from ..files import atomic_write
-from ..logger import RunLogger, StepTimer, setup_logging, timed_batches
+from ..logger import setup_logging
+from ..loop import RunLoop
 from ..optim import cosine_schedule
 from ..pretrained import Pretrained, load_pretrained
 from ..run_config import config_from_dict, expand_key, validate
-from ..run_policy import gather_per_rank, own_rank_entry, resolve_resume, stop_if_nonfinite
+from ..run_policy import own_rank_entry, resolve_resume
 from ..runtime import (autocast_dtype, init_distributed, prepare_process, resolve_precision, shutdown_distributed,
                        uses_channels_last)
 
@@ -72,7 +74,6 @@ def eval_config(pre: Pretrained, overrides: list[str], section: str | None) -> C
 
 def check_splits(cfg: Config, *splits: str) -> None:
     """Fail before anything is written when a split the command reads is missing."""
-    from ..data import list_samples
     if not cfg.data.root:
         raise ConfigError("data.root is empty in the checkpoint's config (an imported checkpoint?): "
                           "pass data.root=DATASET_ROOT")
@@ -181,41 +182,41 @@ def epoch_lrs(peak: float, epochs: int) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------
 # Per-epoch training loop (linear reference protocol, semi-supervised fine-tuning)
 # ------------------------------------------------------------------------------------------------
-class EpochLoop:
+class EpochLoop(RunLoop):
     """`model` maps images to logits; `saved` is the part of it that a checkpoint holds (the frozen
     backbone of a linear probe is in the pre-training checkpoint already). `settings` identify the run:
-    a resume with different settings is refused, naming the first that differs."""
+    a resume with different settings is refused, naming the first that differs. The loop around the
+    steps (stop signals, checkpoints, max_steps, the non-finite stop, logging) is loop.RunLoop's."""
+    NONFINITE = ("non-finite loss at or before step {step}: stopping without writing a checkpoint; "
+                 "lower the LR or use train.precision=fp32")
 
     def __init__(self, run: Run, model: nn.Module, saved: nn.Module, optimizer: torch.optim.Optimizer,
                  lrs: np.ndarray, train_loader, val_loader, settings: dict):
         self.run, self.saved, self.optimizer, self.lrs = run, saved, optimizer, lrs
-        self.train_loader, self.val_loader, self.settings = train_loader, val_loader, settings
+        self.loader, self.val_loader, self.settings = train_loader, val_loader, settings
+        self.cfg, self.rank, self.world, self.device, self.output_dir = run.cfg, run.rank, run.world, run.device, run.out
         self.module = model
         self.model = model
         if run.world > 1:
             ids = [run.device.index] if run.device.type == "cuda" else None
             self.model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         self.scaler = torch.amp.GradScaler(run.device.type, enabled=run.amp == torch.float16)
+        self.epochs = len(lrs)
         self.step, self.epoch, self.history = 0, 0, []
-        self.nonfinite = torch.zeros((), dtype=torch.bool, device=run.device)
-        self.logger = RunLogger(run.out, enabled=run.rank == 0, tensorboard=run.cfg.train.tensorboard)
+        self.init_loop()
 
     # -- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"eval_settings": self.settings, "model": self.saved.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step,
                 "epoch": self.epoch, "history": self.history,
-                "rng": ckpt.rng_state(), "loader": self.train_loader.state_dict()}
+                "rng": ckpt.rng_state(), "loader": self.loader.state_dict()}
 
-    def check_finite(self) -> None:
-        stop_if_nonfinite(self.nonfinite, self.run.world, f"non-finite loss at or before step {self.step}: stopping "
-                          "without writing a checkpoint; lower the LR or use train.precision=fp32")
-
-    def save(self) -> None:
-        self.check_finite()
-        state = gather_per_rank(self.state_dict(), ("loader", "rng"), self.run.world)
-        if self.run.rank == 0:
-            ckpt.save_atomic(state, self.run.out / ckpt.LATEST)
+    def write_checkpoint(self, state: dict, tag_epoch: bool) -> None:
+        try:
+            ckpt.save_atomic(state, self.output_dir / ckpt.LATEST)
+        except (OSError, RuntimeError) as e:
+            raise ckpt.write_error(self.output_dir, e) from None
 
     def load(self, path: Path) -> None:
         state = ckpt.load(path)
@@ -230,11 +231,20 @@ class EpochLoop:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.history = int(state["step"]), int(state["epoch"]), list(state["history"])
-        self.train_loader.load_state_dict(own_rank_entry(state["loader"], self.run.rank, self.run.world))
+        self.loader.load_state_dict(own_rank_entry(state["loader"], self.run.rank, self.run.world))
         ckpt.set_rng_state(own_rank_entry(state["rng"], self.run.rank, self.run.world))
         log.info(f"resumed from {path} at step {self.step} (epoch {self.epoch})")
 
-    # -- the loop -------------------------------------------------------------------------------
+    # -- the run loop's hooks (loop.RunLoop) ----------------------------------------------------
+    def start_epoch(self) -> None:
+        for g in self.optimizer.param_groups:  # once per epoch: a step-wise cosine
+            g["lr"] = float(self.lrs[self.epoch])
+        self.module.train()
+
+    def run_step(self, batch) -> tuple[torch.Tensor, dict]:
+        images, labels, _ = batch
+        return self.train_step(images.to(self.device, non_blocking=True), labels.to(self.device)), {}
+
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         with autocast(self.run.device, self.run.amp):
             logits = self.model(images)
@@ -247,49 +257,15 @@ class EpochLoop:
         self.step += 1
         return loss.detach()
 
+    def record(self, metrics: dict) -> dict:
+        return {"lr": self.optimizer.param_groups[0]["lr"]}
+
     def fit(self) -> list[dict]:
-        run, cfg, spe = self.run, self.run.cfg, self.train_loader.steps_per_epoch
-        epochs = len(self.lrs)
-        total = epochs * spe if not cfg.train.max_steps else min(epochs * spe, cfg.train.max_steps)
-        timer, t0, start = StepTimer(), time.perf_counter(), self.step
-        try:
-            while self.step < total:
-                for g in self.optimizer.param_groups:  # once per epoch: a step-wise cosine
-                    g["lr"] = float(self.lrs[self.epoch])
-                self.module.train()
-                epoch_end = (self.epoch + 1) * spe
-                for images, labels, _ in timed_batches(self.train_loader.epoch(self.epoch), timer, run.world):
-                    loss = self.train_step(images.to(run.device, non_blocking=True), labels.to(run.device))
-                    if self.step % cfg.train.log_every == 0 or self.step == total:
-                        self._log(loss, timer, total, t0, start, spe)
-                    every = cfg.train.checkpoint_every
-                    if every and self.step % every == 0 and self.step < epoch_end:  # epoch ends save below
-                        self.save()
-                    if self.step >= total:
-                        break
-                if self.step < epoch_end:  # stopped by train.max_steps inside the epoch
-                    self.save()
-                    break
-                self._validate()
-                self.epoch += 1
-                self.save()
-                timer.reset()
-        finally:
-            self.logger.close()
+        super().fit()
         return self.history
 
-    def _log(self, loss, timer: StepTimer, total: int, t0: float, start: int, spe: int) -> None:
-        self.check_finite()
-        _, wait, ips = timer.read()
-        rec = {"kind": "train", "step": self.step, "epoch": self.epoch, "loss": float(loss),
-               "lr": self.optimizer.param_groups[0]["lr"], "images_per_sec": ips, "data_wait": wait,
-               "time": time.time()}
-        eta = (time.perf_counter() - t0) / max(self.step - start, 1) * (total - self.step)
-        self.logger.write(rec, self.step)
-        self.logger.progress(self.epoch, len(self.lrs), self.step - self.epoch * spe, spe, rec, eta)
-        timer.reset()
-
-    def _validate(self) -> None:
+    def end_epoch(self) -> None:
+        """Val top-1/top-5 of the epoch that just ended, before its checkpoint."""
         res = accuracy(self.module, self.val_loader, self.run.device, self.run.amp, self.run.world)
         rec = {"epoch": self.epoch + 1, "top1": res["top1"], "top5": res["top5"], "val_images": res["n"],
                "lr": float(self.lrs[self.epoch])}

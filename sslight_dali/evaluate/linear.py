@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones import backbone_entry
+from ..data import build_eval_loader
 from ..knn import extract_features
 from ..optim import LARS, cosine_schedule, param_groups
 from .common import EpochLoop, epoch_lrs, feature_model, finish, setup, summarize, write_json
@@ -95,7 +96,6 @@ def train_on_features(tf, tl, vf, vl, num_classes: int, epochs: int, lr: float, 
 def fast_probe(cfg, backbone: nn.Module, device: torch.device, amp=None, rank: int = 0, world: int = 1,
                channels_last: bool = False) -> dict:
     """protocol=fast for `backbone` (also the demo's probe): features on every rank, then the layer."""
-    from ..data import build_eval_loader
     lc = cfg.eval.linear
     model = feature_model(backbone, cfg.model.backbone).to(device)
     if channels_last:
@@ -118,7 +118,6 @@ def fast_probe(cfg, backbone: nn.Module, device: torch.device, amp=None, rank: i
 # reference protocol
 # ------------------------------------------------------------------------------------------------
 def reference_linear(run) -> dict:
-    from ..data import build_eval_loader
     cfg, lc = run.cfg, run.cfg.eval.linear
     kind = backbone_entry(cfg.model.backbone).family
     opt_name, ref_lr, ref_batch, ref_per_gpu = REFERENCE[kind]

@@ -24,6 +24,9 @@ from torch import nn
 
 from .. import checkpoint as ckpt
 from ..config import ConfigError
+from ..data import DataError, build_eval_loader, list_samples
+from ..data.base import verify_cache_dir
+from ..data.sources import Samples, drop_bad_samples, find_bad_samples_cached
 from ..methods.common import trunc_normal_init_
 from ..models import sync_batchnorm
 from .common import EpochLoop, epoch_lrs, finish, setup, summarize, write_json
@@ -59,7 +62,6 @@ def write_subset(path: Path, samples, indices: list[int]) -> None:
 
 def read_subset(path: Path, samples) -> list[int]:
     """Indices named by a subset file; every line must name an image of `samples` exactly."""
-    from ..data import DataError
     if not path.is_file():
         raise DataError(f"subset file not found: {path}")
     out = []
@@ -87,8 +89,6 @@ def read_subset(path: Path, samples) -> list[int]:
 
 def subset_samples(cfg, indices: list[int], full):
     """The subset as Samples, checked like a split (bad files fail or are skipped, data.skip_bad_files)."""
-    from ..data.base import verify_cache_dir  # not data.loader: that one imports DALI
-    from ..data.sources import Samples, drop_bad_samples, find_bad_samples_cached
     sub = Samples([full.files[i] for i in indices], [full.labels[i] for i in indices], full.classes, full.root,
                   [full.members[i] for i in indices] if full.members is not None else None)
     bad = find_bad_samples_cached(sub, cfg.data.num_threads, verify_cache_dir(cfg))
@@ -167,8 +167,6 @@ def build_model(pre, num_classes: int, use_head: bool) -> SemiModel:
 # Command
 # ------------------------------------------------------------------------------------------------
 def main(args) -> int:
-    from ..data import build_eval_loader, list_samples
-
     def check(pre, cfg):  # before anything is written: the subset, the head, the subset's files
         full = list_samples(cfg.data.root, cfg.data.train_split, cfg.data.format, check=False)
         if args.subset in ("1", "10"):

@@ -5,6 +5,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import random
+import resource
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -326,3 +333,82 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(eval_ckpts, tmp_path, c
         err = capsys.readouterr().err.strip()
         assert err.startswith("sslight:") and "\n" not in err and needle in err, (name, err)
         assert not out.exists(), name
+
+
+# --- the run loop shared with pre-training: stop signals, checkpoint write errors ------------------
+SEED = int(os.environ.get("SSLIGHT_FAULT_SEED", "20261124"))
+# 96 train images: linear at batch 16 runs 6 steps per epoch; semi on its 10% subset (8 images) at batch
+# 5 runs 2. Each stops after a step drawn from the run's steps (printed on failure).
+SIGNAL_RUNS = {"linear": (["epochs=2", "batch_size=16", "lr=4096", "log_every=1"], 12),
+               "semi": (["--subset", "10", "epochs=3", "batch_size=5", "log_every=1"], 6)}
+
+
+def _sslight(*argv, fault=None, fsize=None, env=None) -> subprocess.Popen:
+    """`sslight ARGV` in a subprocess: SSLIGHT_FAULT=fault, RLIMIT_FSIZE=fsize bytes, `env` added."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
+    env.pop("SSLIGHT_FAULT", None)
+    if fault:
+        env["SSLIGHT_FAULT"] = fault
+    limit = (lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))) if fsize else None
+    return subprocess.Popen([sys.executable, "-m", "sslight_dali.cli", *map(str, argv)], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=limit)
+
+
+def _finish(proc: subprocess.Popen, timeout=300) -> tuple[int, str]:
+    _, err = proc.communicate(timeout=timeout)
+    return proc.returncode, err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", SIGNAL_RUNS)
+def test_sigterm_during_eval_saves_at_that_step_exits_75_and_resume_is_bitwise(kind, eval_ckpts, tmp_path):
+    extra, steps = SIGNAL_RUNS[kind]
+    step = random.Random(f"{SEED}-{kind}").randint(1, steps - 1)
+    args = ["eval", kind, eval_ckpts["trained"], *extra]
+    rc, err = _finish(_sslight(*args, "--out", tmp_path / "full"))
+    assert rc == 0, err[-2000:]
+    out = tmp_path / "split"
+    rc, err = _finish(_sslight(*args, "--out", out, fault=f"step:{step}:TERM"))
+    assert rc == 75, f"step {step}: rc {rc}\n{err[-2000:]}"
+    assert f"stopped by SIGTERM at step {step} " in err.strip().splitlines()[-1], err[-2000:]
+    assert ckpt.load(out / ckpt.LATEST)["step"] == step
+    assert not (out / f"eval_{kind}.json").exists()
+    rc, err = _finish(_sslight(*args, "--out", out, "resume=auto"))
+    assert rc == 0, err[-2000:]
+    # One record per step, every loss bitwise equal; the same val history; the same final weights.
+    full, split = (_metrics(tmp_path / d, "train") for d in ("full", "split"))
+    assert [r["step"] for r in split] == [r["step"] for r in full] == list(range(1, steps + 1))
+    assert [r["loss"] for r in split] == [r["loss"] for r in full], f"step {step}"
+    ra, rb = (_json(tmp_path / d / f"eval_{kind}.json") for d in ("full", "split"))
+    assert rb["complete"] and rb["history"] == ra["history"] and rb["steps"] == ra["steps"] == steps
+    wa, wb = (ckpt.load(tmp_path / d / ckpt.LATEST)["model"] for d in ("full", "split"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), f"step {step}"
+
+
+@pytest.mark.slow
+def test_a_rank0_eval_checkpoint_write_failure_ends_both_ranks_at_once(eval_ckpts, tmp_path):
+    # Two gloo ranks (batch 8: 6 steps per epoch); rank 0's files are limited to 16 KiB (its log and
+    # metrics stay below, the checkpoint at step 2 is larger). Both ranks must end with rank 0's one
+    # line, long before train.dist_timeout_s would free a rank left waiting.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = ["eval", "linear", eval_ckpts["trained"], "--out", tmp_path, "epochs=2", "batch_size=8", "lr=128",
+            "log_every=1", "checkpoint_every=2", "train.dist_timeout_s=120"]
+    env = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    t0 = time.monotonic()
+    procs = [_sslight(*argv, fsize=16 * 1024 if rank == 0 else None, env={**env, "RANK": str(rank),
+                                                                          "LOCAL_RANK": str(rank)})
+             for rank in (0, 1)]
+    try:
+        results = [_finish(p, timeout=150) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    ended = [time.monotonic() - t0]
+    for rank, (rc, err) in enumerate(results):
+        lines = err.strip().splitlines()
+        assert rc == 2 and len(lines) == 1, f"rank {rank}: rc {rc}\n{err[-2000:]}"
+        assert lines[0].startswith(f"sslight: error: cannot write a checkpoint in {tmp_path}:"), (rank, lines)
+    assert ended[0] < 100, ended  # start-up included; a rank left waiting would take over 120 s
+    assert not (tmp_path / ckpt.LATEST).exists() and not list(tmp_path.glob(".*.tmp"))
