@@ -41,6 +41,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def cli_worker(rank, world, port, argv):
+    """One rank of an `sslight ARGV` run under torch.multiprocessing.spawn (gloo on 127.0.0.1:port)."""
+    import os
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    assert main(argv) == 0
+
+
 # --- the trainer at toy size ------------------------------------------------------------------------
 # Tiny crops and heads so a CPU step takes milliseconds; the recipe structure stays the config's.
 TRAIN_TINY = ["recipe.global.size=32", "recipe.local.size=16", "recipe.local.count=2", "train.batch_size=4",

@@ -130,8 +130,7 @@ def test_a_folder_without_labels(checkpoint, synth_root, tmp_path):
 @pytest.mark.slow
 def test_two_gloo_processes_write_the_one_process_rows(checkpoint, tmp_path):
     import torch.multiprocessing as mp
-    from test_eval import _eval_worker
-    from test_train import _free_port
+    from helpers import cli_worker as _eval_worker, free_port as _free_port
     assert run("embed", checkpoint, "--out", tmp_path / "one.npz", "--split", "train") == 0
     argv = ["embed", str(checkpoint), "--out", str(tmp_path / "two.npz"), "--split", "train"]
     mp.spawn(_eval_worker, args=(2, _free_port(), argv), nprocs=2, join=True)

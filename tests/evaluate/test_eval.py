@@ -215,18 +215,10 @@ def test_eval_linear_resume_is_exact(eval_ckpts, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def _eval_worker(rank, world, port, argv):
-    import os
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    assert cli(argv) == 0
-
-
 @pytest.mark.slow
 def test_eval_linear_two_gloo_processes(eval_ckpts, tmp_path):
     import torch.multiprocessing as mp
-    from helpers import free_port as _free_port
+    from helpers import cli_worker as _eval_worker, free_port as _free_port
     argv = ["eval", "linear", str(eval_ckpts["trained"]), "--out", str(tmp_path), "epochs=2", "batch_size=8",
             "lr=128", "log_every=1"]
     mp.spawn(_eval_worker, args=(2, _free_port(), argv), nprocs=2, join=True)
