@@ -29,6 +29,7 @@ import yaml
 
 from .augment import OpKnobs, ViewOpKnobs
 from .backbones import BACKBONES
+from .data_formats import FORMATS
 from .files import atomic_write
 from .settings import ConfigError, setting, setting_list
 
@@ -202,9 +203,10 @@ class TrainCfg:
 @dataclass
 class DataCfg:
     root: str = field(default="", metadata={"help": "dataset root holding train/ and val/; '' = embedded synthetic data"})
-    format: Literal["imagefolder", "folder", "filelist", "webdataset"] = field(default="imagefolder", metadata={
-        "help": "imagefolder (<split>/<class>/*; a split of images without class folders is read as folder), "
-                "folder (unlabeled images anywhere under <split>/ or the root), filelist, webdataset"})
+    format: str = field(default="imagefolder", metadata={"choices": lambda: list(FORMATS), "help": (
+        "how a split is stored: an entry of the data-format table (data_formats.py): imagefolder (<split>/<class>/*; "
+        "a split of images without class folders is read as folder), folder (unlabeled images anywhere under "
+        "<split>/ or the root), filelist, webdataset")})
     train_split: str = "train"
     val_split: str = "val"
     recipe: str = field(default="pipelines/cnn_sslight.yaml", metadata={

@@ -61,7 +61,7 @@ def check_eval_split(cfg: Config) -> None:
     """Fail at start, not after the first epoch, when kNN is on and the val split is missing. kNN
     needs labels: without a labelled val split it is turned off with a note when the train split
     has none either (unlabeled data, nothing to monitor against), and is an error otherwise."""
-    if not cfg.train.knn_every or cfg.data.format == "webdataset":
+    if not cfg.train.knn_every:
         return
     try:
         val = list_samples(cfg.data.root, cfg.data.val_split, cfg.data.format, check=False)

@@ -19,7 +19,7 @@ PKG = ROOT / "sslight_dali"
 # The README's Architecture list, lowest layer first. Units are top-level modules and subpackages
 # (`data` stands for sslight_dali.data and everything in it).
 LAYERS = [
-    ["settings", "backbones", "files", "runtime", "checkpoint", "logger", "synth"],
+    ["settings", "backbones", "data_formats", "files", "runtime", "checkpoint", "logger", "synth"],
     ["augment", "dali_ops"],
     ["config"],
     ["data"],

@@ -106,7 +106,7 @@ def dataset_info(cfg) -> dict:
     from ..data import list_samples  # light: torch (`sslight bench --help` loads none)
     samples = list_samples(cfg.data.root, cfg.data.train_split, cfg.data.format, check=False)
     sizes = [samples.size(i) for i in range(len(samples))]
-    unique = {os.stat(f).st_ino for f in samples.files} if samples.members is None else samples.files
+    unique = {os.stat(f).st_ino for f in samples.files} if samples.storage == "files" else samples.files
     return {"path": str(Path(cfg.data.root).resolve()), "split": cfg.data.train_split, "format": cfg.data.format,
             "images": len(samples), "unique_files": len(unique), "classes": len(samples.classes),
             "mean_file_bytes": sum(sizes) / len(sizes) if sizes else 0.0}

@@ -25,7 +25,7 @@ from nvidia.dali.data_node import DataNode
 from ..augment import FRAME_FIELDS, IDENTITY, OPS, record_fields
 from ..config import Augment, Recipe, ViewSpec
 from ..dali_ops import const, to_float
-from .sources import IMG_EXTENSIONS
+from ..data_formats import IMG_EXTENSIONS
 
 READER = "Reader"
 IMAGE_EXTS = ";".join(e.lstrip(".") for e in IMG_EXTENSIONS)  # WebDataset image members (any case)
@@ -33,14 +33,16 @@ IMAGE_EXTS = ";".join(e.lstrip(".") for e in IMG_EXTENSIONS)  # WebDataset image
 
 @dataclass
 class ReaderSpec:
-    """What to read and how this process's shard is ordered.
+    """What to read and how this process's shard is ordered; `storage` (the data format's, see
+    sslight_dali/data_formats.py) picks the reader in READERS.
 
-    Files: the file reader, whose "label" output carries the dataset index. WebDataset (`index_files`
-    set): `files` are the tar shards and the index output is the sample's padded `source_info` bytes,
+    "files": the file reader, whose "label" output carries the dataset index. "tar" (WebDataset):
+    `files` are the tar shards and the index output is the sample's padded `source_info` bytes,
     which the loader maps back to the dataset index (see loader.py).
     """
     files: list[str]
     indices: list[int]          # dataset index of each file (file reader only)
+    storage: str = "files"
     shard_id: int = 0
     num_shards: int = 1
     shuffle: bool = True        # reshuffle after every epoch (shards stay disjoint)
@@ -51,8 +53,11 @@ class ReaderSpec:
 
 
 def _read(spec: ReaderSpec):
-    if spec.index_files is not None:
-        return _read_webdataset(spec)
+    """(encoded bytes, index) of every sample, by the reader of the samples' storage."""
+    return READERS[spec.storage](spec)
+
+
+def _read_files(spec: ReaderSpec):
     jpegs, index = fn.readers.file(
         files=spec.files, labels=spec.indices, name=READER, shard_id=spec.shard_id,
         num_shards=spec.num_shards, shuffle_after_epoch=spec.shuffle, seed=spec.seed,
@@ -74,6 +79,9 @@ def _read_webdataset(spec: ReaderSpec):
     # so the iterator gets a dense [B, L] uint8 tensor.
     info = fn.get_property(jpegs, key="source_info")
     return jpegs, fn.pad(info, fill_value=0, axes=[0], shape=[spec.source_info_len])
+
+
+READERS = {"files": _read_files, "tar": _read_webdataset}  # by storage (sslight_dali/data_formats.py)
 
 
 def _decode(jpegs, device: str, hw_decoder_load: float):

@@ -67,7 +67,7 @@ class _DaliLoader(LoaderPosition):
                                 else -(-self._own_shard_len() // batch_size))
         self._torch_device = torch_device(device)
         self._labels = torch.tensor(samples.labels, dtype=torch.int64)  # looked up on the CPU, beside the index
-        self._wds = self._webdataset_index() if samples.members is not None else None
+        self._wds = self._webdataset_index() if samples.storage == "tar" else None
         self._next_epoch, self._step = 0, 0
         self._its = self._build(checkpoints=None)
 
@@ -90,20 +90,22 @@ class _DaliLoader(LoaderPosition):
         return write_wds_index(self.samples, out)
 
     def _reader(self, j: int = 0) -> ReaderSpec:
-        """Pipeline j's reader: shard rank * pipelines + j of world_size * pipelines."""
+        """Pipeline j's reader (by the samples' storage, sslight_dali/data_formats.py): shard
+        rank * pipelines + j of world_size * pipelines."""
         shard = dict(shard_id=self.rank * self.pipelines + j, num_shards=self.world_size * self.pipelines,
                      shuffle=self.shuffle, seed=self.seed)
-        if self._wds is not None:
+        if self.samples.storage == "tar":
             tars, index_files = self._wds.tars, self._wds.index_files
             if self.shuffle:  # epoch 0 order; DALI reshuffles the tars from epoch 1 on
                 order = np.random.default_rng(self.seed).permutation(len(tars))
                 tars, index_files = [tars[i] for i in order], [index_files[i] for i in order]
-            return ReaderSpec(files=tars, indices=[], index_files=index_files,
+            return ReaderSpec(files=tars, indices=[], storage="tar", index_files=index_files,
                               source_info_len=self._wds.info_len, **shard)
         order = np.arange(self.num_samples)
         if self.shuffle:
             order = np.random.default_rng(self.seed).permutation(self.num_samples)
-        return ReaderSpec(files=[self.samples.files[i] for i in order], indices=order.tolist(), **shard)
+        return ReaderSpec(files=[self.samples.files[i] for i in order], indices=order.tolist(), storage="files",
+                          **shard)
 
     def _build(self, checkpoints: list[str] | None) -> list[DALIGenericIterator]:
         """One iterator per pipeline (see the module docstring); with one pipeline the seed is the
@@ -175,7 +177,7 @@ class _DaliLoader(LoaderPosition):
         return t if t.dtype == self.dtype else t.to(self.dtype)
 
     def _sample_index(self, idx: torch.Tensor) -> torch.Tensor:
-        if self._wds is None:
+        if self.samples.storage == "files":  # the file reader's "label" output is the dataset index
             return idx.reshape(-1).to(torch.int64)
         # WebDataset: rows of zero-padded source_info bytes -> dataset index.
         rows = idx.cpu().numpy()

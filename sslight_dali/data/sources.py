@@ -1,4 +1,5 @@
-"""Sample lists for a split: ImageFolder, file list or WebDataset tar shards.
+"""The samples of a split, listed by its data format (the table in sslight_dali/data_formats.py) and
+checked.
 
 Every backend reads the same `Samples` (encoded bytes come from files or tar members), so the
 DALI and torchvision loaders see identical data in identical dataset order. Bad files are found
@@ -13,21 +14,16 @@ import json
 import logging
 import os
 import re
-import tarfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 
+from ..data_formats import FORMATS, IMG_EXTENSIONS, DataError, Samples, wds_name
 from ..files import atomic_write
 
 log = logging.getLogger(__name__)
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-
-
-class DataError(RuntimeError):
-    """A split, a file or a sample is missing or unreadable; the message names it."""
 
 
 class PipelinesDoNotFit(DataError):
@@ -35,180 +31,22 @@ class PipelinesDoNotFit(DataError):
     candidate as failed and goes on)."""
 
 
-@dataclass
-class Samples:
-    """One split: `files[i]` (a path, or `shard.tar:key.jpg` for WebDataset) has label `labels[i]`."""
-    files: list[str]
-    labels: list[int]
-    classes: list[str]
-    root: str = ""
-    # WebDataset only: (offset, size) of each sample's image bytes inside its tar. Only where the
-    # bytes are is kept, so a split of any size costs a few numbers per sample in memory.
-    members: list[tuple[int, int]] | None = field(default=None, repr=False)
-    # WebDataset shards that are cut short or unreadable past some point: (shard, why). Their intact
-    # samples are listed; data.skip_bad_files decides whether training may go on without the rest.
-    broken: list[tuple[str, str]] = field(default_factory=list, repr=False)
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def size(self, i: int) -> int:
-        return self.members[i][1] if self.members is not None else os.path.getsize(self.files[i])
-
-    def read_bytes(self, i: int) -> bytes:
-        if self.members is None:
-            return Path(self.files[i]).read_bytes()
-        offset, size = self.members[i]
-        with open(wds_name(self.files[i])[0], "rb") as f:
-            f.seek(offset)
-            return f.read(size)
-
-
-def wds_name(name: str) -> tuple[str, str]:
-    """'<shard>.tar:<member>' -> (shard path, member name)."""
-    head, sep, member = name.partition(".tar:")
-    if not sep:
-        raise DataError(f"not a WebDataset sample name (expected '<shard>.tar:<member>'): {name}")
-    return head + ".tar", member
-
-
 def list_samples(root: str | Path, split: str, fmt: str = "imagefolder", skip_bad_files: bool = False,
                  check: bool = True) -> Samples:
-    """List (and by default verify) the samples of `split` under `root` in format `fmt`."""
+    """List (and by default verify) the samples of `split` under `root` in format `fmt`, through its
+    entry of the format table (sslight_dali/data_formats.py)."""
     root = Path(root)
-    readers = {"imagefolder": _imagefolder, "folder": _folder, "filelist": _filelist, "webdataset": _webdataset}
-    if fmt not in readers:
-        raise DataError(f"unknown data format {fmt!r}; choose one of {sorted(readers)}")
-    samples = readers[fmt](root, split)
+    if fmt not in FORMATS:
+        raise DataError(f"unknown data format {fmt!r}; choose one of {list(FORMATS)}")
+    entry = FORMATS[fmt]
+    samples = entry.list_split(root, split)
+    if samples.storage != entry.storage:  # the backends read the bytes by the storage the Samples have
+        raise RuntimeError(f"data format {fmt!r} listed {samples.storage} samples; its table entry says "
+                           f"{entry.storage}")
     if not len(samples):
         raise DataError(f"no images found for split '{split}' under {root} (format {fmt}; image files end in "
                         f"{', '.join(IMG_EXTENSIONS)})")
     return verify_samples(samples, skip_bad_files) if check else samples
-
-
-def _images_under(d: Path) -> list[str]:
-    """Image files under d, sorted by path. Dangling symlinks are counted and logged, not silently lost."""
-    files, dangling = [], []
-    for p in sorted(d.rglob("*")):
-        if p.suffix.lower() in IMG_EXTENSIONS:
-            if p.is_file():
-                files.append(str(p))
-            elif p.is_symlink() and not p.exists():
-                dangling.append(str(p))
-    if dangling:
-        log.warning("%d dangling symlink(s) under %s skipped (their targets do not exist):\n%s", len(dangling), d,
-                    "\n".join(f"  {p}" for p in dangling))
-    return files
-
-
-def _imagefolder(root: Path, split: str) -> Samples:
-    d = root / split
-    if not d.is_dir():
-        hint = ""
-        if root.is_dir() and any(p.suffix.lower() in IMG_EXTENSIONS for p in root.iterdir()):
-            hint = f"; {root} itself holds images: set data.format=folder to train on them without labels"
-        raise DataError(f"split directory not found: {d}{hint}")
-    # Same order as torchvision ImageFolder: classes sorted by name, files sorted by path.
-    classes = sorted(e.name for e in d.iterdir() if e.is_dir())
-    files, labels = [], []
-    for c, name in enumerate(classes):
-        found = _images_under(d / name)
-        files += found
-        labels += [c] * len(found)
-    if not files and any(p.suffix.lower() in IMG_EXTENSIONS for p in d.iterdir()):
-        log.info("%s has images but no class folders: using them without labels (data.format=folder)", d)
-        return _folder(root, split)
-    return Samples(files, labels, classes, str(d))
-
-
-def _folder(root: Path, split: str) -> Samples:
-    """Unlabeled images anywhere under root/<split> (or under root, if it has no such folder): what
-    self-supervised pre-training needs. No classes, so the joint probe and kNN need a labelled val split."""
-    d = root / split if (root / split).is_dir() else root
-    if not d.is_dir():
-        raise DataError(f"data folder not found: {d}")
-    files = _images_under(d)
-    return Samples(files, [0] * len(files), [], str(d))
-
-
-def parse_label(text: str, where: str) -> int:
-    """A class index as written in a file list or a .cls member. A negative one (often -1 for
-    "unlabelled") or a non-integer would fail much later, inside the loss or the kNN vote."""
-    if re.fullmatch(r"[0-9]+", text) is None:
-        raise DataError(f"{where}: label {text!r} must be a non-negative integer")
-    return int(text)
-
-
-def _filelist(root: Path, split: str) -> Samples:
-    path = root / f"{split}.txt"
-    if not path.is_file():
-        raise DataError(f"file list not found: {path}")
-    files, labels = [], []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        parts = line.rsplit(maxsplit=1)
-        if len(parts) != 2:
-            raise DataError(f"{path}:{n}: expected 'path label', got {line!r}")
-        labels.append(parse_label(parts[1], f"{path}:{n}"))
-        p = Path(parts[0])
-        files.append(str(p if p.is_absolute() else root / p))
-    missing = [f for f in files if not Path(f).is_file()]
-    if missing:
-        raise DataError(f"{path}: {len(missing)} listed files do not exist, e.g. {missing[:3]}")
-    n_cls = max(labels) + 1 if labels else 0
-    return Samples(files, labels, [str(i) for i in range(n_cls)], str(root))
-
-
-def _webdataset(root: Path, split: str) -> Samples:
-    shards = sorted((root / split).glob("*.tar")) if (root / split).is_dir() else []
-    shards = shards or sorted(root.glob(f"{split}-*.tar"))
-    if not shards:
-        raise DataError(f"no WebDataset shards found: {root / split}/*.tar or {root}/{split}-*.tar")
-    files, labels, members, broken = [], [], [], []
-    for shard in shards:
-        images, cls, size = {}, {}, os.path.getsize(shard)
-        why = None
-        try:
-            with tarfile.open(shard) as tar:
-                for m in tar:  # headers only; just the tiny .cls members are read
-                    if not m.isfile():
-                        continue
-                    if m.offset_data + m.size > size:
-                        why = f"cut short inside member {m.name}"
-                        break
-                    key, _, ext = m.name.partition(".")
-                    if "." + ext.lower() in IMG_EXTENSIONS:
-                        images[key] = (m.name, m.offset_data, m.size)
-                    elif ext.lower() == "cls":
-                        text = tar.extractfile(m).read().decode(errors="replace").strip()
-                        cls[key] = parse_label(text, f"{shard}:{m.name}")
-                end = tar.offset
-            if why is None and not _has_end_marker(shard, end):
-                # tarfile stops quietly at a header that is not there: a tar cut between members
-                why = "cut short (no end-of-archive marker after its last member)"
-        except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-            why = f"unreadable past byte {max((v[1] + v[2] for v in images.values()), default=0)} ({e})"
-        if why is not None:
-            broken.append((str(shard), why))
-            images = {k: v for k, v in images.items() if k in cls}  # the intact samples
-        for key in sorted(images):
-            if key not in cls:
-                raise DataError(f"{shard}: sample '{key}' has an image but no .cls label")
-            name, offset, size = images[key]
-            files.append(f"{shard}:{name}")
-            labels.append(cls[key])
-            members.append((offset, size))
-    n_cls = max(labels) + 1 if labels else 0
-    return Samples(files, labels, [str(i) for i in range(n_cls)], str(root), members, broken)
-
-
-def _has_end_marker(shard: Path, offset: int) -> bool:
-    """A complete tar ends with two zero blocks where the next header would be."""
-    with open(shard, "rb") as f:
-        f.seek(offset)
-        tail = f.read(1024)
-    return len(tail) == 1024 and not any(tail)
 
 
 # PIL modes of 32-bit integer and float samples: DALI's decoder cannot read them ("Invalid
@@ -290,7 +128,7 @@ CHECK_VERSION = 2  # bump when check_image changes, so cached verdicts are not t
 
 def _source_files(samples: Samples) -> list[str]:
     """The files the samples are read from: one per sample, or the WebDataset tar shards."""
-    if samples.members is None:
+    if samples.storage == "files":
         return samples.files
     return sorted({wds_name(f)[0] for f in samples.files})
 
@@ -378,7 +216,7 @@ def write_wds_index(samples: Samples, out_dir: str | Path) -> WdsIndex:
     skipped, only the image member of each sample) and its epoch length equals len(samples).
     """
     out_dir = Path(out_dir)
-    if samples.members is None:
+    if samples.storage != "tar":
         raise DataError(f"not a WebDataset split: {samples.root}")
     by_tar: dict[str, list[tuple[int, str]]] = {}
     for i, f in enumerate(samples.files):

@@ -132,7 +132,8 @@ def test_gpu_graph_is_placeable(recipe, order):
 
 
 READERS = {"files": ReaderSpec(files=["unused.jpg"], indices=[0]),
-           "webdataset": ReaderSpec(files=["unused.tar"], indices=[], index_files=["unused.idx"], source_info_len=32)}
+           "webdataset": ReaderSpec(files=["unused.tar"], indices=[], storage="tar", index_files=["unused.idx"],
+                                 source_info_len=32)}
 
 
 @pytest.mark.parametrize("reader", READERS)
