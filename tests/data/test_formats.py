@@ -18,7 +18,8 @@ from PIL import Image
 
 from sslight_dali import checkpoint as ckpt
 from sslight_dali.cli import main
-from sslight_dali.config import ConfigError, load_config
+from sslight_dali.config import ConfigError
+from sslight_dali.run_config import load_config
 from sslight_dali.data import DataError, build_eval_loader, list_samples
 from sslight_dali.data_formats import FORMATS, DataFormat, Samples
 from sslight_dali.pretrained import load_pretrained
