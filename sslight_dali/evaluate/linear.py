@@ -73,12 +73,12 @@ def train_on_features(tf, tl, vf, vl, num_classes: int, epochs: int, lr: float, 
     g = torch.Generator().manual_seed(seed)
     fc = new_fc(tf.shape[1], num_classes).to(tf.device)
     opt = torch.optim.AdamW(fc.parameters(), lr=lr, weight_decay=0.0)
-    spe = -(-tf.shape[0] // batch_size)
-    lrs = cosine_schedule(lr, 0.0, epochs, spe)
+    steps_per_epoch = -(-tf.shape[0] // batch_size)
+    lrs = cosine_schedule(lr, 0.0, epochs, steps_per_epoch)
     history, step = [], 0
     for epoch in range(epochs):
         order = torch.randperm(tf.shape[0], generator=g).to(tf.device)
-        for i in range(spe):
+        for i in range(steps_per_epoch):
             idx = order[i * batch_size:(i + 1) * batch_size]
             opt.param_groups[0]["lr"] = float(lrs[step])
             loss = F.cross_entropy(fc(tf[idx]), tl[idx])
@@ -96,11 +96,11 @@ def train_on_features(tf, tl, vf, vl, num_classes: int, epochs: int, lr: float, 
 def fast_probe(cfg, backbone: nn.Module, device: torch.device, amp=None, rank: int = 0, world: int = 1,
                channels_last: bool = False) -> dict:
     """protocol=fast for `backbone` (also the demo's probe): features on every rank, then the layer."""
-    lc = cfg.eval.linear
+    linear_cfg = cfg.eval.linear
     model = feature_model(backbone, cfg.model.backbone).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    bs = lc.batch_size or FAST["batch_size"]
+    bs = linear_cfg.batch_size or FAST["batch_size"]
 
     def features(split):
         loader = build_eval_loader(cfg, split, rank, world, channels_last)
@@ -108,20 +108,21 @@ def fast_probe(cfg, backbone: nn.Module, device: torch.device, amp=None, rank: i
 
     (tf, tl), num_classes = features("train")
     (vf, vl), _ = features("val")
-    history = train_on_features(tf, tl, vf, vl, num_classes, lc.epochs, lc.lr or FAST["lr"], bs, cfg.train.seed)
+    history = train_on_features(tf, tl, vf, vl, num_classes, linear_cfg.epochs, linear_cfg.lr or FAST["lr"], bs,
+                                cfg.train.seed)
     return {"protocol": "fast", "note": FAST_NOTE, "feature_dim": int(tf.shape[1]), "train_images": int(tf.shape[0]),
-            "val_images": int(vf.shape[0]), "optimizer": "adamw", "lr": lc.lr or FAST["lr"], "batch_size": bs,
-            "epochs": lc.epochs, **summarize(history)}
+            "val_images": int(vf.shape[0]), "optimizer": "adamw", "lr": linear_cfg.lr or FAST["lr"], "batch_size": bs,
+            "epochs": linear_cfg.epochs, **summarize(history)}
 
 
 # ------------------------------------------------------------------------------------------------
 # reference protocol
 # ------------------------------------------------------------------------------------------------
 def reference_linear(run) -> dict:
-    cfg, lc = run.cfg, run.cfg.eval.linear
+    cfg, linear_cfg = run.cfg, run.cfg.eval.linear
     kind = backbone_entry(cfg.model.backbone).family
     opt_name, ref_lr, ref_batch, ref_per_gpu = REFERENCE[kind]
-    bs = lc.batch_size or ref_per_gpu
+    bs = linear_cfg.batch_size or ref_per_gpu
     common = dict(rank=run.rank, world_size=run.world, channels_last=run.channels_last, batch_size=bs)
     # Several processes drop the last partial batch so that every rank runs the same number of steps.
     train_loader = build_eval_loader(cfg, "train", train_augment=True, drop_last=run.world > 1, **common)
@@ -132,20 +133,20 @@ def reference_linear(run) -> dict:
     if run.channels_last:
         model = model.to(memory_format=torch.channels_last)
     global_batch = bs * run.world
-    peak = (lc.lr or ref_lr) * global_batch / ref_batch
+    peak = (linear_cfg.lr or ref_lr) * global_batch / ref_batch
     if opt_name == "lars":  # fc.weight gets the trust ratio, the bias not (the reference's 1-D exclusion)
         optimizer = LARS([{**g, "weight_decay": 0.0} for g in param_groups(fc)], lr=peak, momentum=0.9, eta=0.001)
     else:
         optimizer = torch.optim.SGD(fc.parameters(), lr=peak, momentum=0.9, weight_decay=0.0)
     settings = {"checkpoint": str(run.pre.path.resolve()), "weights": run.pre.weights, "protocol": "reference",
-                "epochs": lc.epochs, "peak_lr": peak, "global_batch": global_batch, "optimizer": opt_name,
+                "epochs": linear_cfg.epochs, "peak_lr": peak, "global_batch": global_batch, "optimizer": opt_name,
                 "train_images": train_loader.num_samples, "val_images": val_loader.num_samples,
                 "crop": cfg.eval.crop, "resize": cfg.eval.resize, "backend": cfg.data.backend}
-    loop = EpochLoop(run, model, fc, optimizer, epoch_lrs(peak, lc.epochs), train_loader, val_loader, settings)
+    loop = EpochLoop(run, model, fc, optimizer, epoch_lrs(peak, linear_cfg.epochs), train_loader, val_loader, settings)
     if run.resume_from is not None:
         loop.load(run.resume_from)
     log.info(f"linear (reference protocol): {opt_name}, peak LR {peak:.4g} at global batch {global_batch}, "
-             f"{lc.epochs} epochs of {train_loader.steps_per_epoch} steps, {features.num_features}-d features, "
+             f"{linear_cfg.epochs} epochs of {train_loader.steps_per_epoch} steps, {features.num_features}-d features, "
              f"{train_loader.num_samples} train / {val_loader.num_samples} val images")
     history = loop.fit()
     return {**settings, "feature_dim": features.num_features, "steps": loop.step,

@@ -177,43 +177,43 @@ def main(args) -> int:
         return full, indices, subset_samples(cfg, indices, full)
 
     run = setup(args, "semi", "semi", lambda cfg: (cfg.data.train_split, cfg.data.val_split), check)
-    cfg, sc = run.cfg, run.cfg.eval.semi
+    cfg, semi_cfg = run.cfg, run.cfg.eval.semi
     full, indices, samples = run.checked
     try:
         if args.subset in ("1", "10"):
             percent = float(args.subset)
-            subset_file = run.out / f"subset_{args.subset}percent_seed{sc.seed}.txt"
+            subset_file = run.out / f"subset_{args.subset}percent_seed{semi_cfg.seed}.txt"
             if run.rank == 0:
                 write_subset(subset_file, full, indices)
         else:
             subset_file = Path(args.subset).resolve()
             percent = 100.0 * len(indices) / len(full)
-        epochs = sc.epochs or (EPOCHS[1] if percent <= 5 else EPOCHS[10])
-        model = build_model(run.pre, len(full.classes), sc.use_head).to(run.device)
+        epochs = semi_cfg.epochs or (EPOCHS[1] if percent <= 5 else EPOCHS[10])
+        model = build_model(run.pre, len(full.classes), semi_cfg.use_head).to(run.device)
         if run.world > 1 and cfg.model.sync_bn and run.device.type == "cuda":
             model = sync_batchnorm(model)  # CUDA-only in PyTorch
         if run.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        common = dict(rank=run.rank, world_size=run.world, channels_last=run.channels_last, batch_size=sc.batch_size)
+        common = dict(rank=run.rank, world_size=run.world, channels_last=run.channels_last, batch_size=semi_cfg.batch_size)
         # Several processes drop the last partial batch so that every rank runs the same number of steps;
         # one process only when that batch would hold a single image (train-mode BatchNorm1d cannot).
-        drop_last = run.world > 1 or len(samples) % sc.batch_size == 1
+        drop_last = run.world > 1 or len(samples) % semi_cfg.batch_size == 1
         train_loader = build_eval_loader(cfg, "train", train_augment=True, samples=samples, drop_last=drop_last,
                                          **common)
         val_loader = build_eval_loader(cfg, "val", **common)
-        global_batch = sc.batch_size * run.world
-        peak = sc.lr * global_batch / REF_LR_BATCH
+        global_batch = semi_cfg.batch_size * run.world
+        peak = semi_cfg.lr * global_batch / REF_LR_BATCH
         optimizer = torch.optim.SGD(model.parameters(), lr=peak, momentum=0.9, nesterov=True, weight_decay=0.0)
         settings = {"checkpoint": str(run.pre.path.resolve()), "weights": run.pre.weights, "subset": str(subset_file),
                     "subset_images": len(samples), "epochs": epochs, "peak_lr": peak, "global_batch": global_batch,
-                    "use_head": sc.use_head, "crop": cfg.eval.crop, "resize": cfg.eval.resize,
+                    "use_head": semi_cfg.use_head, "crop": cfg.eval.crop, "resize": cfg.eval.resize,
                     "backend": cfg.data.backend}
         loop = EpochLoop(run, model, model, optimizer, epoch_lrs(peak, epochs), train_loader, val_loader, settings)
         if run.resume_from is not None:
             loop.load(run.resume_from)
         log.info(f"semi-supervised: {len(samples)} labelled images ({percent:.2f}% of {len(full)}), SGD Nesterov, "
                  f"peak LR {peak:.4g} at global batch {global_batch}, {epochs} epochs of "
-                 f"{train_loader.steps_per_epoch} steps, head {'from the DINO head' if sc.use_head else 'new'}")
+                 f"{train_loader.steps_per_epoch} steps, head {'from the DINO head' if semi_cfg.use_head else 'new'}")
         history = loop.fit()
     finally:
         finish(run)
