@@ -17,7 +17,6 @@ from sslight_dali.run_config import load_config
 
 from helpers import op_names, train_pipe as _pipe
 
-REPO = Path(__file__).resolve().parents[2]
 CONFIG = "configs/dino/resnet18_sslight.yaml"
 
 
