@@ -122,7 +122,7 @@ step_stage() {  # calls 2-3: the parts unpack.sh has kept so far, and whether DA
 ENV_PY='
 import json, sys
 from sslight_dali.bench.environment import hw_decoder_info, static_environment
-from sslight_dali.config import load_config
+from sslight_dali.run_config import load_config
 rec = {**static_environment(), "hw_jpeg_decoder": hw_decoder_info(load_config(sys.argv[2]),
                                                                   {"backend": "dali", "device": "gpu"})}
 open(sys.argv[1], "w").write(json.dumps(rec, indent=2) + "\n")

@@ -25,7 +25,7 @@ from sslight_dali.optim import cosine_schedule, param_groups
 from sslight_dali.pretrained import load_pretrained
 from sslight_dali.train import train
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass
