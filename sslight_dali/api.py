@@ -1,10 +1,11 @@
 """The Python API: what the `sslight` commands do, as functions that return their results.
 
     from sslight_dali import api
-    result = api.train("dino/resnet18_sslight", {"data.root": "/data/in1k", "train.epochs": 5})
-    api.evaluate("knn", result["checkpoint"])
-    api.export(result["checkpoint"], "hf", "out/dino-r18")
-    api.embed(result["checkpoint"], "/data/in1k", "emb.npz")
+    run = api.train("dino/resnet18_sslight", {"data.root": "/data/in1k", "train.epochs": 5})
+    checkpoint = run["output_dir"] + "/checkpoint.pt"
+    api.evaluate("knn", checkpoint)
+    api.export(checkpoint, "hf", "out/dino-r18")
+    api.embed(checkpoint, "/data/in1k", "emb.npz")
     backbone = api.load_backbone("out/dino-r18")
 
 Overrides: one dict {dotted config key: Python value}, the keys of `sslight config show` (a bare leaf name

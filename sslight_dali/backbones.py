@@ -12,7 +12,7 @@ An entry says
   detectron2       its Detectron2 key map and config keys, or None: `--format detectron2` refuses it
   reference        how `sslight import-reference` finds and maps it in a reference checkpoint, or None
 
-`sslight export` accepts timm and onnx for every backbone, torchvision and detectron2 where the entry has
+`sslight export` accepts timm, onnx and hf for every backbone, torchvision and detectron2 where the entry has
 their map (`Backbone.formats`). Key maps are functions of one timm key, so every key is accounted for in
 both directions. This module imports neither torch nor timm: config.py reads the names from it.
 """
@@ -52,7 +52,7 @@ class Backbone:
     def formats(self) -> tuple[str, ...]:
         """The `sslight export --format` values this backbone can be written in."""
         return ("timm", *(("torchvision",) if self.torchvision_key else ()),
-                *(("detectron2",) if self.detectron2 else ()), "onnx")
+                *(("detectron2",) if self.detectron2 else ()), "onnx", "hf")
 
 
 # --------------------------------------------------------------------------------------------

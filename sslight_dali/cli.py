@@ -9,6 +9,7 @@ import json
 import sys
 from pathlib import Path
 
+from .api import EXPORT_FORMATS  # torch-free: the functions import what they run
 from .backbones import BACKBONES  # torch-free: the export formats each backbone has, for --help
 
 
@@ -137,7 +138,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                               "output file (written atomically; FILE.json beside it); a .pkl name for detectron2; "
                               "a .safetensors name for timm or torchvision writes safetensors (needs safetensors); "
                               "a folder for hf")
-    exp.add_argument("--format", required=True, choices=("timm", "torchvision", "detectron2", "onnx", "hf"),
+    exp.add_argument("--format", required=True, choices=EXPORT_FORMATS,
                      help="timm: all backbones, timm.create_model(name, num_classes=0) loads it strictly; "
                           f"torchvision: {_having('torchvision')}; detectron2: {_having('detectron2')} (.pkl); "
                           "onnx: all backbones, the eval-mode model images [batch, 3, crop, crop] -> features "
@@ -215,7 +216,7 @@ def _user_errors() -> tuple:
     """Exceptions that mean bad input or a stopped run: printed as one line, not a traceback."""
     errors = [FileNotFoundError]
     for module, name in (("sslight_dali.config", "ConfigError"), ("sslight_dali.checkpoint", "CheckpointError"),
-                         ("sslight_dali.data.sources", "DataError"), ("sslight_dali.run_policy", "NonFiniteLossError"),
+                         ("sslight_dali.data_formats", "DataError"), ("sslight_dali.run_policy", "NonFiniteLossError"),
                          ("sslight_dali.loop", "PeerLostError"),
                          ("sslight_dali.bench", "BenchError"), ("sslight_dali.export", "ExportError")):
         mod = sys.modules.get(module)  # only those already imported can have been raised

@@ -274,7 +274,7 @@ class Config:
     """The sections every run has. A method's module adds its own section in a subclass (methods/dino.py:
     `DinoConfig(Config)` with `method = "dino"` and `dino: DinoCfg`), registered with the method;
     run_config.load_config builds the subclass that `method` names."""
-    method: str = field(default="dino", metadata={"help": "a registered method: dino, swav or moco"})
+    method: str = field(default="dino", metadata={"help": "a registered method (methods/registry.py); built in: dino, swav, moco"})
     model: ModelCfg = field(default_factory=ModelCfg)
     optim: OptimCfg = field(default_factory=OptimCfg)
     train: TrainCfg = field(default_factory=TrainCfg)

@@ -136,8 +136,3 @@ def embed(checkpoint, out, overrides=(), split: str = "val", weights: str = "stu
         log.info(f"embed: wrote {len(samples)} x {feats.shape[1]} features to {out}")
     return {**meta, "out": str(out)}
 
-
-def main(args) -> int:
-    summary = embed(args.checkpoint, args.out, args.overrides, args.split, args.weights)
-    print(json.dumps(summary, indent=2))
-    return 0

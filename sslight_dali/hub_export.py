@@ -61,8 +61,10 @@ def hub_config(backbone, cfg) -> dict:
     return config
 
 
-def eval_results(checkpoint: Path) -> dict:
-    """{kind: result} of the `sslight eval` runs of this checkpoint, from their default output folders."""
+def eval_results(checkpoint: Path, epoch: int, weights: str) -> dict:
+    """{kind: result} of the `sslight eval` runs of these weights, from their default output folders: the
+    result must name this checkpoint file, its epoch (checkpoint.pt moves on as a run goes on) and these
+    weights, and hold its top-1."""
     found = {}
     for kind in EVALS:
         path = checkpoint.parent / f"eval_{kind}" / f"eval_{kind}.json"
@@ -70,8 +72,9 @@ def eval_results(checkpoint: Path) -> dict:
             result = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        of = result.get("checkpoint")
-        if of is None or Path(of).resolve() == checkpoint.resolve():  # not the results of another checkpoint
+        if (isinstance(result, dict) and result.get("checkpoint") == str(checkpoint.resolve())
+                and result.get("pretrain_epoch", epoch) == epoch and result.get("weights", weights) == weights
+                and isinstance(result.get("top1" if kind == "knn" else "top1_best"), (int, float))):
             found[kind] = result
     return found
 
@@ -153,7 +156,7 @@ def export_hf(checkpoint, out, weights: str = "student") -> dict:
     config = hub_config(pre.backbone, pre.cfg)
     files = {"model.safetensors": safetensors_bytes(exported_state(pre.backbone, arch, "timm"), arch),
              "config.json": (json.dumps(config, indent=2) + "\n").encode(),
-             "README.md": model_card(meta, pre.cfg, eval_results(checkpoint)).encode(),
+             "README.md": model_card(meta, pre.cfg, eval_results(checkpoint, pre.epoch, weights)).encode(),
              "sslight.json": (json.dumps(meta, indent=2) + "\n").encode()}
     write_folder(out, files)
     return meta

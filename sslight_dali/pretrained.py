@@ -54,7 +54,10 @@ def load_pretrained(path: str | Path, weights: str = "student") -> Pretrained:
     state = ckpt.load(path)
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise ckpt.CheckpointError(f"{path}: not an sslight-dali training checkpoint (no 'model'/'config' entries)")
-    cfg = config_from_dict(state["config"])
+    try:
+        cfg = config_from_dict(state["config"])
+    except ConfigError as e:
+        raise ckpt.CheckpointError(f"{path}: its config: {e}") from None
     model = build_backbone(cfg.model.backbone)
     sd = backbone_state(state["model"], cfg.method, weights, path)
     missing, unexpected = model.load_state_dict(sd, strict=False)

@@ -22,7 +22,7 @@ from .config import Config, dump_config, save_config, to_dict
 from .data import build_train_loader
 from .knn import knn_evaluate
 from .logger import setup_logging
-from .loop import RunLoop, StopSignals  # the run loop shared with the evaluation commands
+from .loop import RunLoop  # the run loop shared with the evaluation commands
 from .methods import build_method, build_schedules
 from .methods.common import MultiCropNet
 from .models import sync_batchnorm
@@ -164,6 +164,7 @@ class Trainer(RunLoop):
             "rng": ckpt.rng_state(),
             "loader": self.loader.state_dict(),
             "method_rank": self.method.rank_state(),  # per-rank buffers (SwAV queue); empty for the others
+            "ema_after_step": True,  # momentum twins updated after the step (MoCo's were in the next forward)
         }
 
     def write_checkpoint(self, state: dict, tag_epoch: bool) -> None:
@@ -180,6 +181,7 @@ class Trainer(RunLoop):
             self.method.load_rank_state(self._own(state["method_rank"]))
         self.loader.load_state_dict(self._own(state["loader"]))
         ckpt.set_rng_state(self._own(state["rng"]))
+        self.method.after_resume(state)
 
     def _own(self, entry: dict) -> dict:
         return own_rank_entry(entry, self.rank, self.world)

@@ -13,7 +13,6 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .augment import ops_label
-from .run_config import load_config
 
 PAD, LABEL_H = 6, 24
 
@@ -26,6 +25,8 @@ def sample_views(cfg, image_path: str | Path, samples: int = 4, seed: int | None
     """[(view names, [HWC uint8 per view], [record dict per view])] for `samples` draws (DALI on the CPU)."""
     # optional: DALI (and `sslight views --help` loads no torch)
     import torch
+
+    from .run_config import load_config  # light: loading a config by its method imports the methods (torch)
 
     from .data.dali_views import record_dict
     from .data.loader import DaliTrainLoader

@@ -250,13 +250,24 @@ print(new)
 @pytest.mark.parametrize("code, allowed", [
     ("import sslight_dali", ["sslight_dali"]),
     ("from sslight_dali.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass",
-     ["sslight_dali", "sslight_dali.backbones", "sslight_dali.cli"]),  # backbones: the table, plain data
+     ["sslight_dali", "sslight_dali.api", "sslight_dali.backbones", "sslight_dali.cli"]),  # plain data and stdlib
+
 ])
 def test_package_and_help_are_light(code, allowed):
     out = subprocess.run([sys.executable, "-c", HEAVY_CHILD.format(code=code)], capture_output=True, text=True,
                          check=True, cwd=ROOT).stdout
     assert out.strip().splitlines()[-1] == str(allowed)
 
+
+
+@pytest.mark.parametrize("command", [["views"], ["demo"], ["bench"], ["bench", "train"], ["train"], ["eval", "linear"],
+                                     ["export"], ["embed"]])
+def test_each_command_help_loads_no_torch(command):
+    code = f"from sslight_dali.cli import main\ntry:\n    main({command + ['--help']!r})\nexcept SystemExit:\n    pass"
+    out = subprocess.run([sys.executable, "-c", HEAVY_CHILD.format(code=code)], capture_output=True, text=True,
+                         check=True, cwd=ROOT).stdout
+    heavy = [m for m in eval(out.strip().splitlines()[-1]) if m.split(".")[0] in ("torch", "nvidia", "timm", "torchvision")]
+    assert not heavy, f"sslight {' '.join(command)} --help imports {heavy[:5]}"
 
 # --- the checks catch what they are for --------------------------------------------------------
 def _package(tmp_path: Path, monkeypatch, files: dict[str, str]) -> Path:

@@ -195,3 +195,26 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
                f"train.output_dir={tmp_path}/out", "train.device=cpu", "data.device=cpu"])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("sslight: error:") and "missing" in err and "Traceback" not in err
+
+
+def test_a_moco_checkpoint_from_before_the_ema_moved_resumes_one_update_later(tiny_data, tmp_path):
+    # MoCo's key-encoder EMA runs after the optimizer step; earlier checkpoints (and the reference's)
+    # were written with it at the start of the next forward, so they hold the key encoder one update
+    # behind. Resuming one (no "ema_after_step") applies that update once; a new one is taken as is.
+    import copy
+
+    from sslight_dali.data import build_train_loader
+    from sslight_dali.methods.common import ema_update_
+    cfg = tiny_cfg(REPO / "configs/moco/resnet18_sslight.yaml", tiny_data, tmp_path, "train.max_steps=2")
+    trainer = Trainer(cfg, build_train_loader(cfg, channels_last=False), output_dir=tmp_path / "a")
+    trainer.fit()
+    state = copy.deepcopy(trainer.state_dict())
+    assert state["ema_after_step"] is True
+    updated = copy.deepcopy(trainer.method.encoder_k)
+    ema_update_(updated, trainer.method.encoder_q, cfg.moco.momentum)
+    for old, want in ((False, trainer.method.encoder_k), (True, updated)):
+        resumed = Trainer(cfg, build_train_loader(cfg, channels_last=False), output_dir=tmp_path / f"b{old}")
+        resumed.load_state_dict({k: v for k, v in state.items() if not (old and k == "ema_after_step")})
+        assert_same_state(resumed.method.encoder_k.state_dict(), want.state_dict())
+        assert not torch.equal(updated.state_dict()["backbone.conv1.weight"],
+                               trainer.method.encoder_k.state_dict()["backbone.conv1.weight"])  # the update moves it

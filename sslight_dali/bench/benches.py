@@ -114,7 +114,7 @@ class _BenchTrainer:
 
 def trainer_step(trainer, device):
     def step(views, labels):
-        # As Trainer.fit does: host batches are copied here; device batches pass through untouched.
+        # As the run loop's step does: host batches are copied here; device batches pass through untouched.
         views = [v.to(device, non_blocking=True) for v in views]
         trainer.train_step(views, labels.to(device, non_blocking=True))
     return step

@@ -30,7 +30,7 @@ def main(args) -> int:
     finally:
         finish(run)
     result = {"backbone": run.pre.cfg.model.backbone, "method": run.pre.cfg.method, "pretrain_epoch": run.pre.epoch,
-              "checkpoint": str(run.pre.path), "weights": run.pre.weights, "mode": cfg.eval.knn_mode,
+              "checkpoint": str(run.pre.path.resolve()), "weights": run.pre.weights, "mode": cfg.eval.knn_mode,
               "k": res["k"], "temperature": cfg.eval.knn_t, "top1": res["top1"], "top5": res["top5"],
               "val_images": res["n"], "crop": cfg.eval.crop, "resize": cfg.eval.resize}
     if run.rank == 0:

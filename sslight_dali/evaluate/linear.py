@@ -169,6 +169,7 @@ def main(args) -> int:
             log.info("stopped before the first epoch ended (train.max_steps); continue with resume=auto")
         return 0
     result = {"backbone": run.pre.cfg.model.backbone, "method": run.pre.cfg.method, "pretrain_epoch": run.pre.epoch,
+              "checkpoint": str(run.pre.path.resolve()), "weights": run.pre.weights,
               "complete": result["epochs_done"] == result["epochs"], **result}
     if run.rank == 0:
         write_json(run.out / "eval_linear.json", result)

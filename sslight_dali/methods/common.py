@@ -269,6 +269,9 @@ class SSLMethod(nn.Module, Generic[C]):
     def after_step(self, step: int, **schedules: float) -> None:
         """After each optimizer step, with the value at `step` of each of the method's `schedules`."""
 
+    def after_resume(self, state: dict) -> None:
+        """After the trainer loaded `state` (a whole checkpoint): bring one written by earlier code up to date."""
+
     def on_epoch_start(self, epoch: int) -> None:
         pass
 

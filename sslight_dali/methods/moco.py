@@ -12,7 +12,7 @@ from ..config import Config
 from ..models import build_backbone
 from ..settings import setting
 from .common import (HeadCfg, MomentumTeacher, MultiCropNet, all_gather_cat, broadcast_from_rank0_, build_mlp,
-                     feature_dim, float32, lambdas_weighting, momentum_copy, trunc_normal_init_)
+                     ema_update_, feature_dim, float32, lambdas_weighting, momentum_copy, trunc_normal_init_)
 from .registry import register_method
 
 
@@ -59,6 +59,7 @@ class MoCo(MomentumTeacher[MocoConfig]):
         self.register_buffer("queue", broadcast_from_rank0_(queue))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
         self.temperature = c.temperature
+        self.momentum = c.momentum
         self.num_global = cfg.recipe.global_.count
 
     @property
@@ -67,6 +68,12 @@ class MoCo(MomentumTeacher[MocoConfig]):
 
     def ema_pair(self) -> tuple[nn.Module, nn.Module]:
         return self.encoder_k, self.encoder_q
+
+    def after_resume(self, state: dict) -> None:
+        # A checkpoint without "ema_after_step" (our earlier code, or the reference's) holds the key
+        # encoder before the update its next forward would have applied first; apply it here.
+        if not state.get("ema_after_step"):
+            ema_update_(*self.ema_pair(), self.momentum)
 
     def ssl_forward(self, views, epoch):
         # Not symmetric: global 1 is only the key; global 2 and the locals are queries.

@@ -75,14 +75,23 @@ def test_the_model_card_quotes_the_eval_results_of_this_checkpoint(checkpoints, 
     ck = tiny_checkpoint(tmp_path / "run" / "checkpoint.pt", CASES["resnet18"][0])
     (tmp_path / "run" / "eval_knn").mkdir()
     (tmp_path / "run" / "eval_knn" / "eval_knn.json").write_text(json.dumps(
-        {"checkpoint": str(ck), "mode": "val_loo", "k": 20, "top1": 61.25, "top5": 90.5, "val_images": 80}))
-    (tmp_path / "run" / "eval_linear").mkdir()  # the results of another checkpoint in the same folder
-    (tmp_path / "run" / "eval_linear" / "eval_linear.json").write_text(json.dumps(
-        {"checkpoint": str(tmp_path / "run" / "checkpoint_epoch1.pt"), "protocol": "fast", "top1_best": 55.5}))
+        {"checkpoint": str(ck.resolve()), "pretrain_epoch": 3, "weights": "student", "mode": "val_loo", "k": 20,
+         "top1": 61.25, "top5": 90.5, "val_images": 80}))
+    linear = tmp_path / "run" / "eval_linear" / "eval_linear.json"
+    linear.parent.mkdir()
+    ours = {"checkpoint": str(ck.resolve()), "pretrain_epoch": 3, "weights": "student", "protocol": "fast",
+            "top1_best": 55.5}
+    # results of another checkpoint file, of an earlier epoch of this one, of the teacher, or without a figure
+    for other in ({"checkpoint": str(tmp_path / "run" / "checkpoint_epoch1.pt")}, {"pretrain_epoch": 2},
+                  {"weights": "teacher"}, {"top1_best": None}):
+        linear.write_text(json.dumps({**ours, **other}))
+        assert run("export", ck, "--out", tmp_path / "hub", "--format", "hf") == 0
+        card = (tmp_path / "hub" / "README.md").read_text()
+        assert card.startswith("---\nlibrary_name: timm\n") and "DINO" in card and "cnn_sslight" in card
+        assert "3 epoch(s)" in card and "| kNN (val_loo, k=20) | 61.25 | 90.50 |" in card and "55.5" not in card
+    linear.write_text(json.dumps(ours))
     assert run("export", ck, "--out", tmp_path / "hub", "--format", "hf") == 0
-    card = (tmp_path / "hub" / "README.md").read_text()
-    assert card.startswith("---\nlibrary_name: timm\n") and "DINO" in card and "cnn_sslight" in card
-    assert "3 epoch(s)" in card and "| kNN (val_loo, k=20) | 61.25 | 90.50 |" in card and "55.5" not in card
+    assert "55.50" in (tmp_path / "hub" / "README.md").read_text()
 
 
 @pytest.mark.parametrize("fmt", ["timm", "torchvision"])
