@@ -8,6 +8,8 @@ the config's eval crop) to `features` [batch, D]:
           table's eval_cls_blocks says): ViT-Tiny the CLS tokens of its last 4 blocks, each through the
           final norm, concatenated (4 x 192 = 768-d); for the CNNs this is the pooled feature.
 Every backbone in the table declares this format (backbones.Backbone.formats).
+An `eval semi` / `eval linear` checkpoint's classifier (classifier.py) goes through the same export and
+verification with `logits` [batch, num_classes] as its output (export_classifier_onnx).
 The batch axis is dynamic. The exporter is the one torch recommends (`torch.onnx.export(dynamo=True)`,
 torch.export-based) at opset OPSET; should it fail for a model, the TorchScript exporter is tried and the
 sidecar says which ran and why.
