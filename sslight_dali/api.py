@@ -72,7 +72,9 @@ def evaluate(kind: str, checkpoint, overrides=None, out="", weights: str = "stud
 def export(checkpoint, format: str, out, weights: str = "student", feature: str | None = None,  # noqa: A002
            fp16: bool = False) -> dict:
     """`sslight export CHECKPOINT --format FORMAT --out OUT`; returns the sidecar (OUT.json; hf: OUT/sslight.json).
-    `feature` and `fp16` are for onnx only."""
+    `feature` and `fp16` are for onnx only. A checkpoint of `eval semi` / `eval linear` (reference protocol)
+    exports its classifier (eval-mode backbone + trained head, logits out) as onnx or timm (a state dict);
+    its weights and feature are the eval run's."""
     from .export import ExportError  # light: as train's
     if format not in EXPORT_FORMATS:
         raise ExportError(f"--format must be one of {EXPORT_FORMATS}, got {format!r}")
@@ -80,6 +82,10 @@ def export(checkpoint, format: str, out, weights: str = "student", feature: str 
         for option, given in (("--fp16", fp16), ("--feature", feature)):
             if given:
                 raise ExportError(f"{option} is for --format onnx only")
+    from .classifier import eval_state  # light: as train's
+    state = eval_state(checkpoint)
+    if state is not None:  # an `eval semi|linear` checkpoint: its classifier, logits out
+        return _export_classifier(checkpoint, format, out, state, feature, fp16)
     if format == "onnx":
         from .onnx_export import export_onnx  # light: as train's (and it needs the optional onnx packages)
         return export_onnx(checkpoint, out, weights, feature or "pooled", fp16)
@@ -88,6 +94,19 @@ def export(checkpoint, format: str, out, weights: str = "student", feature: str 
         return export_hf(checkpoint, out, weights)
     from .export import export as export_file  # light: as train's
     return export_file(checkpoint, out, format, weights)
+
+
+def _export_classifier(checkpoint, format, out, state: dict, feature, fp16: bool) -> dict:  # noqa: A002
+    from .classifier import check_classifier_format, export_classifier_state  # light: as train's
+    from .export import ExportError  # light: as train's
+    check_classifier_format(format, checkpoint)
+    if feature:
+        raise ExportError(f"--feature: {checkpoint} is an eval checkpoint; it exports its classifier (logits out), "
+                          "whose feature is the eval's")
+    if format == "onnx":
+        from .onnx_export import export_classifier_onnx  # light: as train's (and it needs the optional onnx packages)
+        return export_classifier_onnx(checkpoint, out, state, fp16)
+    return export_classifier_state(checkpoint, out, state)
 
 
 def embed(checkpoint, data=None, out="embeddings.npz", overrides=None, split: str = "val",

@@ -148,7 +148,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                           "(needs onnx, onnxscript, onnxruntime); "
                           "hf: all backbones, a folder with model.safetensors, timm's config.json and a model card: "
                           "timm.create_model('local-dir:FOLDER', pretrained=True) loads it, and it uploads to "
-                          "the Hugging Face hub as is (needs safetensors)")
+                          "the Hugging Face hub as is (needs safetensors). "
+                          "A checkpoint of `eval semi` / `eval linear` (reference protocol) exports its classifier "
+                          "(the eval's backbone + trained head, images -> logits [batch, num_classes]): onnx "
+                          "(verified as above) or timm (its state dict)")
     exp.add_argument("--feature", default=None, choices=("pooled", "eval"),
                      help="onnx only: pooled (default: the backbone's pooled features) or eval (the reference's "
                           "linear-eval feature: for ViT-Tiny the last 4 blocks' CLS tokens through the final norm, "

@@ -26,7 +26,7 @@ LAYERS = [
     ["methods", "models", "optim"],
     ["run_config", "knn", "pretrained", "run_policy"],
     ["loop", "train"],
-    ["evaluate", "export", "onnx_export", "hub_export", "embed", "bench", "demo", "viewer"],
+    ["evaluate", "export", "onnx_export", "hub_export", "classifier", "embed", "bench", "demo", "viewer"],
     ["api", "cli"],
 ]
 

@@ -205,7 +205,7 @@ def exported_proto(exported, monkeypatch):
         model = onnx.load(str(path))
         if change:
             change(model)
-        monkeypatch.setattr(onnx_export, "export_proto", lambda module, crop: (model, "dynamo", None))
+        monkeypatch.setattr(onnx_export, "export_proto", lambda module, crop, output="features": (model, "dynamo", None))
     return use
 
 
