@@ -12,6 +12,7 @@ import os
 import pickle
 import random
 import threading
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -33,6 +34,11 @@ def torch_dtype(name_or_dtype) -> torch.dtype:
 def autocast_dtype(precision: str) -> torch.dtype | None:
     """The autocast dtype of a resolved precision; None for fp32 (no autocast)."""
     return None if precision == "fp32" else torch_dtype(precision)
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """torch.autocast on `device` with `dtype` (autocast_dtype's), a context that does nothing for None."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 def is_distributed() -> bool:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -31,7 +30,7 @@ from .optim import OPTIMIZER_SCHEDULES, build_optimizer, clip_gradients_, global
 # and device set-up in runtime.py (both shared with bench, evaluation and the demo).
 from .run_policy import (check_eval_split, check_resumable, claim_output_dir, own_rank_entry, prepare_data_root,
                          resume_point)
-from .runtime import (autocast_dtype, init_distributed, is_convnet, prepare_process, resolve_precision,
+from .runtime import (autocast, autocast_dtype, init_distributed, is_convnet, prepare_process, resolve_precision,
                       shutdown_distributed, torch_dtype, uses_channels_last)
 
 log = logging.getLogger("sslight")
@@ -96,16 +95,12 @@ class Trainer(RunLoop):
         self.init_loop()
 
     # -- one optimisation step --------------------------------------------------------------------
-    def autocast(self):
-        dtype = autocast_dtype(self.precision)
-        return torch.autocast(self.device.type, dtype=dtype) if dtype is not None else nullcontext()
-
     def train_step(self, views: list[torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
         s = min(self.step, len(self.schedules["lr"]) - 1)
         for g in self.optimizer.param_groups:
             g["lr"] = float(self.schedules["lr"][s])
             g["weight_decay"] = float(self.schedules["wd"][s]) * g.get("wd_factor", 1.0)
-        with self.autocast():
+        with autocast(self.device, autocast_dtype(self.precision)):
             loss, metrics = self.model(views, labels, self.epoch)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()

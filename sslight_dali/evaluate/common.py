@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,8 +33,8 @@ from ..optim import cosine_schedule
 from ..pretrained import Pretrained, load_pretrained
 from ..run_config import config_from_dict, expand_key, validate
 from ..run_policy import own_rank_entry, resolve_resume
-from ..runtime import (autocast_dtype, init_distributed, prepare_process, resolve_precision, shutdown_distributed,
-                       uses_channels_last)
+from ..runtime import (autocast, autocast_dtype, init_distributed, prepare_process, resolve_precision,
+                       shutdown_distributed, uses_channels_last)
 
 log = logging.getLogger("sslight")
 MIN_LR = 1e-6  # the reference's SOLVER.MIN_LR for every classification protocol
@@ -117,10 +116,6 @@ def setup(args, kind: str, section: str | None, splits, check=None) -> Run:
 
 def write_json(path: Path, obj: dict) -> None:
     atomic_write(path, json.dumps(obj, indent=2) + "\n")
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 def finish(run: Run) -> None:
